@@ -1,0 +1,11 @@
+"""dvsft-kernels: fused linear cross-entropy and visual-token labeling for DV-SFT.
+
+Public names (../shared/DESIGN.md section 4): `linear_cross_entropy`, `DVLoss`, `DVLossOutput`,
+`attach`; labeling lives in `dvsft_kernels.labeling`.
+"""
+
+__version__ = "0.1.0"
+
+from dvsft_kernels.ops import linear_cross_entropy  # noqa: E402
+
+__all__ = ["__version__", "linear_cross_entropy"]

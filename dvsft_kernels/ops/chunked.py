@@ -1,0 +1,80 @@
+"""`impl="chunked"`: per chunk of compacted labeled rows, the projection GEMM into a float32
+buffer, one fused Triton pass (`launch.ce_chunk`: online max / sum-exp, loss terms, argmax and the
+logit gradient written in the GEMM dtype), then the two gradient GEMMs with float32 accumulation of
+dW. Memory: one (chunk_rows, V) float32 buffer plus one in the GEMM dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dvsft_kernels.ops.torch_impl import _accum_f32, chunk_rows_for, compute_weight, mm_f32
+
+
+def lce_chunked(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    scale: torch.Tensor | None,
+    *,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    grad_h: bool = False,
+    grad_w: bool = False,
+    grad_b: bool = False,
+    chunk_rows: int | None = None,
+):
+    """Same contract as `torch_impl.lce_torch`."""
+    from dvsft_kernels.ops.launch import ce_chunk
+
+    n, D = h.shape
+    V = weight.shape[0]
+    dev = h.device
+    W = compute_weight(weight)
+    b = bias.float() if bias is not None else None
+    any_grad = grad_h or grad_w or grad_b
+    if any_grad and scale is None:
+        raise ValueError("scale: required when gradients are requested")
+
+    loss = torch.empty(n, dtype=torch.float32, device=dev)
+    lse = torch.empty(n, dtype=torch.float32, device=dev)
+    correct = torch.empty(n, dtype=torch.bool, device=dev)
+    dh = torch.empty(n, D, dtype=torch.float32, device=dev) if grad_h else None
+    dW = torch.zeros(V, D, dtype=torch.float32, device=dev) if grad_w else None
+    db = torch.zeros(V, dtype=torch.float32, device=dev) if grad_b else None
+    if n == 0:
+        return loss, lse, correct, dh, dW, db
+
+    m_max = chunk_rows or chunk_rows_for(n, V, dev)
+    xbuf = torch.empty(m_max, V, dtype=torch.float32, device=dev)
+    # G in the GEMM dtype: the gradient GEMMs read half the bytes of a float32 G
+    gbuf = xbuf if (not any_grad or W.dtype == torch.float32) else torch.empty(m_max, V, dtype=W.dtype, device=dev)
+
+    for s0 in range(0, n, m_max):
+        s1 = min(n, s0 + m_max)
+        m = s1 - s0
+        hc = h[s0:s1]
+        hc = hc if hc.dtype == W.dtype else hc.to(W.dtype)
+        x = mm_f32(hc, W.T, out=xbuf[:m])
+        if b is not None:
+            x.add_(b)
+        g = gbuf[:m]
+        l_c, lse_c, cor_c = ce_chunk(
+            x, targets[s0:s1], scale[s0:s1] if any_grad else None,
+            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+            compute_grad=any_grad, grad_out=None if g.data_ptr() == x.data_ptr() else g,
+        )
+        loss[s0:s1] = l_c
+        lse[s0:s1] = lse_c
+        correct[s0:s1] = cor_c
+        if not any_grad:
+            continue
+        if grad_h:
+            mm_f32(g, W, out=dh[s0:s1])
+        if grad_w:
+            _accum_f32(dW, g.T, hc)
+        if grad_b:
+            db.add_(g.sum(0, dtype=torch.float32))
+    return loss, lse, correct, dh, dW, db

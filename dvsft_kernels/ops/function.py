@@ -1,0 +1,274 @@
+"""Autograd Function and impl dispatch for `linear_cross_entropy` (DESIGN.md section 4.1).
+
+Labeled rows are compacted first (one host sync: the row count sizes the work), so ignored rows
+are never projected. For "mean" and "sum" the gradients are computed in the forward, chunk by
+chunk, with each row's gradient scale known in advance (w_i / n or w_i); backward only multiplies
+by the incoming scalar. For "none" the per-row upstream gradient is known only in backward, so
+backward recomputes the logits (8 n D V FLOPs in all instead of 6).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from dvsft_kernels.ops.torch_impl import lce_torch
+
+_REDUCTIONS = ("mean", "sum", "none")
+_IMPLS = ("auto", "torch", "chunked", "fused")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass
+class LCEOutput:
+    """`loss` is differentiable; the rest are detached per-position statistics shaped like
+    `targets`: `row_loss` (ce + z_loss * lse**2, before token weights), `lse`, `correct` (argmax of
+    the logits equals the target); 0 / False at ignored positions."""
+
+    loss: torch.Tensor
+    row_loss: torch.Tensor
+    lse: torch.Tensor
+    correct: torch.Tensor
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    if impl not in _IMPLS:
+        raise ValueError(f"impl: expected one of {_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "chunked" if device.type == "cuda" and _triton_available() else "torch"
+    if impl == "fused":
+        raise ValueError("impl: 'fused' is not available in this version; use 'chunked' or 'torch'")
+    if impl == "chunked":
+        if not _triton_available():
+            raise ValueError("impl: 'chunked' needs the triton package (pip install triton)")
+        if device.type != "cuda" and not _interpreting():
+            raise ValueError(
+                "impl: 'chunked' runs Triton kernels and needs CUDA tensors "
+                "(or TRITON_INTERPRET=1 for testing); use impl='torch' on CPU"
+            )
+    return impl
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _validate(hidden, weight, targets, bias, ignore_index, reduction, token_weights, label_smoothing,
+              z_loss, softcap, num_items):
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 1:
+        raise ValueError("hidden: expected a tensor of shape (..., D)")
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"hidden: expected float16, bfloat16 or float32, got {hidden.dtype}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError("weight: expected a 2-D tensor of shape (V, D)")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight: dtype {weight.dtype} differs from hidden's {hidden.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight: on {weight.device}, hidden on {hidden.device}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight: shape {tuple(weight.shape)} does not match hidden size D={hidden.shape[-1]}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight: vocabulary size V must be > 0")
+    if not isinstance(targets, torch.Tensor):
+        raise ValueError("targets: expected a tensor")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise ValueError(f"targets: expected an integer dtype, got {targets.dtype}")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"targets: shape {tuple(targets.shape)} != hidden's leading shape {tuple(hidden.shape[:-1])}")
+    if targets.device != hidden.device:
+        raise ValueError(f"targets: on {targets.device}, hidden on {hidden.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias: expected shape ({weight.shape[0]},)")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias: on {bias.device}, hidden on {hidden.device}")
+        if not bias.dtype.is_floating_point:
+            raise ValueError(f"bias: expected a floating dtype, got {bias.dtype}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
+    if token_weights is not None:
+        if not isinstance(token_weights, torch.Tensor) or tuple(token_weights.shape) != tuple(targets.shape):
+            raise ValueError(f"token_weights: expected a tensor of shape {tuple(targets.shape)}")
+        if not token_weights.dtype.is_floating_point:
+            raise ValueError(f"token_weights: expected a floating dtype, got {token_weights.dtype}")
+        if token_weights.device != hidden.device:
+            raise ValueError(f"token_weights: on {token_weights.device}, hidden on {hidden.device}")
+    for name, val in (("label_smoothing", label_smoothing), ("z_loss", z_loss)):
+        if not isinstance(val, (int, float)) or isinstance(val, bool) or not (val >= 0) or val != val or val == float("inf"):
+            raise ValueError(f"{name}: expected a finite number >= 0, got {val!r}")
+    if label_smoothing > 1:
+        raise ValueError(f"label_smoothing: expected a value in [0, 1], got {label_smoothing!r}")
+    if softcap is not None:
+        if not isinstance(softcap, (int, float)) or isinstance(softcap, bool) or not (softcap > 0) or softcap == float("inf"):
+            raise ValueError(f"softcap: expected None or a finite number > 0, got {softcap!r}")
+    if num_items is not None:
+        if isinstance(num_items, torch.Tensor):
+            if num_items.dim() != 0:
+                raise ValueError("num_items: expected an int or a 0-dim tensor")
+        elif not isinstance(num_items, int) or isinstance(num_items, bool):
+            raise ValueError(f"num_items: expected an int or a 0-dim tensor, got {type(num_items).__name__}")
+        elif num_items < 0:
+            raise ValueError(f"num_items: expected >= 0, got {num_items}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise ValueError(f"ignore_index: expected an int, got {ignore_index!r}")
+
+
+def _run_impl(impl, h, weight, bias, t, scale, opts, grad_h, grad_w, grad_b):
+    if impl == "chunked":
+        from dvsft_kernels.ops.chunked import lce_chunked
+
+        return lce_chunked(h, weight, bias, t, scale, **opts, grad_h=grad_h, grad_w=grad_w, grad_b=grad_b)
+    return lce_torch(h, weight, bias, t, scale, **opts, grad_h=grad_h, grad_w=grad_w, grad_b=grad_b)
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, token_weights, num_items, ignore_index, reduction, opts, impl):
+        D = hidden.shape[-1]
+        V = weight.shape[0]
+        shape = targets.shape
+        flat_t = targets.reshape(-1)
+        idx = (flat_t != ignore_index).nonzero().squeeze(1)
+        t = flat_t.index_select(0, idx).long()
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= V):
+            raise ValueError(f"targets: values must lie in [0, {V}) or equal ignore_index={ignore_index}")
+        h = hidden.reshape(-1, D).index_select(0, idx)
+        n = t.numel()
+        w = token_weights.reshape(-1).index_select(0, idx).float() if token_weights is not None else None
+
+        if reduction == "mean":
+            denom = torch.as_tensor(n if num_items is None else num_items, device=hidden.device,
+                                    dtype=torch.float32)
+            # n == 0 (or num_items == 0): loss 0 and zero gradients, never NaN
+            inv = torch.where(denom > 0, 1.0 / denom.clamp_min(1e-30), torch.zeros_like(denom))
+            scale = inv.expand(n) if w is None else w * inv
+        else:
+            scale = w if w is not None else torch.ones(n, device=hidden.device, dtype=torch.float32)
+
+        need = ctx.needs_input_grad
+        grad_h, grad_w, grad_b = bool(need[0]), bool(need[1]), bool(bias is not None and need[2])
+        precompute = reduction != "none" and (grad_h or grad_w or grad_b)
+        row_loss, lse, correct, dh, dW, db = _run_impl(
+            impl, h, weight, bias, t, scale, opts,
+            grad_h and precompute, grad_w and precompute, grad_b and precompute,
+        )
+
+        def scatter(v, fill_dtype):
+            out = torch.zeros(flat_t.numel(), dtype=fill_dtype, device=hidden.device)
+            return out.index_copy_(0, idx, v.to(fill_dtype)).reshape(shape)
+
+        row_loss_full = scatter(row_loss, torch.float32)
+        weighted = row_loss * scale if reduction != "none" else (row_loss * w if w is not None else row_loss)
+        if reduction == "none":
+            out = scatter(weighted, torch.float32)
+        else:
+            out = weighted.sum()
+        lse_full = scatter(lse, torch.float32)
+        correct_full = scatter(correct, torch.bool)
+
+        ctx.reduction = reduction
+        ctx.meta = (hidden.shape, hidden.dtype, weight.dtype, None if bias is None else bias.dtype, impl, opts)
+        ctx.grads = (grad_h, grad_w, grad_b)
+        if reduction == "none":
+            ctx.save_for_backward(idx, h, t, w, weight, bias)
+        else:
+            ctx.save_for_backward(idx, dh, dW, db)
+        ctx.mark_non_differentiable(row_loss_full, lse_full, correct_full)
+        return out, row_loss_full, lse_full, correct_full
+
+    @staticmethod
+    def backward(ctx, g, _g_row, _g_lse, _g_correct):
+        hshape, hdtype, wdtype, bdtype, impl, opts = ctx.meta
+        grad_h, grad_w, grad_b = ctx.grads
+        if ctx.reduction == "none":
+            idx, h, t, w, weight, bias = ctx.saved_tensors
+            gs = g.reshape(-1).index_select(0, idx).float()
+            scale = gs * w if w is not None else gs
+            _, _, _, dh, dW, db = _run_impl(impl, h, weight, bias, t, scale, opts, grad_h, grad_w, grad_b)
+        else:
+            idx, dh, dW, db = ctx.saved_tensors
+            g = g.float()
+            dh = dh * g if dh is not None else None
+            dW = dW * g if dW is not None else None
+            db = db * g if db is not None else None
+        d_hidden = d_weight = d_bias = None
+        if grad_h:
+            D = hshape[-1]
+            d_hidden = torch.zeros(math.prod(hshape[:-1]), D, dtype=hdtype, device=dh.device)
+            d_hidden.index_copy_(0, idx, dh.to(hdtype))
+            d_hidden = d_hidden.reshape(hshape)
+        if grad_w:
+            d_weight = dW.to(wdtype)
+        if grad_b:
+            d_bias = db.to(bdtype)
+        return d_hidden, d_weight, d_bias, None, None, None, None, None, None, None
+
+
+def linear_cross_entropy_with_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    token_weights: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    num_items: int | torch.Tensor | None = None,
+    impl: str = "auto",
+    chunk_rows: int | None = None,
+) -> LCEOutput:
+    """`linear_cross_entropy` plus the per-position statistics of the same pass (for DVLoss)."""
+    _validate(hidden, weight, targets, bias, ignore_index, reduction, token_weights, label_smoothing,
+              z_loss, softcap, num_items)
+    impl = resolve_impl(impl, hidden.device)
+    if token_weights is not None:
+        token_weights = token_weights.detach()
+    if isinstance(num_items, torch.Tensor):
+        num_items = num_items.detach()
+    opts = dict(label_smoothing=float(label_smoothing), z_loss=float(z_loss),
+                softcap=None if softcap is None else float(softcap), chunk_rows=chunk_rows)
+    loss, row_loss, lse, correct = LinearCrossEntropyFunction.apply(
+        hidden, weight, bias, targets, token_weights, num_items, ignore_index, reduction, opts, impl
+    )
+    return LCEOutput(loss, row_loss, lse, correct)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    token_weights: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    num_items: int | torch.Tensor | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Cross-entropy of `hidden @ weight.T + bias` against `targets`, computed only at labeled
+    positions and without materialising the logits. See ../shared/DESIGN.md section 4.1.
+
+    Returns float32: a scalar for "mean" / "sum", a tensor shaped like `targets` for "none".
+    """
+    return linear_cross_entropy_with_stats(
+        hidden, weight, targets, bias, ignore_index=ignore_index, reduction=reduction,
+        token_weights=token_weights, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+        num_items=num_items, impl=impl,
+    ).loss

@@ -1,0 +1,205 @@
+"""Pure-PyTorch chunked linear cross-entropy over compacted labeled rows (`impl="torch"`).
+
+Runs on any device; the CPU default. Rows arrive already compacted (ignored rows removed) and are
+processed in chunks of `chunk_rows`, so the largest tensor is one (chunk_rows, V) float32 logits
+buffer (two with softcap), reused across chunks. Gradients are formed chunk by chunk:
+
+    G = s * [(1 + 2 zl lse) softmax(y) - (1 - eps) onehot(t) - eps / V] * dy/dx
+
+Without softcap dy/dx = 1 and G = a * E - c1 * onehot - c2 with E = exp(x - max), a per-row. The
+row factors are then folded into the GEMMs instead of being applied to the (m, V) chunk:
+
+    dh = a * (E @ W) - c1 * W[t] - c2 * sum_v W_v
+    dW = E^T @ (a * h) - scatter_t(c1 * h) - 1 (x) sum_i c2_i h_i
+    db = E^T a - scatter_t(c1) - sum_i c2_i
+
+which leaves three elementwise passes over the chunk (max, exp in place, sum) between the GEMMs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# The chunk should stay in the last-level cache between the projection GEMM and the passes that
+# follow it (KERNEL_NOTES.md, CPU). Measured on 2 AVX-512 cores (N 4096, D 512, V 32000):
+# see benchmarks/README.md for the sweep behind this figure.
+CPU_CHUNK_BYTES = 8 * 2**20
+# On a GPU the chunk only bounds memory (traffic is the same for any size, KERNEL_NOTES.md);
+# large enough to keep the GEMMs efficient.
+CUDA_CHUNK_BYTES = 1 * 2**30
+
+
+def chunk_rows_for(n: int, V: int, device: torch.device, budget_bytes: int | None = None) -> int:
+    """Rows per chunk so that one float32 (rows, V) logits buffer fits `budget_bytes`."""
+    if budget_bytes is None:
+        budget_bytes = CUDA_CHUNK_BYTES if device.type == "cuda" else CPU_CHUNK_BYTES
+    rows = max(1, budget_bytes // (4 * V))
+    return int(max(1, min(n, rows)))
+
+
+def _has_mm_out_dtype() -> bool:
+    return hasattr(torch.ops.aten.mm, "dtype")
+
+
+def mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b with float32 result and accumulation whatever the operand dtype."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        return torch.mm(a, b, out=out) if out is not None else torch.mm(a, b)
+    if a.is_cuda and _has_mm_out_dtype():
+        r = torch.mm(a, b, out_dtype=torch.float32)
+    else:
+        r = torch.mm(a.float(), b.float())
+    if out is not None:
+        out.copy_(r)
+        return out
+    return r
+
+
+def compute_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight the GEMMs read: itself on CUDA or in float32; a float32 copy for half
+    precision on CPU, where half GEMMs would round the logits to the input dtype."""
+    if weight.dtype == torch.float32 or weight.is_cuda:
+        return weight
+    return weight.float()
+
+
+def lce_torch(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    scale: torch.Tensor | None,
+    *,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    grad_h: bool = False,
+    grad_w: bool = False,
+    grad_b: bool = False,
+    chunk_rows: int | None = None,
+):
+    """Forward (and, when asked, gradients) on compacted rows.
+
+    h (n, D), targets (n,) int64 in [0, V), scale (n,) float32 (the gradient of the caller's loss
+    with respect to each row's loss; needed only for gradients).
+    Returns (loss (n,), lse (n,), correct (n,) bool, dh (n, D) f32 | None, dW (V, D) f32 | None,
+    db (V,) f32 | None); loss is per row and not multiplied by scale.
+    """
+    n, D = h.shape
+    V = weight.shape[0]
+    dev = h.device
+    eps, zl = float(label_smoothing), float(z_loss)
+    W = compute_weight(weight)
+    b = bias.float() if bias is not None else None
+    any_grad = grad_h or grad_w or grad_b
+    if any_grad and scale is None:
+        raise ValueError("scale: required when gradients are requested")
+
+    loss = torch.empty(n, dtype=torch.float32, device=dev)
+    lse = torch.empty(n, dtype=torch.float32, device=dev)
+    correct = torch.empty(n, dtype=torch.bool, device=dev)
+    dh = torch.empty(n, D, dtype=torch.float32, device=dev) if grad_h else None
+    dW = torch.zeros(V, D, dtype=torch.float32, device=dev) if grad_w else None
+    db = torch.zeros(V, dtype=torch.float32, device=dev) if grad_b else None
+    if n == 0:
+        return loss, lse, correct, dh, dW, db
+
+    m_max = chunk_rows or chunk_rows_for(n, V, dev)
+    buf = torch.empty(m_max, V, dtype=torch.float32, device=dev)
+    buf2 = torch.empty(m_max, V, dtype=torch.float32, device=dev) if softcap is not None else None
+    w_sum = W.sum(0, dtype=torch.float32) if (grad_h and eps and softcap is None) else None
+    # sum_i c2_i h_i and sum_i c2_i over all chunks: the smoothing term of dW / db is a rank-one
+    # update applied once at the end instead of a (V, D) pass per chunk
+    c2h_total = torch.zeros(D, dtype=torch.float32, device=dev) if (grad_w and eps and softcap is None) else None
+    c2_total = torch.zeros((), dtype=torch.float32, device=dev)
+
+    for s0 in range(0, n, m_max):
+        s1 = min(n, s0 + m_max)
+        m = s1 - s0
+        hc = h[s0:s1]
+        hc = hc if hc.dtype == W.dtype else hc.to(W.dtype)
+        tc = targets[s0:s1]
+        x = buf[:m]
+        if b is not None:
+            if x.dtype == W.dtype:
+                torch.addmm(b, hc, W.T, out=x)
+            else:
+                mm_f32(hc, W.T, out=x).add_(b)
+        else:
+            mm_f32(hc, W.T, out=x)
+
+        if softcap is not None:
+            # x <- tanh(x / cap) (kept for dy/dx); y = cap * x lives in buf2, then becomes E
+            x.div_(softcap).tanh_()
+            y = torch.mul(x, softcap, out=buf2[:m])
+        else:
+            y = x
+        y_t = y.gather(1, tc[:, None]).squeeze(1)
+        y_mean = y.sum(1).div_(V) if eps else None
+        mx, amax = y.max(1)
+        correct[s0:s1] = amax == tc
+        e = y.sub_(mx[:, None]).exp_()  # E = exp(y - max), in place
+        ssum = e.sum(1)
+        lse_c = mx + ssum.log()
+        ce = (1 - eps) * (lse_c - y_t)
+        if eps:
+            ce = ce + eps * (lse_c - y_mean)
+        loss[s0:s1] = ce + zl * lse_c * lse_c if zl else ce
+        lse[s0:s1] = lse_c
+        if not any_grad:
+            continue
+
+        sc = scale[s0:s1].float()
+        a = sc * (1 + 2 * zl * lse_c) / ssum  # multiplies E
+        c1 = sc * (1 - eps)  # multiplies onehot(t)
+        c2 = sc * (eps / V)  # uniform smoothing term
+        if softcap is not None:
+            # no folding: G = (a E - c1 onehot - c2) * (1 - tanh^2), then plain GEMMs
+            g = e.mul_(a[:, None])
+            g.scatter_add_(1, tc[:, None], -c1[:, None])
+            if eps:
+                g.sub_(c2[:, None])
+            g.mul_(x.mul_(x).neg_().add_(1))
+            gW = g if g.dtype == W.dtype else g.to(W.dtype)
+            if grad_h:
+                mm_f32(gW, W, out=dh[s0:s1])
+            if grad_w:
+                _accum_f32(dW, gW.T, hc)
+            if grad_b:
+                db.add_(g.sum(0))
+            continue
+
+        eW = e if e.dtype == W.dtype else e.to(W.dtype)
+        if grad_h:
+            dhc = mm_f32(eW, W, out=dh[s0:s1])
+            dhc.mul_(a[:, None])
+            dhc.sub_(c1[:, None] * W.index_select(0, tc).float())
+            if eps:
+                dhc.sub_(c2[:, None] * w_sum)
+        if grad_w:
+            ah = a[:, None] * hc.float()
+            _accum_f32(dW, eW.T, ah if ah.dtype == W.dtype else ah.to(W.dtype))
+            dW.index_add_(0, tc, -(c1[:, None] * hc.float()))
+            if eps:
+                c2h_total.add_(c2 @ hc.float())
+        if grad_b:
+            db.add_(torch.mv(e.T, a))
+            db.index_add_(0, tc, -c1)
+            if eps:
+                c2_total.add_(c2.sum())
+
+    if c2h_total is not None:
+        dW.sub_(c2h_total[None, :])
+    if grad_b and eps and softcap is None:
+        db.sub_(c2_total)
+    return loss, lse, correct, dh, dW, db
+
+
+def _accum_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (float32) += a @ b, accumulating in float32."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda and hasattr(torch.ops.aten.addmm, "dtype"):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.add_(mm_f32(a, b))
