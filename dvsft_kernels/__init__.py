@@ -6,6 +6,7 @@ Public names (../shared/DESIGN.md section 4): `linear_cross_entropy`, `DVLoss`, 
 
 __version__ = "0.1.0"
 
+from dvsft_kernels.loss import DVLoss, DVLossOutput  # noqa: E402
 from dvsft_kernels.ops import linear_cross_entropy  # noqa: E402
 
-__all__ = ["__version__", "linear_cross_entropy"]
+__all__ = ["DVLoss", "DVLossOutput", "__version__", "linear_cross_entropy"]

@@ -1,0 +1,144 @@
+"""DVLoss: the DV-SFT loss over a text stream and a vision stream (DESIGN.md section 4.2).
+
+Both streams go through one call of the op: their targets are merged into one (B, T) target tensor
+and each row carries its stream's weight / normalizer as a token weight, so
+
+    loss = text_weight * sum(text CE) / n_text + vision_weight * sum(vision CE) / n_vision
+
+is the op's "sum" reduction. The per-stream figures come from the same pass's per-row statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dvsft_kernels.ops.function import linear_cross_entropy_with_stats
+
+
+@dataclass
+class DVLossOutput:
+    loss: torch.Tensor  # differentiable
+    text_loss: torch.Tensor
+    vision_loss: torch.Tensor
+    text_tokens: torch.Tensor
+    vision_tokens: torch.Tensor
+    text_accuracy: torch.Tensor
+    vision_accuracy: torch.Tensor
+
+    def metrics(self) -> dict[str, float]:
+        """Plain floats for logging (one host sync)."""
+        names = ("text_loss", "vision_loss", "text_tokens", "vision_tokens", "text_accuracy", "vision_accuracy")
+        vals = torch.stack([getattr(self, k).float() for k in names]).tolist()
+        return dict(zip(names, vals))
+
+
+def _check_weight(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
+    return float(v)
+
+
+def _shifted(labels: torch.Tensor, shift: bool, ignore_index: int) -> torch.Tensor:
+    """Targets aligned with hidden: with shift, hidden[:, t-1] predicts labels[:, t]."""
+    if not shift:
+        return labels
+    out = torch.full_like(labels, ignore_index)
+    out[:, :-1] = labels[:, 1:]
+    return out
+
+
+class DVLoss(nn.Module):
+    def __init__(self, vision_weight: float = 1.0, *, text_weight: float = 1.0, ignore_index: int = -100,
+                 shift: bool = True, vision_shift: bool | None = None, label_smoothing: float = 0.0,
+                 z_loss: float = 0.0, softcap: float | None = None, impl: str = "auto"):
+        super().__init__()
+        self.vision_weight = _check_weight("vision_weight", vision_weight)
+        self.text_weight = _check_weight("text_weight", text_weight)
+        if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+            raise ValueError(f"ignore_index: expected an int, got {ignore_index!r}")
+        self.ignore_index = ignore_index
+        self.shift = bool(shift)
+        self.vision_shift = self.shift if vision_shift is None else bool(vision_shift)
+        self.label_smoothing, self.z_loss, self.softcap, self.impl = label_smoothing, z_loss, softcap, impl
+
+    def extra_repr(self) -> str:
+        return (f"vision_weight={self.vision_weight}, text_weight={self.text_weight}, shift={self.shift}, "
+                f"vision_shift={self.vision_shift}, impl={self.impl!r}")
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor | None = None,
+                vision_labels: torch.Tensor | None = None, *, bias: torch.Tensor | None = None,
+                num_text_items=None, num_vision_items=None) -> DVLossOutput:
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+            raise ValueError("hidden: expected a (B, T, D) tensor")
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError("weight: expected a (V, D) tensor")
+        if labels is None and vision_labels is None:
+            raise ValueError("labels: at least one of labels / vision_labels is required")
+        ign = self.ignore_index
+        B, T = hidden.shape[:2]
+        streams = []
+        for name, lab, shift in (("labels", labels, self.shift), ("vision_labels", vision_labels, self.vision_shift)):
+            if lab is None:
+                streams.append(None)
+                continue
+            if not isinstance(lab, torch.Tensor) or tuple(lab.shape) != (B, T):
+                got = tuple(lab.shape) if isinstance(lab, torch.Tensor) else type(lab).__name__
+                raise ValueError(f"{name}: expected shape ({B}, {T}) aligned with hidden, got {got}")
+            if lab.dtype.is_floating_point or lab.dtype == torch.bool:
+                raise ValueError(f"{name}: expected an integer dtype, got {lab.dtype}")
+            if lab.device != hidden.device:
+                raise ValueError(f"{name}: on {lab.device}, hidden on {hidden.device}")
+            lab = lab.long()
+            valid = lab[lab != ign]
+            if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= weight.shape[0]):
+                raise ValueError(f"{name}: ids must lie in [0, {weight.shape[0]}) or equal ignore_index={ign}")
+            streams.append(_shifted(lab, shift, ign))
+        tt, vt = streams
+        text_mask = tt != ign if tt is not None else torch.zeros(B, T, dtype=torch.bool, device=hidden.device)
+        vis_mask = vt != ign if vt is not None else torch.zeros(B, T, dtype=torch.bool, device=hidden.device)
+        if bool((text_mask & vis_mask).any()):
+            raise ValueError("vision_labels: a position is a target in both the text and the vision stream")
+        targets = torch.full((B, T), ign, dtype=torch.long, device=hidden.device)
+        if tt is not None:
+            targets = torch.where(text_mask, tt, targets)
+        if vt is not None:
+            targets = torch.where(vis_mask, vt, targets)
+
+        n_text = text_mask.sum()
+        n_vis = vis_mask.sum()
+        d_text = self._denominator("num_text_items", num_text_items, n_text)
+        d_vis = self._denominator("num_vision_items", num_vision_items, n_vis)
+        inv_text = torch.where(d_text > 0, 1.0 / d_text.clamp_min(1e-30), torch.zeros_like(d_text))
+        inv_vis = torch.where(d_vis > 0, 1.0 / d_vis.clamp_min(1e-30), torch.zeros_like(d_vis))
+        token_weights = (text_mask * (self.text_weight * inv_text) + vis_mask * (self.vision_weight * inv_vis))
+
+        out = linear_cross_entropy_with_stats(
+            hidden, weight, targets, bias, ignore_index=ign, reduction="sum", token_weights=token_weights,
+            label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap, impl=self.impl,
+        )
+        rows = out.row_loss
+        text_loss = (rows * text_mask).sum() * inv_text
+        vision_loss = (rows * vis_mask).sum() * inv_vis
+        text_acc = (out.correct & text_mask).sum() / n_text.clamp_min(1)
+        vis_acc = (out.correct & vis_mask).sum() / n_vis.clamp_min(1)
+        return DVLossOutput(
+            loss=out.loss, text_loss=text_loss.detach(), vision_loss=vision_loss.detach(),
+            text_tokens=n_text, vision_tokens=n_vis,
+            text_accuracy=text_acc.float().detach(), vision_accuracy=vis_acc.float().detach(),
+        )
+
+    @staticmethod
+    def _denominator(name, given, count):
+        if given is None:
+            return count.float()
+        if isinstance(given, torch.Tensor):
+            if given.dim() != 0:
+                raise ValueError(f"{name}: expected an int or a 0-dim tensor")
+            return given.detach().to(device=count.device, dtype=torch.float32)
+        if isinstance(given, bool) or not isinstance(given, (int, float)) or given < 0 or not math.isfinite(given):
+            raise ValueError(f"{name}: expected a number >= 0 or a 0-dim tensor, got {given!r}")
+        return torch.tensor(float(given), device=count.device)
