@@ -198,7 +198,7 @@ def lce_torch(
 def _accum_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc (float32) += a @ b, accumulating in float32."""
     if a.dtype == torch.float32:
-        acc.addmm_(a, b)
+        torch.addmm(acc, a, b, out=acc)  # not addmm_: FLOP counters see the out= overload
     elif a.is_cuda and hasattr(torch.ops.aten.addmm, "dtype"):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:

@@ -1,0 +1,61 @@
+"""Memory and work bounds of the torch impl, counted exactly (no timings)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from dvsft_kernels.ops.function import linear_cross_entropy_with_stats
+
+from ..memory import AllocationRecorder
+
+N, D, V, CHUNK = 512, 16, 4096, 32
+
+
+def inputs(frac, seed=0, bias=False):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, D, generator=g).requires_grad_()
+    w = (torch.randn(V, D, generator=g) * 0.3).requires_grad_()
+    b = torch.zeros(V).requires_grad_() if bias else None
+    t = torch.randint(0, V, (N,), generator=g)
+    n_lab = int(round(frac * N))
+    t[n_lab:] = -100
+    return h, w, b, t, n_lab
+
+
+@pytest.mark.parametrize("options", [{}, {"softcap": 5.0, "label_smoothing": 0.1, "z_loss": 1e-3}])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_no_tensor_larger_than_a_chunk_or_a_parameter(options, reduction, bias):
+    h, w, b, t, _ = inputs(1.0, bias=bias)
+    rec = AllocationRecorder()
+    with rec:
+        out = linear_cross_entropy_with_stats(h, w, t, b, reduction=reduction, impl="torch", chunk_rows=CHUNK,
+                                              **options)
+        out.loss.sum().backward()
+    # the largest legitimate tensors: one chunk of logits, a weight-sized gradient
+    bound = max(CHUNK * V, V * D)
+    assert rec.largest <= bound, f"{rec.largest_op()} exceeds {bound} (N x V would be {N * V})"
+    # peak live bytes: a few chunks + a few parameter-sized buffers, far below one N x V float32
+    assert rec.peak < 0.25 * N * V * 4, f"peak {rec.peak} bytes"
+
+
+def test_work_and_allocations_scale_with_labeled_rows():
+    res = {}
+    for frac in (1.0, 0.1):
+        h, w, _, t, n_lab = inputs(frac)
+        rec = AllocationRecorder()
+        with FlopCounterMode(display=False) as fc, rec:
+            # default chunking: the budget allows all N rows in one chunk, so the logits buffer is
+            # sized by the labeled rows alone
+            linear_cross_entropy_with_stats(h, w, t, impl="torch").loss.backward()
+        res[frac] = (fc.get_total_flops(), n_lab, rec)
+        logit_rows = [shape[0] for _, shape, _ in rec.sizes if len(shape) == 2 and shape[1] == V]
+        assert max(logit_rows) <= n_lab, f"frac {frac}: a ({max(logit_rows)}, V) tensor for {n_lab} labeled rows"
+    for frac, (flops, n_lab, _) in res.items():
+        assert flops == 6 * n_lab * D * V, f"frac {frac}: {flops} FLOPs, expected 6 n D V with n = {n_lab}"
+    # everything but the parameter-sized gradient (V x D) shrinks with the labeled rows
+    def row_elems(rec):
+        return sum(n for _, shape, n in rec.sizes if shape != (V, D))
+    assert row_elems(res[0.1][2]) < 0.15 * row_elems(res[1.0][2])
