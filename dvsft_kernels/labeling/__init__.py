@@ -1,6 +1,17 @@
 """OCR words -> per-visual-token labels (../shared/DESIGN.md section 4.4)."""
 
+from dvsft_kernels.labeling.assign import DROP_REASONS, LabelReport, clear_token_cache, label_visual_tokens
+from dvsft_kernels.labeling.batch import (
+    build_vision_labels,
+    build_vision_labels_from_processor,
+    placeholder_runs,
+    scatter_vision_labels,
+)
 from dvsft_kernels.labeling.grid import GridView, VisualGrid
 from dvsft_kernels.labeling.types import OCRWord
 
 __all__ = ["GridView", "OCRWord", "VisualGrid"]
+__all__ += [
+    "DROP_REASONS", "LabelReport", "build_vision_labels", "build_vision_labels_from_processor",
+    "clear_token_cache", "label_visual_tokens", "placeholder_runs", "scatter_vision_labels",
+]

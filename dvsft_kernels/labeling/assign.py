@@ -1,0 +1,412 @@
+"""OCR words -> one label per visual token (DESIGN.md section 4.4).
+
+coverage(token, word) = area(cell ∩ word box) / area(cell), the cell in original pixels (clipped to
+the view's content). A token gets the word of largest coverage if that is >= ``min_coverage``
+(1e-9 slack for float error), else ``ignore_index``. Ties: the word with the smaller box area (the
+more specific one, e.g. a word over its line), then the word listed first. Separator / newline /
+padding positions of the grid are never labeled.
+
+Speed: cells of a view form a separable grid (column x-spans times row y-spans), so each word's
+touched columns / rows come from two ``searchsorted`` calls and only (word, touched cell) pairs are
+scored; all words of a page are tokenised in one batched call.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import operator
+import weakref
+from itertools import chain
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from dvsft_kernels.labeling.grid import VisualGrid
+from dvsft_kernels.labeling.types import OCRWord
+
+DROP_REASONS = ("empty_text", "non_finite", "low_score", "inverted", "degenerate", "outside_image", "no_tokens")
+_COVERAGE_SLACK = 1e-9
+
+
+@dataclass
+class LabelReport:
+    """What :func:`label_visual_tokens` did with one image's words."""
+
+    num_words: int  # words given
+    words_valid: int  # passed every check and tokenised to >= 1 token
+    words_used: int  # labeled at least one token
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> count (reasons in DROP_REASONS)
+    labeled_tokens: int = 0
+    num_cells: int = 0  # labelable positions (cells of the grid)
+    num_tokens: int = 0  # grid.num_tokens
+
+    @property
+    def labeled_fraction(self) -> float:
+        """Labeled tokens / grid.num_tokens."""
+        return self.labeled_tokens / self.num_tokens if self.num_tokens else 0.0
+
+    @property
+    def num_dropped(self) -> int:
+        return sum(self.dropped.values())
+
+
+# ------------------------------------------------------------------------------------------------
+# words
+def _fields(w, i):
+    if isinstance(w, OCRWord):
+        return w.text, w.box, w.score
+    if isinstance(w, Mapping):
+        if "text" not in w or "box" not in w:
+            raise ValueError(f"words[{i}]: a dict word needs 'text' and 'box' keys, got {sorted(w)}")
+        return w["text"], w["box"], w.get("score", 1.0)
+    if isinstance(w, (tuple, list)) and len(w) in (2, 3):
+        return (w[0], w[1], w[2] if len(w) == 3 else 1.0)
+    raise TypeError(f"words[{i}] must be an OCRWord, a (text, box[, score]) tuple or a dict, got {type(w).__name__}")
+
+
+def _one_box(box, i) -> np.ndarray:
+    try:
+        b = np.asarray(box, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"words[{i}].box must be numbers (x0, y0, x1, y1) or 4 (x, y) points, got {box!r}") from None
+    if b.shape == (4,):
+        return b
+    if b.shape in ((4, 2), (8,)):
+        q = b.reshape(4, 2)
+        return np.array([q[:, 0].min(), q[:, 1].min(), q[:, 0].max(), q[:, 1].max()])
+    raise ValueError(f"words[{i}].box must be (x0, y0, x1, y1) or 4 (x, y) points, got shape {b.shape}")
+
+
+def _boxes(raw_boxes) -> np.ndarray:
+    """(n, 4) float64 from 4-number boxes or quadrilaterals (reduced to their bounding box)."""
+    n = len(raw_boxes)
+    if n == 0:
+        return np.zeros((0, 4))
+    try:
+        b = np.asarray(raw_boxes, dtype=np.float64)
+    except (TypeError, ValueError):
+        b = None  # ragged or mixed: one by one
+    if b is not None:
+        if b.shape == (n, 4):
+            return b
+        if b.shape in ((n, 4, 2), (n, 8)):
+            q = b.reshape(n, 4, 2)
+            return np.concatenate([q.min(axis=1), q.max(axis=1)], axis=1)
+    return np.stack([_one_box(bx, i) for i, bx in enumerate(raw_boxes)])
+
+
+# ------------------------------------------------------------------------------------------------
+# tokenisation
+_PREFIX_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _marks_word_start(state) -> bool:
+    """Whether a normalizer / pre-tokenizer already makes a lone word word-initial."""
+    if not isinstance(state, Mapping):
+        return False
+    typ = state.get("type")
+    if typ == "Sequence":
+        parts = state.get("pretokenizers") or state.get("normalizers") or []
+        return any(_marks_word_start(p) for p in parts)
+    if typ == "ByteLevel":
+        return bool(state.get("add_prefix_space", False))
+    if typ == "Metaspace":
+        scheme = state.get("prepend_scheme")
+        if scheme is None:
+            scheme = "always" if state.get("add_prefix_space", True) else "never"
+        return scheme in ("always", "first")
+    return typ == "Prepend"
+
+
+def default_add_prefix_space(tokenizer) -> bool:
+    """The ``add_prefix_space=None`` choice: prepend a space unless the tokenizer already marks a lone
+    word as word-initial (SentencePiece ``Metaspace`` / ``Prepend`` / ByteLevel(add_prefix_space)).
+
+    Why: in running text (what the model reads and predicts) a word follows a space, and byte-level
+    BPE (GPT-2, Qwen, Llama 3, Mistral tekken) and Gemma's SentencePiece spell that space into the
+    word's first token (``Ġword`` / ``▁word``); a bare ``word`` is the rarer line-initial spelling."""
+    try:
+        return _PREFIX_CACHE[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    result = True
+    for comp in (getattr(backend, "normalizer", None), getattr(backend, "pre_tokenizer", None)):
+        if comp is None:
+            continue
+        try:
+            raw = comp.__getstate__()
+            state = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+        except Exception:  # an exotic component: keep the default
+            continue
+        if _marks_word_start(state):
+            result = False
+    try:
+        _PREFIX_CACHE[tokenizer] = result
+    except TypeError:
+        pass
+    return result
+
+
+@dataclass
+class _Tokens:
+    ids: np.ndarray  # (P,) int64 all pieces, words in order
+    start: np.ndarray  # (n,) first piece of each word
+    count: np.ndarray  # (n,) pieces per word (0: untokenisable)
+    char_start: np.ndarray | None  # (P,) piece start in the word's text (aligned mode)
+
+
+# tokenisation is most of the cost of labeling a page, and page vocabularies repeat: results are kept
+# per tokenizer (weakly), keyed by (text, prefix), and dropped when the vocabulary size changes
+_TOKEN_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TOKEN_CACHE_MAX = 1 << 16
+
+
+def clear_token_cache() -> None:
+    """Forget cached word tokenisations (they are also dropped when a tokenizer's vocabulary grows)."""
+    _TOKEN_CACHE.clear()
+
+
+def _encode(tokenizer, strings: list[str]):
+    """ids and character offsets per string, special tokens off, one batched call."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch"):
+        encs = backend.encode_batch(strings, add_special_tokens=False)
+        return [e.ids for e in encs], [e.offsets for e in encs]
+    if not callable(tokenizer):
+        raise TypeError(f"tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}")
+    try:
+        enc = tokenizer(strings, add_special_tokens=False, return_offsets_mapping=True)
+        offs = [[tuple(o) for o in x] for x in enc["offset_mapping"]]
+    except (NotImplementedError, TypeError, ValueError, KeyError):
+        enc, offs = tokenizer(strings, add_special_tokens=False), None
+    return [list(x) for x in enc["input_ids"]], offs
+
+
+def _pieces(tokenizer, text: str, ids, offs, prefix: bool):
+    """(ids, char starts in text) of one word, without leading pieces that spell only the prefix."""
+    plen = 1 if prefix else 0
+    j = 0
+    if prefix:
+        if offs is not None:
+            while j < len(ids) - 1 and offs[j][1] <= plen:
+                j += 1
+        else:
+            while j < len(ids) - 1 and not tokenizer.decode([ids[j]]).strip():
+                j += 1
+    ids = tuple(ids[j:])
+    nt = max(len(text), 1)
+    if offs is not None:
+        cs = tuple(min(max(o[0] - plen, 0), nt - 1) for o in offs[j:])
+    else:  # no offsets (slow tokenizer): spread the characters evenly over the pieces
+        cs = tuple((q * nt) // len(ids) for q in range(len(ids))) if ids else ()
+    return ids, cs
+
+
+def _tokenize(tokenizer, texts: list[str], prefix: bool, want_offsets: bool, use_cache: bool) -> _Tokens:
+    table = None
+    if use_cache:
+        try:
+            vocab = len(tokenizer)
+            hit = _TOKEN_CACHE.get(tokenizer)
+            if hit is None or hit[0] != vocab or len(hit[1][prefix]) > _TOKEN_CACHE_MAX:
+                hit = (vocab, {False: {}, True: {}})
+                _TOKEN_CACHE[tokenizer] = hit
+            table = hit[1][prefix]
+        except TypeError:  # not weak-referenceable / no len(): no cache
+            table = None
+    src = {} if table is None else table
+    todo = [t for t in dict.fromkeys(texts) if t not in src]
+    if todo:
+        ids_l, offs_l = _encode(tokenizer, [" " + t for t in todo] if prefix else todo)
+        for k, t in enumerate(todo):
+            src[t] = _pieces(tokenizer, t, ids_l[k], None if offs_l is None else offs_l[k], prefix)
+    entries = list(map(src.__getitem__, texts))
+    id_t = [e[0] for e in entries]
+    count = np.fromiter(map(len, id_t), np.int64, len(id_t))
+    ids = np.fromiter(chain.from_iterable(id_t), np.int64, int(count.sum()))
+    cs = np.fromiter(chain.from_iterable([e[1] for e in entries]), np.int64, ids.size) if want_offsets else None
+    return _Tokens(ids, np.cumsum(count) - count, count, cs)
+
+
+# ------------------------------------------------------------------------------------------------
+def _geometry(grid: VisualGrid):
+    """Per view: (offset, row_stride, col bounds (cols, 2), row bounds (rows, 2)) in original px."""
+    cached = grid.__dict__.get("_label_geometry")
+    if cached is None:
+        cached = [(v.offset, v.row_stride, v.col_bounds(), v.row_bounds()) for v in grid.views if v.num_cells]
+        object.__setattr__(grid, "_label_geometry", cached)
+    return cached
+
+
+def label_visual_tokens(words, grid: VisualGrid, tokenizer, mode: str = "first", min_coverage: float = 0.25,
+                        ignore_index: int = -100, *, add_prefix_space: bool | None = None,
+                        min_score: float | None = None, return_report: bool = False, token_cache: bool = True):
+    """Label every visual token of one image with the id of the word it shows.
+
+    Args:
+        words: OCRWord-s (or ``(text, box[, score])`` tuples / dicts) in original-image pixels; a box
+            is (x0, y0, x1, y1) or 4 (x, y) points (its bounding box is used). Words with empty text,
+            non-finite / inverted / zero-area boxes, boxes wholly outside the image, ``score <
+            min_score`` or no tokens are skipped and counted in the report; boxes partly outside
+            are clipped to the image.
+        grid: the image's :class:`VisualGrid`.
+        tokenizer: a Hugging Face tokenizer (fast ones use one batched backend call and offsets).
+        mode: ``"first"`` — the word's first sub-token; ``"aligned"`` — the sub-token holding the
+            character under the token's horizontal centre (centre x mapped into the word box,
+            proportional to characters; character spans from the tokenizer's offsets, evenly spread
+            when it has none).
+        min_coverage: in (0, 1].
+        add_prefix_space: tokenise ``" " + text`` (dropping pieces that spell only that space).
+            None: :func:`default_add_prefix_space` (True for byte-level BPE and Gemma).
+        return_report: also return a :class:`LabelReport`.
+        token_cache: reuse word tokenisations across calls (per tokenizer; see ``clear_token_cache``).
+
+    Returns:
+        LongTensor (grid.num_tokens,), or ``(labels, report)``.
+    """
+    if not isinstance(grid, VisualGrid):
+        raise TypeError(f"grid must be a VisualGrid, got {type(grid).__name__}")
+    if mode not in ("first", "aligned"):
+        raise ValueError(f"mode must be 'first' or 'aligned', got {mode!r}")
+    if isinstance(min_coverage, bool) or not isinstance(min_coverage, (int, float)) or not 0 < min_coverage <= 1:
+        raise ValueError(f"min_coverage must be in (0, 1], got {min_coverage!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    if min_score is not None and (isinstance(min_score, bool) or not isinstance(min_score, (int, float))
+                                  or math.isnan(min_score)):
+        raise ValueError(f"min_score must be a number or None, got {min_score!r}")
+    if add_prefix_space is not None and not isinstance(add_prefix_space, bool):
+        raise ValueError(f"add_prefix_space must be True, False or None, got {add_prefix_space!r}")
+    if isinstance(words, (str, bytes)) or not hasattr(words, "__iter__"):
+        raise TypeError(f"words must be a sequence of OCRWord, got {type(words).__name__}")
+    if tokenizer is None:
+        raise TypeError("tokenizer must be a Hugging Face tokenizer, got None")
+
+    words = words if isinstance(words, (list, tuple)) else list(words)
+    n = len(words)
+    if set(map(type, words)) <= {OCRWord}:  # the common case, without per-word dispatch
+        texts = [w.text for w in words]
+        raw_boxes = [w.box for w in words]
+        scores = [w.score for w in words] if min_score is not None else None
+    else:
+        fields = [_fields(w, i) for i, w in enumerate(words)]
+        texts = [f[0] for f in fields]
+        raw_boxes = [f[1] for f in fields]
+        scores = [f[2] for f in fields] if min_score is not None else None
+    labels = np.full(grid.num_tokens, int(ignore_index), dtype=np.int64)
+    report = LabelReport(n, 0, 0, {}, 0, grid.num_cells, grid.num_tokens)
+    if n == 0:
+        return (torch.from_numpy(labels), report) if return_report else torch.from_numpy(labels)
+
+    if set(map(type, texts)) != {str}:
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"words[{i}].text must be a str, got {type(t).__name__}")
+    box = _boxes(raw_boxes)
+    H, W = grid.image_size
+
+    reason = np.full(n, -1, np.int8)  # index into DROP_REASONS; first failing check wins
+
+    def flag(mask, k):
+        reason[(reason < 0) & mask] = k
+
+    flag(np.fromiter(map(operator.not_, map(str.strip, texts)), bool, n), 0)
+    flag(~np.isfinite(box).all(axis=1), 1)
+    if min_score is not None:
+        try:
+            score = np.array([1.0 if x is None else float(x) for x in scores])
+        except (TypeError, ValueError):
+            raise ValueError("words[*].score must be numbers") from None
+        flag(~(score >= min_score), 2)
+    with np.errstate(invalid="ignore"):
+        flag((box[:, 2] < box[:, 0]) | (box[:, 3] < box[:, 1]), 3)
+        flag((box[:, 2] == box[:, 0]) | (box[:, 3] == box[:, 1]), 4)
+        clip = np.stack([np.maximum(box[:, 0], 0), np.maximum(box[:, 1], 0),
+                         np.minimum(box[:, 2], W), np.minimum(box[:, 3], H)], axis=1)
+        flag((clip[:, 2] <= clip[:, 0]) | (clip[:, 3] <= clip[:, 1]), 5)
+
+    ok = np.flatnonzero(reason < 0)
+    prefix = default_add_prefix_space(tokenizer) if add_prefix_space is None else add_prefix_space
+    toks = _tokenize(tokenizer, [texts[i] for i in ok], prefix, mode == "aligned", bool(token_cache))
+    no_tok = toks.count == 0
+    reason[ok[no_tok]] = 6
+    keep = ~no_tok  # over ok
+    wids = ok[keep]  # original word indices that take part
+    report.words_valid = int(wids.size)
+    per_reason = np.bincount(reason[reason >= 0], minlength=len(DROP_REASONS))
+    report.dropped = {DROP_REASONS[k]: int(c) for k, c in enumerate(per_reason) if c}
+
+    if wids.size:
+        a0, b0, a1, b1 = (clip[wids, k] for k in range(4))
+        warea = (a1 - a0) * (b1 - b0)
+        tok_l, cov_l, w_l, xc_l = [], [], [], []
+        for offset, stride, xb, yb in _geometry(grid):
+            X0, X1, Y0, Y1 = xb[:, 0], xb[:, 1], yb[:, 0], yb[:, 1]
+            c_lo = np.searchsorted(X1, a0, side="right")
+            c_hi = np.searchsorted(X0, a1, side="left")
+            r_lo = np.searchsorted(Y1, b0, side="right")
+            r_hi = np.searchsorted(Y0, b1, side="left")
+            nc = np.maximum(c_hi - c_lo, 0)
+            cnt = nc * np.maximum(r_hi - r_lo, 0)
+            total = int(cnt.sum())
+            if total == 0:
+                continue
+            wi = np.repeat(np.arange(wids.size), cnt)
+            k = np.arange(total) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+            ncw = nc[wi]
+            r = r_lo[wi] + k // ncw
+            c = c_lo[wi] + k % ncw
+            cx0, cx1, cy0, cy1 = X0[c], X1[c], Y0[r], Y1[r]
+            ox = np.minimum(cx1, a1[wi]) - np.maximum(cx0, a0[wi])
+            oy = np.minimum(cy1, b1[wi]) - np.maximum(cy0, b0[wi])
+            area = (cx1 - cx0) * (cy1 - cy0)
+            cov = np.where(area > 0, ox * oy / np.where(area > 0, area, 1.0), 0.0)
+            sel = cov >= min_coverage - _COVERAGE_SLACK
+            if not sel.any():
+                continue
+            tok_l.append(offset + r[sel] * stride + c[sel])
+            cov_l.append(cov[sel])
+            w_l.append(wi[sel])
+            if mode == "aligned":
+                xc_l.append(0.5 * (cx0[sel] + cx1[sel]))
+        if tok_l:
+            tok, cov, wi = np.concatenate(tok_l), np.concatenate(cov_l), np.concatenate(w_l)
+            order = np.lexsort((wi, warea[wi], -cov, tok))
+            ts = tok[order]
+            best = order[np.concatenate(([True], ts[1:] != ts[:-1]))]
+            bw = wi[best]
+            pos = toks.start[keep][bw]
+            if mode == "aligned":
+                pos = pos + _aligned_piece(np.concatenate(xc_l)[best], bw, box[wids], toks, keep,
+                                           [texts[i] for i in wids])
+            labels[tok[best]] = toks.ids[pos]
+            report.labeled_tokens = int(best.size)
+            report.words_used = int(np.count_nonzero(np.bincount(bw)))
+    out = torch.from_numpy(labels)
+    return (out, report) if return_report else out
+
+
+def _aligned_piece(xc, bw, raw_box, toks: _Tokens, keep, texts) -> np.ndarray:
+    """Piece offset (within its word) under horizontal position xc, for tokens won by words bw."""
+    nchar = np.fromiter(map(len, texts), np.int64, len(texts))
+    x0, x1 = raw_box[bw, 0], raw_box[bw, 2]
+    frac = np.clip((xc - x0) / (x1 - x0), 0.0, 1.0)
+    ch = np.minimum((frac * nchar[bw]).astype(np.int64), nchar[bw] - 1)
+    # pieces of the kept words, keyed by (word, char start): the last piece starting at or before the
+    # character holds it; among pieces with the same start (a character split over bytes) the first
+    start, count = toks.start[keep], toks.count[keep]  # dropped words have no pieces: all pieces are kept
+    base = np.concatenate(([0], np.cumsum(nchar)[:-1]))
+    wpiece = np.repeat(np.arange(start.size), count)
+    key = base[wpiece] + toks.char_start
+    o = np.argsort(key, kind="stable")  # offsets are monotonic in practice; be safe
+    key, wpiece, local = key[o], wpiece[o], (np.arange(key.size) - start[wpiece])[o]
+    first = np.concatenate(([True], key[1:] != key[:-1]))
+    ukey, upiece, uword = key[first], local[first], wpiece[first]
+    j = np.searchsorted(ukey, base[bw] + ch, side="right") - 1
+    j = np.maximum(j, 0)
+    wrong = uword[j] != bw  # no piece of this word starts at or before ch: its first piece
+    return np.where(wrong, 0, upiece[j])
