@@ -1,0 +1,49 @@
+"""Parity with Liger-Kernel's fused linear cross-entropy, an outside reference, on the options it
+supports (softcap excluded: its kernel uses libdevice tanh, which the Triton interpreter lacks)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from dvsft_kernels import linear_cross_entropy
+
+from .cases import make_case, reference, run
+from .errors import assert_error_rule
+
+liger = pytest.importorskip("liger_kernel.transformers.functional", reason="liger-kernel not installed")
+
+pytestmark = pytest.mark.interpreter
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Liger's kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+
+def liger_fn(h, w, t, b=None, *, token_weights=None, reduction="mean", ignore_index=-100, z_loss=0.0,
+             label_smoothing=0.0):
+    assert token_weights is None
+    return liger.liger_fused_linear_cross_entropy(
+        h, w, t, b, ignore_index=ignore_index, lse_square_scale=z_loss, label_smoothing=label_smoothing,
+        reduction=reduction)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("options", [{}, {"bias": True, "z_loss": 1e-3, "label_smoothing": 0.1}])
+def test_matches_liger(dtype, reduction, options):
+    case = make_case(lead=(37,), D=72, V=517, options=options, reduction=reduction, seed=3)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    for name in ("hidden", "weight", "bias", "targets", "cotangent"):
+        v = getattr(case, name)
+        if v is not None:
+            setattr(case, name, v.to(dev))
+    ours = run(lambda *a, **k: linear_cross_entropy(*a, **k, impl="torch"), case, dtype)
+    theirs = run(liger_fn, case, dtype)
+    ref = reference(case, dtype)
+    for key in ("loss", "hidden", "weight", "bias"):
+        if ref[key] is None:
+            continue
+        out_dtype = torch.float32 if key == "loss" else dtype
+        # ours must be as close to the float64 spec as Liger is (error rule with Liger as baseline)
+        assert_error_rule(key, ours[key].cpu(), ref[key].cpu(), theirs[key].float().cpu(), out_dtype)
