@@ -61,6 +61,10 @@ def _view_token_ranges(grid: VisualGrid) -> list[list[int]]:
     return out
 
 
+_CAPTION_H = 20  # px strip above each panel of a multi-view montage
+_MIN_TEXT_CELL = 18  # cells narrower than this (px) get no token text: it would be unreadable
+
+
 def draw_overlay(image: Image.Image | str | os.PathLike, grid: VisualGrid, labels: Any,
                  words: Sequence[OCRWord] | None = None, tokenizer: Any = None,
                  path: str | os.PathLike | None = None, *, ignore_index: int = -100,
@@ -68,10 +72,14 @@ def draw_overlay(image: Image.Image | str | os.PathLike, grid: VisualGrid, label
     """Draw ``grid`` and ``labels`` on ``image`` and return the picture (RGB); save it as PNG at
     ``path`` when given.
 
-    A labeled cell takes the colour of the word it overlaps most (by area, as the labeling's coverage
-    does); without ``words``, the colour of its token id. With ``tokenizer``, each labeled cell shows
-    its decoded token. ``views`` picks which of the grid's views to draw (default all; for tiled
-    families the thumbnail view's large cells otherwise lie over the tiles).
+    Every cell is outlined; a labeled cell is filled (semi-transparent) with the colour of the word it
+    overlaps most (by area, as the labeling's coverage does), or of its token id without ``words``.
+    Word boxes are outlined in their colour. With ``tokenizer``, labeled cells at least 18 px wide
+    show their decoded token (spaces as ``·``).
+
+    ``views``: which of the grid's views to draw, all on one picture of the image's size. Default:
+    every view; a grid with several views (tiles, thumbnail, base view) then gives a montage with
+    one captioned panel per view, since their cells overlap on the image.
     """
     if isinstance(image, (str, os.PathLike)):
         if not Path(image).is_file():
@@ -89,12 +97,11 @@ def draw_overlay(image: Image.Image | str | os.PathLike, grid: VisualGrid, label
     if labels.dim() != 1 or labels.numel() != grid.num_tokens or labels.dtype.is_floating_point:
         raise ValueError(f"labels must be an integer tensor of shape ({grid.num_tokens},) "
                          f"(grid.num_tokens), got {tuple(labels.shape)} {labels.dtype}")
-    if views is None:
-        views = range(len(grid.views))
-    view_tokens = _view_token_ranges(grid)
-    for v in views:
-        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < len(grid.views):
-            raise ValueError(f"views must hold indices in [0, {len(grid.views)}), got {list(views)}")
+    if views is not None:
+        views = list(views)
+        for v in views:
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < len(grid.views):
+                raise ValueError(f"views must hold indices in [0, {len(grid.views)}), got {views}")
 
     boxes = grid.token_boxes().tolist()
     labels_l = labels.tolist()
@@ -102,12 +109,32 @@ def draw_overlay(image: Image.Image | str | os.PathLike, grid: VisualGrid, label
         if t != ignore_index and any(math.isnan(x) for x in boxes[i]):
             raise ValueError(f"labels[{i}] = {t} but token {i} is not an image cell (a separator, "
                              f"newline or padding position): labels do not belong to this grid")
-    word_boxes = [_aabb(wd.box) for wd in words] if words else []
-
     base = image.convert("RGBA")
+    args = (base, grid, boxes, labels_l, list(words or []), tokenizer, ignore_index)
+    if views is not None or len(grid.views) <= 1:
+        out = _panel(*args, views if views is not None else range(len(grid.views)))
+    else:
+        panels = [(v.name or f"view {k}", _panel(*args, [k])) for k, v in enumerate(grid.views)]
+        ncol = math.ceil(math.sqrt(len(panels)))
+        nrow = math.ceil(len(panels) / ncol)
+        out = Image.new("RGB", (ncol * w, nrow * (h + _CAPTION_H)), (255, 255, 255))
+        draw = ImageDraw.Draw(out)
+        font = _font(13)
+        for k, (name, pic) in enumerate(panels):
+            x, y = (k % ncol) * w, (k // ncol) * (h + _CAPTION_H)
+            draw.text((x + 4, y + 3), f"{k}: {name}", font=font, fill=(0, 0, 0))
+            out.paste(pic, (x, y + _CAPTION_H))
+    if path is not None:
+        out.save(path, format="PNG")
+    return out
+
+
+def _panel(base, grid, boxes, labels_l, words, tokenizer, ignore_index, views) -> Image.Image:
+    word_boxes = [_aabb(wd.box) for wd in words]
+    view_tokens = _view_token_ranges(grid)
     layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
-    texts = []  # (x0, y0, x1, y1, text), drawn last, on top of everything
+    texts = []  # (x0, y0, x1, y1, token id), drawn last, on top of everything
     for v in views:
         for i in view_tokens[v]:
             x0, y0, x1, y1 = boxes[i]
@@ -118,12 +145,12 @@ def draw_overlay(image: Image.Image | str | os.PathLike, grid: VisualGrid, label
                 k = _best_word(word_boxes, (x0, y0, x1, y1))
                 rgb = word_color(k) if k is not None else _label_color(int(t))
                 draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=rgb + (_FILL_ALPHA,))
-                if tokenizer is not None:
-                    texts.append((x0, y0, x1, y1, _decode(tokenizer, int(t))))
+                if tokenizer is not None and x1 - x0 >= _MIN_TEXT_CELL:
+                    texts.append((x0, y0, x1, y1, int(t)))
             draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=_GRID_RGBA, width=1)
     out = Image.alpha_composite(base, layer)
     draw = ImageDraw.Draw(out)
-    for k, wd in enumerate(words or []):
+    for k, wd in enumerate(words):
         rgb = word_color(k)
         if len(wd.box) == 4 and isinstance(wd.box[0], (list, tuple)):
             draw.polygon([tuple(map(float, p)) for p in wd.box], outline=rgb + (255,), width=2)
@@ -135,15 +162,15 @@ def draw_overlay(image: Image.Image | str | os.PathLike, grid: VisualGrid, label
         size = max(8, min(18, int(cell_h * 0.5)))
         font = _font(size)
         halo = 1 if size >= 11 else 0  # a white halo keeps text legible, but swamps tiny glyphs
-        for x0, y0, x1, y1, s in texts:
-            s = _fit(s, font, x1 - x0 - 2)
+        decoded: dict[int, str] = {}
+        for x0, y0, x1, y1, t in texts:
+            if t not in decoded:
+                decoded[t] = _decode(tokenizer, t)
+            s = _fit(decoded[t], font, x1 - x0 - 2)
             if s:
                 draw.text((x0 + 1 + halo, y0), s, font=font, fill=(0, 0, 0, 255), stroke_width=halo,
                           stroke_fill=(255, 255, 255, 255))
-    out = out.convert("RGB")
-    if path is not None:
-        out.save(path, format="PNG")
-    return out
+    return out.convert("RGB")
 
 
 def _best_word(word_boxes, cell) -> int | None:

@@ -1,0 +1,354 @@
+"""``dvsft-kernels`` command line (also ``python -m dvsft_kernels.cli``).
+
+Subcommands register themselves in :data:`SUBCOMMANDS` (name -> (add_arguments, run)); ``run``
+returns the exit status. Usage errors exit with status 2 and a message naming the argument.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+EXIT_USAGE = 2
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif")
+OCR_EXTS = (".tsv", ".hocr", ".html", ".htm", ".xhtml", ".json", ".jsonl", ".txt")
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed as ``dvsft-kernels CMD: error: MSG``, exit status 2."""
+
+
+# ------------------------------------------------------------------------------------------- label
+
+# --family NAME: default geometry. Qwen families run transformers' own image processor class with
+# its default settings (that gives image_grid_thw); the others use the family constructor, whose
+# defaults are the processor class defaults. Checkpoints often differ (LLaVA-1.5 crops 336 px, the
+# class 224): `--processor DIR` reads a checkpoint's own settings.
+FAMILIES: dict[str, str] = {
+    "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen2_vl",
+    "llava": "llava", "llava_next": "llava_next", "llava_onevision": "llava_onevision",
+    "internvl": "internvl", "idefics3": "idefics3", "smolvlm": "idefics3", "gemma3": "gemma3",
+    "pixtral": "pixtral", "mistral3": "pixtral",
+}
+# Qwen3-VL is the one Qwen family whose patch differs from the class default (16, not 14)
+_QWEN_SETTINGS = {"qwen3_vl": {"patch_size": 16}}
+
+
+def _norm_family(name: str) -> str:
+    return name.strip().lower().replace("-", "_").replace(".", "_")
+
+
+@dataclass
+class _Geometry:
+    """How a grid is made for an image: with a checkpoint's processor, or a family's defaults."""
+
+    family: str | None  # --family given without --processor
+    processor: Any = None  # ProcessorMixin (--processor) or Qwen2VLImageProcessor (--family qwen*)
+
+    def grid(self, image):
+        from dvsft_kernels.labeling import VisualGrid
+
+        if self.processor is None:
+            return getattr(VisualGrid, f"for_{FAMILIES[self.family]}")((image.height, image.width))
+        ip = getattr(self.processor, "image_processor", self.processor)
+        outputs = ip(images=[image], return_tensors="pt")
+        return VisualGrid.from_processor(self.processor, image, outputs)
+
+
+def _geometry(args) -> _Geometry:
+    if args.processor is not None:
+        d = Path(args.processor)
+        if not d.is_dir():
+            raise UsageError(f"--processor: {str(d)!r} is not a directory")
+        from transformers import AutoProcessor
+
+        try:
+            proc = AutoProcessor.from_pretrained(str(d), local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - transformers raises many types; report, don't crash
+            raise UsageError(f"--processor: cannot load a processor from {str(d)!r}: {e}") from None
+        from dvsft_kernels.labeling.families import detect_family
+
+        try:
+            detect_family(proc)
+        except TypeError as e:
+            raise UsageError(f"--processor: {e}") from None
+        return _Geometry(None, proc)
+    fam = _norm_family(args.family)
+    if fam not in FAMILIES:
+        raise UsageError(f"--family: unknown family {args.family!r}; known: {', '.join(FAMILIES)}")
+    if FAMILIES[fam] == "qwen2_vl":
+        from transformers import Qwen2VLImageProcessor
+
+        return _Geometry(fam, Qwen2VLImageProcessor(**_QWEN_SETTINGS.get(fam, {})))
+    return _Geometry(fam)
+
+
+def _tokenizer(args, geometry: _Geometry):
+    if args.tokenizer is None:
+        tok = getattr(geometry.processor, "tokenizer", None)
+        if tok is None:
+            raise UsageError("--tokenizer is required with --family (a directory holding tokenizer.json, "
+                             "or the tokenizer.json file itself)")
+        return tok
+    p = Path(args.tokenizer)
+    if p.is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        try:
+            return PreTrainedTokenizerFast(tokenizer_file=str(p))
+        except Exception as e:  # noqa: BLE001
+            raise UsageError(f"--tokenizer: cannot load {str(p)!r}: {e}") from None
+    if not p.is_dir():
+        raise UsageError(f"--tokenizer: {str(p)!r} does not exist")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except Exception as e:  # noqa: BLE001
+        if (p / "tokenizer.json").is_file():
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast(tokenizer_file=str(p / "tokenizer.json"))
+        raise UsageError(f"--tokenizer: cannot load a tokenizer from {str(p)!r} "
+                         f"(no tokenizer.json there?): {e}") from None
+
+
+def _pairs(args) -> tuple[list[tuple[Path, Path, str]], bool]:
+    """[(image, ocr file, stem)] and whether this is directory mode."""
+    img, ocr = Path(args.image), Path(args.ocr_file)
+    if not img.exists():
+        raise UsageError(f"IMAGE: {str(img)!r} does not exist")
+    if not ocr.exists():
+        raise UsageError(f"OCR_FILE: {str(ocr)!r} does not exist")
+    if img.is_file():
+        if not ocr.is_file():
+            raise UsageError(f"OCR_FILE: {str(ocr)!r} is a directory but IMAGE is a file")
+        return [(img, ocr, img.stem)], False
+    if not ocr.is_dir():
+        raise UsageError(f"OCR_FILE: {str(ocr)!r} must be a directory when IMAGE is a directory")
+    images = sorted(p for p in img.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    if not images:
+        raise UsageError(f"IMAGE: directory {str(img)!r} holds no images ({', '.join(IMAGE_EXTS)})")
+    by_stem: dict[str, list[Path]] = {}
+    for p in ocr.iterdir():
+        if p.is_file() and p.suffix.lower() in OCR_EXTS:
+            by_stem.setdefault(p.stem, []).append(p)
+    pairs, missing = [], []
+    for p in images:
+        cands = by_stem.get(p.stem, [])
+        if len(cands) > 1:
+            raise UsageError(f"OCR_FILE: several OCR files for image {p.name!r}: "
+                             f"{', '.join(sorted(c.name for c in cands))}")
+        if not cands:
+            missing.append(p.name)
+            continue
+        pairs.append((p, cands[0], p.stem))
+    if missing and not args.skip_missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise UsageError(f"OCR_FILE: no OCR file in {str(ocr)!r} for {shown} (same stem, one of "
+                         f"{', '.join(OCR_EXTS)}); pass --skip-missing to skip those images")
+    if not pairs:
+        raise UsageError(f"OCR_FILE: no OCR file in {str(ocr)!r} matches an image in {str(img)!r}")
+    return pairs, True
+
+
+def _jsonable(x: Any) -> Any:
+    if hasattr(x, "tolist"):
+        x = x.tolist()
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x if isinstance(x, (int, float, str, bool, type(None))) else str(x)
+
+
+def _grid_info(grid) -> dict:
+    """The grid as plain JSON: enough to map every token index back to its pixel cell."""
+    views = [{f.name: _jsonable(getattr(v, f.name)) for f in dataclasses.fields(v)} for v in grid.views]
+    return {"family": grid.family, "image_size": list(grid.image_size), "num_tokens": grid.num_tokens,
+            "segments": _jsonable(getattr(grid, "segments", None)), "views": views,
+            "meta": _jsonable(grid.meta or {})}
+
+
+def _decode(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id])
+
+
+def _label_one(image_path: Path, ocr_path: Path, geometry: _Geometry, tokenizer, args,
+               out_json: Path | None, out_png: Path | None) -> dict:
+    from PIL import Image
+
+    from dvsft_kernels.labeling import label_visual_tokens
+    from dvsft_kernels.labeling.readers import read_ocr
+
+    try:
+        with Image.open(image_path) as im:
+            image = im.convert("RGB")
+    except Exception as e:  # noqa: BLE001 - PIL raises several types for unreadable files
+        raise UsageError(f"IMAGE: cannot open {str(image_path)!r} as an image: {e}") from None
+    h, w = image.height, image.width
+    try:
+        # the score threshold is applied by the labeler so that the report counts those words
+        words = read_ocr(ocr_path, format=args.format, image_size=(h, w), page=args.page,
+                         split_lines=args.split_lines)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(f"OCR_FILE: {e}") from None
+    try:
+        grid = geometry.grid(image)
+    except ValueError as e:
+        raise UsageError(f"IMAGE {str(image_path)!r}: {e}") from None
+    labels, report = label_visual_tokens(words, grid, tokenizer, mode=args.mode,
+                                         min_coverage=args.min_coverage, ignore_index=args.ignore_index,
+                                         min_score=args.min_score or None, return_report=True)
+    labels_l = [int(t) for t in labels.tolist()]
+    boxes = grid.token_boxes().tolist()
+    tokens = {}
+    for i, t in enumerate(labels_l):
+        if t != args.ignore_index:
+            tokens[str(i)] = {"id": t, "text": _decode(tokenizer, t), "box": [round(v, 2) for v in boxes[i]]}
+    summary = {"visual_tokens": grid.num_tokens, "cells": report.num_cells, "labeled_tokens": len(tokens),
+               "labeled_fraction": report.labeled_fraction, "words": report.num_words,
+               "words_used": report.words_used, "words_dropped": dict(report.dropped)}
+    if report.words_valid > report.words_used:  # valid words that cover no cell enough
+        summary["words_dropped"]["low_coverage"] = report.words_valid - report.words_used
+    record = {"image": str(image_path), "ocr_file": str(ocr_path), "mode": args.mode,
+              "min_coverage": args.min_coverage, "min_score": args.min_score,
+              "ignore_index": args.ignore_index, "grid": _grid_info(grid), "summary": summary,
+              "tokens": tokens, "labels": labels_l}
+    if out_json is not None:
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        out_json.write_text(json.dumps(record, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    if out_png is not None:
+        from dvsft_kernels.labeling.overlay import draw_overlay
+
+        out_png.parent.mkdir(parents=True, exist_ok=True)
+        draw_overlay(image, grid, labels, words=words, tokenizer=tokenizer, path=out_png,
+                     ignore_index=args.ignore_index)
+    return summary
+
+
+def _format_summary(name: str, s: dict) -> str:
+    drops = ", ".join(f"{k}: {v}" for k, v in sorted(s["words_dropped"].items())) or "none"
+    n_drop = sum(s["words_dropped"].values())
+    return (f"{name}: {s['visual_tokens']} visual tokens, {s['labeled_tokens']} labeled "
+            f"({100 * s['labeled_fraction']:.1f}%); {s['words']} words: {s['words_used']} used, "
+            f"{n_drop} dropped ({drops})")
+
+
+def _add_label_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", metavar="IMAGE", help="image file, or a directory of images")
+    p.add_argument("ocr_file", metavar="OCR_FILE",
+                   help="OCR output for IMAGE (Tesseract TSV, hOCR, PaddleOCR / docTR / words JSON), "
+                        "or a directory of them named like the images (same stem)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--family", help=f"model family, default geometry ({', '.join(FAMILIES)})")
+    g.add_argument("--processor", metavar="DIR", help="local checkpoint dir for AutoProcessor (no hub)")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="dir with tokenizer.json (or the file); required with --family")
+    p.add_argument("--out", metavar="PATH", help="labels JSON file (a directory in directory mode)")
+    p.add_argument("--overlay", metavar="PATH", help="overlay PNG (a directory in directory mode)")
+    p.add_argument("--mode", choices=("first", "aligned"), default="first",
+                   help="which sub-token of a word a cell gets (default: first)")
+    p.add_argument("--min-coverage", type=float, default=0.25,
+                   help="least share of a cell a word must cover to label it (default 0.25)")
+    p.add_argument("--min-score", type=float, default=0.0, help="drop OCR words below this confidence (0-1)")
+    p.add_argument("--format", default="auto", help="OCR format: auto, tesseract, hocr, paddleocr, doctr, json")
+    p.add_argument("--page", type=int, default=None, help="page of a multi-page OCR file (0-based)")
+    p.add_argument("--split-lines", action="store_true", help="split line-level OCR (PaddleOCR) into words")
+    p.add_argument("--ignore-index", type=int, default=-100, help="label of unlabeled tokens (default -100)")
+    p.add_argument("--skip-missing", action="store_true",
+                   help="directory mode: skip images without an OCR file instead of failing")
+
+
+def _run_label(args) -> int:
+    if not 0.0 < args.min_coverage <= 1.0:
+        raise UsageError(f"--min-coverage must be in (0, 1], got {args.min_coverage}")
+    if not 0.0 <= args.min_score <= 1.0:
+        raise UsageError(f"--min-score must be in [0, 1], got {args.min_score}")
+    from dvsft_kernels.labeling.readers import FORMATS, _ALIASES
+
+    if args.format != "auto" and args.format.lower() not in FORMATS + tuple(_ALIASES):
+        raise UsageError(f"--format must be auto or one of {', '.join(FORMATS)}, got {args.format!r}")
+    if args.page is not None and args.page < 0:
+        raise UsageError(f"--page must be >= 0, got {args.page}")
+    pairs, dir_mode = _pairs(args)
+    out, ov = (Path(args.out) if args.out else None), (Path(args.overlay) if args.overlay else None)
+    for flag, p in (("--out", out), ("--overlay", ov)):
+        if p is not None and dir_mode and p.exists() and not p.is_dir():
+            raise UsageError(f"{flag}: {str(p)!r} must be a directory in directory mode")
+        if p is not None and not dir_mode and p.is_dir():
+            raise UsageError(f"{flag}: {str(p)!r} is a directory; give a file path")
+    geometry = _geometry(args)
+    tokenizer = _tokenizer(args, geometry)
+
+    if not dir_mode:
+        img, ocr, _ = pairs[0]
+        s = _label_one(img, ocr, geometry, tokenizer, args, out, ov)
+        print(_format_summary(img.name, s))
+        for p in (out, ov):
+            if p is not None:
+                print(f"wrote {p}")
+        return 0
+
+    from tqdm import tqdm
+
+    total = {"visual_tokens": 0, "labeled_tokens": 0, "words": 0, "words_used": 0, "words_dropped": {}}
+    for img, ocr, stem in tqdm(pairs, desc="labeling", unit="image", file=sys.stderr):
+        s = _label_one(img, ocr, geometry, tokenizer, args,
+                       out / f"{stem}.json" if out else None, ov / f"{stem}.png" if ov else None)
+        for k in ("visual_tokens", "labeled_tokens", "words", "words_used"):
+            total[k] += s[k]
+        for r, n in s["words_dropped"].items():
+            total["words_dropped"][r] = total["words_dropped"].get(r, 0) + n
+    total["labeled_fraction"] = total["labeled_tokens"] / max(total["visual_tokens"], 1)
+    print(_format_summary(f"{len(pairs)} images", total))
+    for p in (out, ov):
+        if p is not None:
+            print(f"wrote {len(pairs)} files to {p}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- main
+
+SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[Any], int]]] = {
+    "label": ("label the visual tokens of an image (or a directory of images) from OCR words",
+              _add_label_args, _run_label),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dvsft_kernels import __version__
+
+    parser = argparse.ArgumentParser(prog="dvsft-kernels",
+                                     description="DV-SFT tools: visual-token labeling from OCR.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_, add, run) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        add(p)
+        p.set_defaults(_run=run, _parser=p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 usage error) instead of exiting."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse exits on --help / bad flags; report the status instead
+        return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USAGE
+    try:
+        return args._run(args)
+    except UsageError as e:
+        args._parser.print_usage(sys.stderr)
+        print(f"{args._parser.prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
