@@ -260,3 +260,57 @@ def test_chunked_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     h, w, t = _args()
     with pytest.raises(ValueError, match="^impl"):
         linear_cross_entropy(h, w, t, impl="chunked")
+
+
+# ---------------------------------------------------------------- impl="chunked" (Triton)
+def _chunked_available():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    import os
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _on_device(case):
+    if torch.cuda.is_available():
+        for name in ("hidden", "weight", "bias", "targets", "token_weights", "cotangent"):
+            v = getattr(case, name)
+            if v is not None:
+                setattr(case, name, v.cuda())
+    return case
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(not _chunked_available(), reason="needs triton and CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("options, ignore_frac", [("plain", 0.3), ("all", 0.3), ("all", 1.0), ("plain", 0.0)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_chunked_impl_matches_spec(dtype, reduction, options, ignore_frac):
+    # odd shapes: 37 rows in chunks of 16 (last chunk partial), V = 517 not a multiple of any tile
+    case = _on_device(make_case(lead=(37,), ignore_frac=ignore_frac, options=OPTION_SETS[options],
+                                reduction=reduction, seed=11))
+
+    def fn(*a, **k):
+        return linear_cross_entropy_with_stats(*a, **k, impl="chunked", chunk_rows=16).loss
+
+    got = run(fn, case, dtype)
+    ref = reference(case, dtype)
+    base = baseline(case, dtype)
+    for key in ("loss", "hidden", "weight", "bias"):
+        if ref[key] is None:
+            continue
+        out_dtype = torch.float32 if key == "loss" else dtype
+        assert_error_rule(key, got[key].cpu(), ref[key].cpu(), base[key].cpu(), out_dtype)
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(not _chunked_available(), reason="needs triton and CUDA or TRITON_INTERPRET=1")
+def test_chunked_stats_match_torch_impl():
+    case = _on_device(make_case(lead=(29,), options={"softcap": 4.0}, seed=5))
+    args = (case.hidden.float(), case.weight.float(), case.targets)
+    a = linear_cross_entropy_with_stats(*args, softcap=4.0, impl="chunked", chunk_rows=8)
+    b = linear_cross_entropy_with_stats(*args, softcap=4.0, impl="torch", chunk_rows=8)
+    torch.testing.assert_close(a.lse, b.lse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.row_loss, b.row_loss, rtol=1e-5, atol=1e-5)
+    assert torch.equal(a.correct, b.correct)
