@@ -133,3 +133,30 @@ def test_errors():
     bad[6] = 1
     with pytest.raises(ValueError, match=r"labels\[6\] = 1 .*not an image cell"):
         draw_overlay(img, nl, bad)
+
+
+def test_multi_view_montage():
+    # view 0: the whole 120 x 80 image at half scale, 20 px view cells = 40 px cells, 2 x 3;
+    # view 1: the 20 px grid at scale 1, after view 0's 6 tokens
+    coarse = GridView(sx=0.5, sy=0.5, ox=0.0, oy=0.0, rows=2, cols=3, cell_h=CELL, cell_w=CELL, offset=0,
+                      row_stride=3, name="thumb")
+    fine = GridView(sx=1.0, sy=1.0, ox=0.0, oy=0.0, rows=4, cols=6, cell_h=CELL, cell_w=CELL, offset=6,
+                    row_stride=6, name="tile")
+    grid = VisualGrid(family="hand", image_size=(80, 120), views=(coarse, fine), num_tokens=30)
+    lab = torch.full((30,), IGN)
+    lab[0] = 7  # coarse cell (0, 0): x 0..40, y 0..40
+    lab[6 + 2 * 6 + 3] = 9  # fine cell (2, 3)
+    img = Image.new("RGB", (120, 80), "white")
+    out = draw_overlay(img, grid, lab, words=WORDS)
+    cap = out.size[1] - 80  # montage: 2 panels side by side, each under a caption strip
+    assert out.size == (240, 80 + cap) and cap > 0
+    px = out.load()
+    # panel 0 (thumb): its labeled 40 px cell is filled at its centre, the fine cell (2,3) is not
+    assert px[20, cap + 20] != (255, 255, 255)
+    assert px[centre(2, 3)[0], cap + centre(2, 3)[1]] == (255, 255, 255)
+    # panel 1 (tile) sits at x + 120: the fine cell is filled, the thumb's cell area is not
+    assert px[120 + centre(2, 3)[0], cap + centre(2, 3)[1]] != (255, 255, 255)
+    assert px[120 + 30, cap + 30] == (255, 255, 255)
+    # views=[1]: just that view, on one picture of the image's size
+    one = draw_overlay(img, grid, lab, words=WORDS, views=[1])
+    assert one.size == (120, 80) and one.getpixel(centre(2, 3)) == px[120 + centre(2, 3)[0], cap + centre(2, 3)[1]]
