@@ -68,7 +68,7 @@ def test_chunked_impl_bounded_by_its_chunk(dtype):
 
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
-    n, d, v, chunk = 96, 16, 1024, 16  # small: the kernel runs in the interpreter
+    n, d, v, chunk = 256, 16, 1024, 16  # small: the kernel runs in the interpreter
     g = torch.Generator().manual_seed(0)
     h = torch.randn(n, d, generator=g).to(dtype).requires_grad_()
     w = (torch.randn(v, d, generator=g) * 0.3).to(dtype).requires_grad_()
@@ -77,4 +77,7 @@ def test_chunked_impl_bounded_by_its_chunk(dtype):
     with rec:
         linear_cross_entropy_with_stats(h, w, t, impl="chunked", chunk_rows=chunk, softcap=3.0).loss.backward()
     assert rec.largest <= max(chunk * v, v * d), f"{rec.largest_op()}"
-    assert rec.peak < 0.3 * n * v * 4
+    # live at once: the float32 chunk and its gradient copy, a few weight-sized float32 buffers
+    # (dW, its scaled result, the float32 copy of a half weight), a few row-sized ones
+    bound = 2 * chunk * v * 4 + 3 * v * d * 4 + 8 * n * d * 4
+    assert rec.peak <= bound < n * v * 4, f"peak {rec.peak} bytes, bound {bound}"
