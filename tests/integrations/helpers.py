@@ -1,0 +1,124 @@
+"""Shared pieces of the integration tests: targets, the plain full-logits reference (DESIGN.md 4.2),
+gradient comparison by the error rule (STYLE.md), and an allocation recorder."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from tests.integrations.tiny_models import IMG, TEXT_IDS
+
+IGN = -100
+
+
+def make_targets(batch: dict, n_text: int = 10, vision_frac: float = 0.4, seed: int = 0):
+    """Text labels on each row's last `n_text` tokens; vision labels (random word ids) on a random
+    `vision_frac` of the image positions. Disjoint by construction."""
+    g = torch.Generator().manual_seed(seed)
+    ids = batch["input_ids"]
+    labels = torch.full_like(ids, IGN)
+    labels[:, -n_text:] = ids[:, -n_text:]
+    vision = torch.full_like(ids, IGN)
+    img = (ids == IMG) & (torch.rand(ids.shape, generator=g) < vision_frac)
+    vision[img] = torch.randint(*TEXT_IDS, (int(img.sum()),), generator=g)
+    return labels, vision
+
+
+def reference_loss(logits, labels, vision_labels, *, text_weight=1.0, vision_weight=1.0, num_text=None,
+                   num_vision=None):
+    """DESIGN.md 4.2 with shift=True, from full logits: logits[:, t-1] predicts both streams at t."""
+    V = logits.shape[-1]
+    z = logits[:, :-1].reshape(-1, V)
+
+    def stream(lab, n):
+        if lab is None:
+            return z.sum() * 0
+        t = lab[:, 1:].reshape(-1)
+        m = t != IGN
+        ce = F.cross_entropy(z[m], t[m], reduction="sum")
+        d = int(m.sum()) if n is None else float(n)
+        return ce / d if d > 0 else ce * 0
+
+    return text_weight * stream(labels, num_text) + vision_weight * stream(vision_labels, num_vision)
+
+
+def to_double(batch: dict) -> dict:
+    return {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in batch.items()}
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    """name -> gradient (zeros where none flowed), for every trainable parameter."""
+    out = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            out[n] = p.grad.detach().double().clone() if p.grad is not None else torch.zeros_like(p, dtype=torch.float64)
+    return out
+
+
+def plain_run(model, batch, labels, vision, **kw):
+    """The plain computation: the model's own full logits, the loss written out."""
+    model.zero_grad(set_to_none=True)
+    logits = model(**batch).logits
+    loss = reference_loss(logits.double(), labels, vision, **kw)
+    loss.backward()
+    return loss.detach(), grads(model)
+
+
+def attached_run(model, batch, labels, vision, **extra):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch, labels=labels, vision_labels=vision, **extra)
+    out.loss.backward()
+    return out, grads(model)
+
+
+def assert_error_rule(name, got, plain, ref, floor=2e-6):
+    """|got - ref| <= 2 |plain - ref| + floor * scale, with ref computed in float64 and plain in the
+    test dtype: the attached path may be no worse than twice PyTorch's own rounding."""
+    e_got = (got.double() - ref).abs().max().item()
+    e_plain = (plain.double() - ref).abs().max().item()
+    scale = ref.abs().max().item() + 1e-12
+    assert e_got <= 2 * e_plain + floor * scale, f"{name}: error {e_got:.3g} vs plain {e_plain:.3g} (scale {scale:.3g})"
+
+
+def compare_to_reference(make_model, batch, labels, vision, *, prepare=None, **attach_kw):
+    """Attached float32 vs plain float32 vs plain float64: loss and every parameter gradient."""
+    from dvsft_kernels.integrations import attach
+
+    m32 = make_model()
+    m64 = copy.deepcopy(m32).double()
+    if prepare is not None:
+        m32, m64 = prepare(m32), prepare(m64)
+    l_plain, g_plain = plain_run(m32, batch, labels, vision)
+    l_ref, g_ref = plain_run(m64, to_double(batch), labels, vision)
+    with attach(m32, **attach_kw) as handle:
+        out, g_att = attached_run(m32, batch, labels, vision)
+    assert_error_rule("loss", out.loss.detach(), l_plain, l_ref)
+    assert g_att.keys() == g_ref.keys()
+    nonzero = 0
+    for n in g_ref:
+        assert_error_rule(n, g_att[n], g_plain[n], g_ref[n])
+        nonzero += bool(g_ref[n].abs().max() > 0)
+    assert nonzero > 0
+    return out, handle
+
+
+class AllocRecorder(TorchDispatchMode):
+    """Records the element count of every tensor an aten op returns (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes: list[tuple[int, str, tuple]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.sizes.append((t.numel(), str(func), tuple(t.shape)))
+        return out
+
+    def largest(self, k=3):
+        return sorted(self.sizes, key=lambda s: -s[0])[:k]

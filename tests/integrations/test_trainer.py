@@ -1,0 +1,213 @@
+"""DVSFTTrainer / patch_trainer: gradient-accumulation equivalence, kept columns, per-stream logs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+
+from dvsft_kernels import DVLoss, attach
+from dvsft_kernels.integrations import DVSFTTrainer, get_handle, patch_trainer, unpatch_trainer
+from tests.integrations.helpers import IGN, reference_loss
+from tests.integrations.tiny_models import IMG, qwen2_vl, tiny_tokenizer
+
+torch.set_num_threads(1)
+
+_PAD = {"input_ids": 0, "attention_mask": 0, "labels": IGN, "vision_labels": IGN, "mm_token_type_ids": 0}
+
+
+def _samples(tiny):
+    """Two samples whose text / vision target counts differ a lot, so any per-micro-batch
+    normalisation shows up in the gradients."""
+    out = []
+    for seed, (pre, post, n_text, vis_every) in enumerate([(4, 6, 3, 1), (9, 14, 12, 5)]):
+        b = tiny.batch(1, pre=pre, post=post, seed=seed)
+        ids = b["input_ids"][0]
+        labels = torch.full_like(ids, IGN)
+        labels[-n_text:] = ids[-n_text:]
+        vision = torch.full_like(ids, IGN)
+        img_pos = (ids == IMG).nonzero().flatten()[::vis_every]
+        vision[img_pos] = (img_pos * 7 + seed) % 900 + 5
+        out.append({"input_ids": ids, "attention_mask": b["attention_mask"][0], "labels": labels,
+                    "vision_labels": vision, "mm_token_type_ids": b["mm_token_type_ids"][0],
+                    "pixel_values": b["pixel_values"], "image_grid_thw": b["image_grid_thw"]})
+    return out
+
+
+def collate(features):
+    """Right padding (positions of real tokens do not depend on the batch), images concatenated."""
+    T = max(len(f["input_ids"]) for f in features)
+    batch = {}
+    for k, pad in _PAD.items():
+        if k in features[0]:
+            batch[k] = torch.stack([torch.cat([f[k], torch.full((T - len(f[k]),), pad, dtype=f[k].dtype)])
+                                    for f in features])
+    for k in ("pixel_values", "image_grid_thw"):
+        if k in features[0]:
+            batch[k] = torch.cat([f[k] for f in features])
+    return batch
+
+
+def _args(tmp_path, bs, ga, **kw):
+    d = dict(output_dir=str(tmp_path), per_device_train_batch_size=bs, gradient_accumulation_steps=ga, max_steps=1,
+             learning_rate=1.0, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
+             logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0,
+             disable_tqdm=True)
+    d.update(kw)
+    return transformers.TrainingArguments(**d)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tiny = qwen2_vl()
+    return tiny.model, _samples(tiny)
+
+
+def _delta(model_before, model_after):
+    before = dict(model_before.named_parameters())
+    return {n: (p.detach() - before[n].detach()) for n, p in model_after.named_parameters()}
+
+
+def _train(model0, data, tmp_path, bs, ga, how="subclass", loss=None, **kw):
+    model = copy.deepcopy(model0).train()
+    args = _args(tmp_path, bs, ga, **kw)
+    if how == "subclass":
+        trainer = DVSFTTrainer(model=model, args=args, train_dataset=data, data_collator=collate, loss=loss)
+    elif how == "patch":
+        trainer = patch_trainer(transformers.Trainer(model=model, args=args, train_dataset=data,
+                                                     data_collator=collate), loss)
+    else:  # attach only, plain Trainer: what the mixin exists to fix
+        attach(model, loss)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data, data_collator=collate)
+    trainer.train()
+    return model, trainer
+
+
+def _full_batch_reference(model0, data, loss=None):
+    """Gradient of the DESIGN 4.2 loss over the whole batch, from full logits: what one SGD step of lr 1 subtracts."""
+    loss = loss or DVLoss()
+    model = copy.deepcopy(model0).train()
+    b = collate(data)
+    logits = model(**{k: v for k, v in b.items() if k not in ("labels", "vision_labels")}).logits
+    ref = reference_loss(logits.double(), b["labels"], b["vision_labels"], text_weight=loss.text_weight,
+                         vision_weight=loss.vision_weight)
+    ref.backward()
+    return {n: -p.grad.detach() for n, p in model.named_parameters() if p.grad is not None}, float(ref.detach())
+
+
+def _close(d1, d2, name=""):
+    scale = max(v.abs().max().item() for v in d2.values())
+    worst = max((d1[n] - d2[n]).abs().max().item() for n in d2)
+    assert worst <= 1e-5 * scale, f"{name}: max diff {worst:.3g}, scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("how", ["subclass", "patch"])
+def test_gradient_accumulation_equivalence(setup, tmp_path, how):
+    model0, data = setup
+    loss = DVLoss(vision_weight=0.5)
+    m_one, t_one = _train(model0, data, tmp_path / "one", bs=2, ga=1, how=how, loss=loss)
+    m_acc, t_acc = _train(model0, data, tmp_path / "acc", bs=1, ga=2, how=how, loss=loss)
+    d_one, d_acc = _delta(model0, m_one), _delta(model0, m_acc)
+    _close(d_acc, d_one, "2 x 1 vs 1 x 2")
+    ref, ref_loss = _full_batch_reference(model0, data, loss)
+    _close({n: d_one[n] for n in ref}, ref, "1 x 2 vs full-logits reference")
+    assert all(d_one[n].abs().max() == 0 for n in d_one if n not in ref)
+
+    for t in (t_one, t_acc):
+        log = next(x for x in t.state.log_history if "loss" in x)
+        assert {"text_loss", "vision_loss", "vision_accuracy", "text_accuracy", "vision_tokens"} <= set(log)
+        n_text = sum(int((d["labels"][1:] != IGN).sum()) for d in data)
+        n_vis = sum(int((d["vision_labels"][1:] != IGN).sum()) for d in data)
+        assert log["text_tokens"] == n_text and log["vision_tokens"] == n_vis
+        assert log["loss"] == pytest.approx(ref_loss, rel=1e-4)
+        assert log["text_loss"] + 0.5 * log["vision_loss"] == pytest.approx(ref_loss, rel=1e-4)
+        assert 0.0 <= log["vision_accuracy"] <= 1.0
+
+
+def test_without_the_mixin_accumulation_is_wrong(setup, tmp_path):
+    """attach() alone under a plain Trainer: vision_labels are dropped by remove_unused_columns, and
+    with remove_unused_columns=False the vision stream is normalised per micro-batch."""
+    model0, data = setup
+    with pytest.warns(UserWarning, match="num_vision_items_in_batch"):
+        m_one, _ = _train(model0, data, tmp_path / "one", bs=2, ga=1, how="attach", remove_unused_columns=False)
+        m_acc, _ = _train(model0, data, tmp_path / "acc", bs=1, ga=2, how="attach", remove_unused_columns=False)
+    d_one, d_acc = _delta(model0, m_one), _delta(model0, m_acc)
+    with pytest.raises(AssertionError):
+        _close(d_acc, d_one)
+    m_drop, t_drop = _train(model0, data, tmp_path / "drop", bs=2, ga=1, how="attach")
+    assert "vision_labels" not in t_drop._signature_columns  # the column the mixin keeps
+
+
+def test_patch_and_unpatch_restore(setup, tmp_path):
+    model0, data = setup
+    model = copy.deepcopy(model0)
+    trainer = transformers.Trainer(model=model, args=_args(tmp_path, 1, 1), train_dataset=data,
+                                   data_collator=collate)
+    cls, accepts = type(trainer), trainer.model_accepts_loss_kwargs
+    patch_trainer(trainer)
+    assert get_handle(model) is not None and type(trainer).__name__ == "DVSFTTrainer"
+    with pytest.raises(ValueError):
+        patch_trainer(trainer)
+    unpatch_trainer(trainer)
+    assert type(trainer) is cls and get_handle(model) is None and trainer.model_accepts_loss_kwargs == accepts
+    assert not [k for k in trainer.__dict__ if k.startswith("_dvsft")]
+
+
+def test_refuses_label_smoothing_factor(setup, tmp_path):
+    model0, data = setup
+    with pytest.raises(ValueError, match="label_smoothing"):
+        DVSFTTrainer(model=copy.deepcopy(model0), args=_args(tmp_path, 1, 1, label_smoothing_factor=0.1),
+                     train_dataset=data, data_collator=collate)
+    assert get_handle(model0) is None
+
+
+def test_evaluate_reports_streams_without_full_logits(setup, tmp_path):
+    model0, data = setup
+    model = copy.deepcopy(model0)
+    trainer = DVSFTTrainer(model=model, args=_args(tmp_path, 2, 1, per_device_eval_batch_size=2),
+                           train_dataset=data, eval_dataset=data, data_collator=collate)
+    handle = get_handle(model)
+    shapes = []
+    probe = model.register_forward_hook(lambda m, a, k, o: shapes.append(tuple(o.logits.shape)), with_kwargs=True)
+    metrics = trainer.evaluate()
+    probe.remove()
+    b = collate(data)
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in b.items() if k not in ("labels", "vision_labels")}).logits
+    ref = float(reference_loss(logits.double(), b["labels"], b["vision_labels"]))
+    assert metrics["eval_loss"] == pytest.approx(ref, rel=1e-4)
+    assert {"eval_text_loss", "eval_vision_loss", "eval_vision_accuracy"} <= set(metrics)
+    assert shapes and all(s[1] == 1 for s in shapes)  # no compute_metrics: logits were skipped in eval too
+    assert handle.skip_logits == "auto"
+
+
+def test_trl_sft_trainer(setup, tmp_path):
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    model0, data = setup
+    rows = [{k: v.tolist() for k, v in d.items()} for d in data]
+    ds = datasets.Dataset.from_list(rows)
+
+    def collate_lists(features):
+        return collate([{k: torch.tensor(v) for k, v in f.items()} for f in features])
+
+    deltas = {}
+    for bs, ga in ((2, 1), (1, 2)):
+        model = copy.deepcopy(model0).train()
+        args = trl.SFTConfig(**{k: getattr(_args(tmp_path, bs, ga), k) for k in (
+            "output_dir", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "learning_rate",
+            "optim", "lr_scheduler_type", "weight_decay", "max_grad_norm", "logging_steps", "save_strategy",
+            "report_to", "use_cpu", "seed")}, dataset_kwargs={"skip_prepare_dataset": True},
+            remove_unused_columns=False, max_length=None, bf16=False)
+        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=ds, data_collator=collate_lists,
+                                 processing_class=tiny_tokenizer())
+        patch_trainer(trainer, DVLoss(vision_weight=0.5))
+        trainer.train()
+        deltas[(bs, ga)] = _delta(model0, model)
+        log = next(x for x in trainer.state.log_history if "loss" in x)
+        assert "vision_loss" in log and "vision_accuracy" in log
+    _close(deltas[(1, 2)], deltas[(2, 1)], "TRL 2 x 1 vs 1 x 2")
+    ref, _ = _full_batch_reference(model0, data, DVLoss(vision_weight=0.5))
+    _close({n: deltas[(2, 1)][n] for n in ref}, ref, "TRL vs reference")
