@@ -71,7 +71,7 @@ CONFIGS = {
                      answer=256, dtype="bfloat16", vision_depth=2, vision_dim=256, warmup=2, steps=5),
     "quick": E2EConfig("qwen2vl-micro", batch=1, seq=160, vocab=2048, hidden=64, layers=1, heads=4,
                        kv_heads=2, intermediate=128, image_px=224, vision_fraction=0.4, answer=32,
-                       dtype="float32", vision_dim=32, warmup=1, steps=2),
+                       dtype="float32", vision_dim=32, warmup=1, steps=1),
 }
 
 

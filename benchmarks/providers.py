@@ -15,6 +15,7 @@ hands over; whether it skips the ignored rows is its own business and is recorde
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 from typing import Callable
 
@@ -128,6 +129,9 @@ class Dvsft(Provider):
         if reason:
             return reason
         cpu_triton = self.triton and not device.startswith("cuda") and not interpret
+        if cpu_triton and os.environ.get("TRITON_INTERPRET") == "1":
+            return (f"impl={self.impl!r} is a Triton kernel: TRITON_INTERPRET=1 is set here, so on CPU it "
+                    "would run in the interpreter, a correctness tool, not benchmarked")
         h, w, t = _tiny(device, torch.float32 if interpret else None)
         try:
             self._op()(h, w, t, impl=self.impl).backward()
@@ -221,13 +225,17 @@ class Liger(Provider):
         reason = self.static_reason(device, interpret)
         if reason:
             return reason
+        on_cpu = not device.startswith("cuda")
+        if on_cpu and not interpret and os.environ.get("TRITON_INTERPRET") == "1":
+            return ("Liger's Triton kernels need a GPU; TRITON_INTERPRET=1 is set here, so on CPU they "
+                    "would run in the interpreter, a correctness tool, not benchmarked")
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-        h, w, t = _tiny(device, torch.float32 if not device.startswith("cuda") else None)
+        h, w, t = _tiny(device, torch.float32 if on_cpu else None)
         try:
             LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX)(w, h, t).backward()
         except Exception as e:
-            if device.startswith("cuda"):
+            if not on_cpu:
                 raise
             return f"Liger's Triton kernels need a GPU: on {device} tensors it raises {_err(e)}"
         return None
@@ -374,13 +382,28 @@ class _TestAlloc(Provider):
         return _R(None, inputs["hidden"], inputs["weight"], inputs["targets"])
 
 
+class _TestCrash(Provider):
+    """Kills its process in forward, as a segfault or an OOM kill would."""
+
+    name = "_test_crash"
+    label = "test: the process dies in forward"
+    kind = "test"
+    hidden = True
+
+    def prepare(self, inputs, shape, device):
+        def fn(h, w, t):
+            os._exit(3)
+
+        return Runner(fn, inputs["hidden"], inputs["weight"], inputs["targets"])
+
+
 PROVIDERS: dict[str, Provider] = {
     p.name: p
     for p in [
         Dvsft("torch"), Dvsft("chunked"), Dvsft("fused"),
         HFPlain(), TorchLCE(), Liger(), CCE(),
         Floor(),
-        _TestRaise(), _TestAlloc(),
+        _TestRaise(), _TestAlloc(), _TestCrash(),
     ]
 }
 PEERS = ("hf", "torch_lce", "liger", "cce")

@@ -13,11 +13,15 @@ COMMON = ("device", "device_name", "python", "git_sha", "torch", "triton", "tran
 
 
 def common_meta(rows: list[dict]) -> dict:
+    """Fields shared by the rows; a field with several values (HEAD moved during a run, say) is
+    shown as 'a / b'."""
     meta = {}
     for k in COMMON:
-        vals = {json.dumps(r.get(k)) for r in rows if k in r}
+        vals = list(OrderedDict.fromkeys(r.get(k) for r in rows if k in r))
         if len(vals) == 1:
-            meta[k] = rows[0].get(k) if k in rows[0] else json.loads(vals.pop())
+            meta[k] = vals[0]
+        elif vals:
+            meta[k] = " / ".join(str(v) for v in vals)
     return meta
 
 

@@ -65,20 +65,23 @@ def build_plan(args) -> tuple[runner.Plan, str]:
         raise SystemExit("--interpret is for CPU runs")
     suite = args.suite or ("gpu" if device == "cuda" else "cpu")
     quick = args.quick or suite == "quick"
-    prov = providers.select(_csv(args.providers))
+    from benchmarks import e2e
+
+    names = _csv(args.providers)
+    e2e_names = [n for n in names or [] if n in e2e.E2E_PROVIDERS]
+    op_names = [n for n in names or [] if n not in e2e.E2E_PROVIDERS]
+    prov = providers.select(op_names) if op_names else ([] if names else providers.select(None))
+    e2e_names = e2e_names if e2e_names or names else list(e2e.E2E_PROVIDERS)
 
     cells: list[dict] = []
+    if suite == "e2e" or (suite == "gpu" and not args.no_e2e):
+        # First: a short, high-value cell that a time budget should not cut.
+        key = "quick" if quick else ("gpu" if device == "cuda" else "cpu")
+        cells += e2e.cells(key, e2e_names) if e2e_names else []
     if suite != "e2e":
         shp = shapes.suite_shapes("quick" if quick else ("gpu" if suite == "gpu" else "cpu"), device)
         shp = shapes.select(shp, _csv(args.shapes), [float(x) for x in _csv(args.fractions) or []] or None, args.dtype)
-        op_prov = [p for p in prov]
-        cells += runner.op_cells(shp, op_prov)
-    if suite == "e2e" or (suite == "gpu" and not args.no_e2e):
-        from benchmarks import e2e
-
-        key = "quick" if quick else ("gpu" if device == "cuda" else "cpu")
-        names = [n for n in (_csv(args.providers) or list(e2e.E2E_PROVIDERS)) if n in e2e.E2E_PROVIDERS]
-        cells += e2e.cells(key, names or list(e2e.E2E_PROVIDERS))
+        cells += runner.op_cells(shp, prov)
 
     timing = {}
     if device == "cpu":
@@ -102,6 +105,8 @@ def build_plan(args) -> tuple[runner.Plan, str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.interpret:  # before anything imports triton (the parent probes providers in-process)
+        os.environ["TRITON_INTERPRET"] = "1"
     plan, suite = build_plan(args)
     if args.list:
         cache: dict = {}

@@ -165,6 +165,8 @@ def worker_env(interpret: bool) -> dict:
     root = str(env.REPO_ROOT)
     e["PYTHONPATH"] = root + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
     e["PYTHONUNBUFFERED"] = "1"
+    # Never benchmark through the interpreter by accident (the test suite sets it for itself).
+    e.pop("TRITON_INTERPRET", None)
     if interpret:
         e["TRITON_INTERPRET"] = "1"
     return e

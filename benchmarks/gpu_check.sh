@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Usage: benchmarks/gpu_check.sh RESULTS_DIR
+#
+# One script for a GPU machine that has torch and triton and nothing of ours: it
+#   1. installs the wheels carried beside it (benchmarks/wheels/*.whl, or $DVSFT_WHEELS; fill it with
+#      benchmarks/fetch_wheels.sh where PyPI is reachable) into a private target dir, no network;
+#   2. puts this working tree on PYTHONPATH (no pip install: no build isolation, no network);
+#   3. runs the CUDA tests: the op tests (tests/ops pick CUDA when present) and every test marked
+#      `cuda` elsewhere, within $DVSFT_TEST_TIMEOUT s in all (default 120);
+#   4. runs the GPU benchmark suite (`run.py --suite gpu`), starting cells for $DVSFT_BENCH_BUDGET s
+#      (default 360) with a hard stop 70 s later: under 8 minutes, and the whole script under 10;
+#   5. writes everything to RESULTS_DIR: gpu.json, gpu.md, gpu-*.png, gpu_check.log (all output,
+#      pytest included) and gpu_check.json (what ran and how it ended). At most 7 files, flat.
+# Extra arguments for run.py: $DVSFT_BENCH_ARGS (e.g. "--quick" or "--providers dvsft_*,floor").
+# The git SHA recorded in the rows: $DVSFT_GIT_SHA when the tree has no .git.
+#
+# Exit codes: 0 everything ran and passed, or no CUDA device (soft skip: the message says so and
+# gpu_check.json has status "skipped"); 1 CUDA tests failed (benchmarks still ran); 2 usage;
+# 3 the benchmark run failed or overran its limit.
+set -u -o pipefail
+
+if [ $# -lt 1 ]; then
+    echo "usage: $0 RESULTS_DIR" >&2
+    exit 2
+fi
+RES=$1
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PY=${PYTHON:-python3}
+WHEELS=${DVSFT_WHEELS:-$ROOT/benchmarks/wheels}
+TEST_TIMEOUT=${DVSFT_TEST_TIMEOUT:-120}
+BUDGET=${DVSFT_BENCH_BUDGET:-360}
+mkdir -p "$RES"
+RES=$(cd "$RES" && pwd)
+LOG=$RES/gpu_check.log
+: >"$LOG"
+START=$(date +%s)
+
+log() { echo "gpu_check: $*" | tee -a "$LOG"; }
+
+status() { # status STATUS REASON TESTS_RC BENCH_RC
+    "$PY" - "$RES/gpu_check.json" "$1" "$2" "${3:-}" "${4:-}" "$START" "$WHEEL_LIST" <<'PYEOF'
+import json, sys, time
+path, status, reason, tests_rc, bench_rc, start, wheels = sys.argv[1:8]
+json.dump({"status": status, "reason": reason,
+           "tests_rc": int(tests_rc) if tests_rc else None,
+           "bench_rc": int(bench_rc) if bench_rc else None,
+           "elapsed_s": round(time.time() - float(start)),
+           "wheels": [w for w in wheels.split(",") if w]}, open(path, "w"), indent=1)
+PYEOF
+}
+WHEEL_LIST=""
+
+if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' >>"$LOG" 2>&1; then
+    log "no CUDA device visible to torch ($PY): nothing to check on this machine."
+    log "soft skip, exit 0; run this script on a GPU machine (see benchmarks/README.md)."
+    status skipped "no CUDA device visible to torch"
+    exit 0
+fi
+"$PY" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "device", torch.cuda.get_device_name())' 2>&1 | tee -a "$LOG"
+
+# 1. Wheels (pure Python peers), into a private dir so the image's packages stay as they are.
+SITE=$(mktemp -d /tmp/dvsft-site.XXXXXX)
+shopt -s nullglob
+whls=("$WHEELS"/*.whl)
+if [ ${#whls[@]} -gt 0 ]; then
+    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "${whls[@]}" >>"$LOG" 2>&1; then
+        WHEEL_LIST=$(for w in "${whls[@]}"; do basename "$w"; done | paste -sd, -)
+        log "installed wheels: $WHEEL_LIST"
+    else
+        log "WARNING: installing wheels from $WHEELS failed (see log); peers may be skipped"
+    fi
+else
+    log "no wheels in $WHEELS: liger / cut-cross-entropy rows will say 'not installed' (benchmarks/fetch_wheels.sh)"
+fi
+# 2. This working tree.
+export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+cd "$ROOT"
+
+# 3. CUDA tests.
+tests_rc=0
+if [ -d tests ]; then
+    log "CUDA tests (limit ${TEST_TIMEOUT}s): tests/ops on CUDA, then -m cuda elsewhere"
+    timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -q -p no:cacheprovider -m "not static" tests/ops 2>&1 | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+    [ "$rc" -eq 5 ] && rc=0  # nothing collected
+    [ "$rc" -ne 0 ] && tests_rc=$rc
+    left=$((TEST_TIMEOUT - ($(date +%s) - START)))
+    [ "$left" -lt 30 ] && left=30
+    timeout -k 10 "$left" "$PY" -m pytest -q -p no:cacheprovider -m cuda --ignore=tests/ops tests 2>&1 | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+    [ "$rc" -eq 5 ] && rc=0
+    [ "$rc" -ne 0 ] && [ "$tests_rc" -eq 0 ] && tests_rc=$rc
+    [ "$tests_rc" -eq 124 ] && log "tests hit their ${TEST_TIMEOUT}s limit"
+    log "tests exit code: $tests_rc"
+fi
+
+# 4. GPU suite.
+log "GPU suite (cells start within ${BUDGET}s)"
+# shellcheck disable=SC2086
+timeout -k 10 $((BUDGET + 70)) "$PY" benchmarks/run.py --suite gpu --out "$RES" --budget-s "$BUDGET" \
+    --cell-timeout 60 ${DVSFT_BENCH_ARGS:-} 2>&1 | tee -a "$LOG"
+bench_rc=${PIPESTATUS[0]}
+log "benchmark exit code: $bench_rc; results in $RES"
+
+if [ "$bench_rc" -ne 0 ]; then
+    status bench_failed "benchmark run exited with $bench_rc" "$tests_rc" "$bench_rc"
+    exit 3
+fi
+if [ "$tests_rc" -ne 0 ]; then
+    status tests_failed "CUDA tests exited with $tests_rc" "$tests_rc" "$bench_rc"
+    exit 1
+fi
+status ok "" "$tests_rc" "$bench_rc"
+exit 0

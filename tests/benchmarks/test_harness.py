@@ -1,0 +1,274 @@
+"""The benchmark harness (benchmarks/): rows for every provider, cost models, outputs, failure
+reporting, and the subprocess VmHWM memory meter. CPU, tiny sizes; no timing assertions."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import costs, e2e, providers, report, runner, shapes, worker  # noqa: E402
+
+TIMING = {"cpu": {"warmup": 1, "min_reps": 1, "max_reps": 1, "min_time_s": 0.0}}
+TINY = shapes.Shape("tiny-test", 48, 24, 263, 0.5)
+
+
+def plan(cells, isolate="none", **kw):
+    return runner.Plan(device="cpu", cells=cells, isolate=isolate, timing=TIMING, **kw)
+
+
+def rows_of(rows, provider):
+    return [r for r in rows if r["provider"] == provider]
+
+
+def _op_importable() -> bool:
+    try:
+        from dvsft_kernels import linear_cross_entropy  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def expected_on_cpu() -> set[str]:
+    """Providers that must measure successfully on this CPU machine."""
+    names = {"hf", "floor"}
+    if _op_importable():
+        names.add("dvsft_torch")
+    if hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        names.add("torch_lce")
+    if importlib.util.find_spec("cut_cross_entropy") and (shutil.which("g++") or shutil.which("c++")):
+        names.add("cce")
+    return names
+
+
+@pytest.fixture(scope="module")
+def all_rows():
+    cells = runner.op_cells([TINY], providers.select(None))
+    return runner.derive(runner.run(plan(cells), progress=False))
+
+
+def test_every_provider_produces_rows(all_rows):
+    for name in providers.default_names():
+        rs = rows_of(all_rows, name)
+        assert sorted(r["mode"] for r in rs) == ["bwd", "fwd", "fwd_bwd"], name
+        for r in rs:
+            assert r["status"] in ("ok", "skipped", "failed")
+            if r["status"] == "skipped":
+                assert r["reason"], name
+            for k in ("device_name", "torch", "triton", "transformers", "git_sha", "time"):
+                assert k in r, (name, k)
+    for name in expected_on_cpu():
+        for r in rows_of(all_rows, name):
+            assert r["status"] == "ok", (name, r["error"], r["reason"])
+            assert r["time_ms"] > 0 and r["reps"] >= 1
+    # Triton-only providers say why they do not run on CPU.
+    for name in ("dvsft_chunked", "dvsft_fused", "liger"):
+        assert all(r["status"] == "skipped" for r in rows_of(all_rows, name)), name
+
+
+def test_providers_agree_on_the_loss(all_rows):
+    losses = {r["provider"]: r["loss"] for r in all_rows
+              if r["status"] == "ok" and r["mode"] == "fwd_bwd" and r["loss"] is not None}
+    assert "hf" in losses and len(losses) >= 2
+    for name, loss in losses.items():
+        assert loss == pytest.approx(losses["hf"], rel=1e-4), name
+
+
+def test_derived_columns(all_rows):
+    hf = next(r for r in all_rows if r["provider"] == "hf" and r["mode"] == "fwd_bwd")
+    floor = next(r for r in all_rows if r["provider"] == "floor" and r["mode"] == "fwd_bwd")
+    assert hf["x_floor"] == pytest.approx(hf["time_ms"] / floor["time_ms"])
+    assert hf["rows_processed"] == TINY.N and floor["rows_processed"] == TINY.n
+    assert floor["peak_mem_mb"] is None  # preallocated outputs: a time-only reference
+    assert hf["peak_mem_mb"] is not None and hf["mem_method"].startswith("VmHWM")
+    ours = [r for r in all_rows if r["provider"] == "dvsft_torch" and r["status"] == "ok"]
+    for r in ours:
+        assert r["speedup_vs"]["hf"] == pytest.approx(
+            next(h for h in all_rows if h["provider"] == "hf" and h["mode"] == r["mode"])["time_ms"] / r["time_ms"]
+        )
+
+
+def test_flop_and_byte_models_by_hand():
+    s = shapes.Shape("issue2", 4096, 512, 32000, 0.1)
+    assert s.n == 410  # round(409.6)
+    assert costs.flops("fwd", 410, 512, 32000) == 2 * 410 * 512 * 32000 == 13_434_880_000
+    assert costs.flops("bwd", 410, 512, 32000) == 26_869_760_000
+    assert costs.flops("fwd_bwd", 410, 512, 32000) == 40_304_640_000
+    # fp32: h at 410 labeled rows + W = 4 * 512 * (410 + 32000) bytes read; fwd+bwd also writes dh, dW.
+    assert costs.io_bytes("fwd", 410, 512, 32000, "float32") == 66_375_680
+    assert costs.io_bytes("fwd_bwd", 410, 512, 32000, "float32") == 132_751_360
+    assert costs.io_bytes("fwd_bwd", 410, 512, 32000, "bfloat16") == 66_375_680
+    assert costs.tflops(40_304_640_000, 100.0) == pytest.approx(0.4030464)
+    assert costs.gbps(132_751_360, 100.0) == pytest.approx(1.3275136)
+
+    # Rows built from a measurement use the same models; N rows of work for a provider that keeps them.
+    from benchmarks.measure import Measurement
+
+    m = Measurement()
+    m.times_ms = {"fwd": [40.0], "bwd": [60.0], "fwd_bwd": [100.0]}
+    rows = {r["mode"]: r for r in worker.op_rows(providers.PROVIDERS["hf"], s, "cpu", "ok", meta={}, measurement=m)}
+    assert rows["fwd_bwd"]["flops"] == 40_304_640_000
+    assert rows["fwd_bwd"]["tflops"] == pytest.approx(0.4030464)
+    assert rows["fwd_bwd"]["rows_processed"] == 4096
+    assert rows["fwd_bwd"]["flops_processed"] == 6 * 4096 * 512 * 32000
+    assert rows["fwd"]["tflops"] == pytest.approx(13_434_880_000 / 0.040 / 1e12)
+
+
+def _markdown_tables(text: str) -> list[list[list[str]]]:
+    tables, cur = [], []
+    for line in text.splitlines():
+        if line.startswith("|"):
+            cur.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif cur:
+            tables.append(cur)
+            cur = []
+    if cur:
+        tables.append(cur)
+    return tables
+
+
+def test_outputs_parse_and_plots_are_written(all_rows, tmp_path):
+    paths = report.write_all(all_rows, str(tmp_path), "cpu", {"suite": "cpu", "command": "test"})
+    data = json.loads(Path(paths["json"]).read_text())
+    assert len(data["rows"]) == len(all_rows) and data["suite"] == "cpu"
+    assert data["meta"]["torch"] == torch.__version__
+    md = Path(paths["markdown"]).read_text()
+    tables = _markdown_tables(md)
+    assert tables, md
+    for t in tables:
+        assert all(len(row) == len(t[0]) for row in t), t
+        assert set(t[1]) == {"---"}
+    first = tables[0]
+    assert first[0][:3] == ["provider", "rows", "fwd ms"]
+    ran = {r["provider"] for r in all_rows if r["status"] == "ok"}
+    assert {row[0].strip("`") for row in first[2:]} == ran
+    assert "## Skipped and failed" in md and "dvsft_chunked" in md
+    names = sorted(os.path.basename(p) for p in paths["plots"])
+    assert names == ["cpu-memory.png", "cpu-time-vs-fraction.png"]
+    for p in paths["plots"]:
+        assert Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report.console(all_rows).count("tiny-test/") == 1
+
+
+def test_raising_provider_is_reported_failed_in_process():
+    rows = runner.run(plan(runner.op_cells([TINY], [providers.PROVIDERS["_test_raise"]])), progress=False)
+    assert len(rows) == 3
+    for r in rows:
+        assert r["status"] == "failed" and "deliberate failure" in r["error"]
+
+
+def test_subprocess_memory_failures_and_crashes():
+    """In a worker process: a raising provider is a failed row; a provider that kills the process is
+    a failed row and the worker restarts for the next cell, a fresh process in which a 200 MB
+    allocation shows in VmHWM."""
+    cells = runner.op_cells([shapes.Shape("tiny-test", 8, 8, 16, 1.0)],
+                            [providers.PROVIDERS[n] for n in ("_test_raise", "_test_crash", "_test_alloc200")])
+    rows = runner.run(plan(cells, isolate="worker"), progress=False)
+    raised, crash, alloc = (rows_of(rows, n) for n in ("_test_raise", "_test_crash", "_test_alloc200"))
+    assert [r["status"] for r in raised] == ["failed"] * 3 and "deliberate failure" in raised[0]["error"]
+    assert [r["status"] for r in crash] == ["failed"] * 3
+    assert "exited with code 3" in crash[0]["error"]
+    assert all(r["status"] == "ok" for r in alloc), alloc[0]["error"]
+    peaks = {r["mode"]: r["peak_mem_mb"] for r in alloc}
+    assert peaks["fwd"] >= 190, peaks
+    assert peaks["fwd_bwd"] >= 190 and peaks["bwd"] >= 190  # kept alive from forward into backward
+    assert peaks["fwd"] < 400, peaks  # the parent's size does not leak in
+    assert "subprocess" in alloc[0]["mem_method"]
+
+
+def test_budget_exhausted_cells_are_skipped_rows():
+    cells = runner.op_cells([TINY], [providers.PROVIDERS["floor"]])
+    p = plan(cells)
+    p.budget_s = -1.0  # already past the deadline
+    rows = runner.run(p, progress=False)
+    assert {r["status"] for r in rows} == {"skipped"} and "budget" in rows[0]["reason"]
+
+
+def test_inputs_are_peaked_and_deterministic():
+    s = shapes.Shape("tiny-test", 256, 64, 2000, 0.5)
+    a, b = shapes.make_inputs(s), shapes.make_inputs(s)
+    assert torch.equal(a["hidden"], b["hidden"]) and torch.equal(a["targets"], b["targets"])
+    t = a["targets"]
+    assert int((t != -100).sum()) == s.n == 128
+    z = a["hidden"].detach()[t != -100] @ a["weight"].detach().T
+    p = torch.softmax(z, 1).gather(1, t[t != -100][:, None])
+    assert 0.2 < float(p.mean()) < 0.7  # a trained model's spread, not uniform (1/2000)
+    u = shapes.make_inputs(shapes.Shape("tiny-test", 256, 64, 2000, 0.5, "uniform"))
+    zu = u["hidden"].detach() @ u["weight"].detach().T
+    assert float(torch.softmax(zu, 1).max()) < 2e-3
+
+
+def test_suites_and_filters():
+    cpu = shapes.suite_shapes("cpu", "cpu")
+    assert {(s.N, s.D, s.V, s.fraction) for s in cpu} >= {(4096, 512, 32000, 1.0), (4096, 512, 32000, 0.1)}
+    assert any(s.dist == "uniform" for s in cpu) and all(s.dtype == "float32" for s in cpu)
+    gpu = shapes.suite_shapes("gpu", "cuda")
+    assert {(s.D, s.V) for s in gpu} == {(2048, 151936), (3584, 151936), (4096, 128256), (2560, 262144)}
+    assert {s.N for s in gpu} == {4096, 16384} and {s.fraction for s in gpu} == {0.1, 0.3, 0.6, 1.0}
+    assert all(s.dtype == "bfloat16" for s in gpu) and sum(s.dist == "uniform" for s in gpu) == 1
+    sel = shapes.select(gpu, ["qwen2.5-vl-7b"], [0.5])
+    assert {s.id for s in sel} == {"qwen2.5-vl-7b/N4096/f0.5/peaked", "qwen2.5-vl-7b/N16384/f0.5/peaked",
+                                   "qwen2.5-vl-7b/N16384/f0.5/uniform"}
+    assert [s.id for s in shapes.select(cpu, ["100x64x1000"])] == ["custom-64x1000/N100/f1/peaked"]
+    assert [p.name for p in providers.select(["dvsft_*"])] == ["dvsft_torch", "dvsft_chunked", "dvsft_fused"]
+
+
+def test_cli_writes_results(tmp_path, capsys):
+    from benchmarks import run
+
+    rc = run.main(["--providers", "hf,floor", "--shapes", "40x16x300", "--fractions", "0.25,1",
+                   "--isolate", "none", "--no-progress", "--quick", "--out", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "custom-16x300/N40/f0.25/peaked" in out and "12 rows (12 ok" in out
+    data = json.loads((tmp_path / "cpu-quick.json").read_text())
+    assert {r["fraction"] for r in data["rows"]} == {0.25, 1.0}
+    assert (tmp_path / "cpu-quick.md").exists() and (tmp_path / "cpu-quick-time-vs-fraction.png").exists()
+
+
+def test_e2e_step_rows():
+    rows = runner.run(plan(e2e.cells("quick")), progress=False)
+    hf, ours = rows_of(rows, "e2e_hf"), rows_of(rows, "e2e_dvsft")
+    assert hf[0]["status"] == "ok", hf[0]["error"]
+    assert hf[0]["tokens_per_s"] > 0 and hf[0]["tokens"] == 160 and hf[0]["peak_mem_mb"] is not None
+    assert len(ours) == 1
+    if ours[0]["status"] == "skipped":
+        assert "attach" in ours[0]["reason"] or "not importable" in ours[0]["reason"]
+    else:
+        assert ours[0]["status"] == "ok", ours[0]["error"]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 from conftest")
+def test_triton_providers_glue_under_the_interpreter():
+    """--interpret runs the GPU-only providers' call code on CPU (no timing meaning)."""
+    s = shapes.Shape("tiny-test", 16, 16, 67, 0.5)
+    names = ["liger"] + (["dvsft_chunked"] if _op_importable() else [])
+    rows = runner.run(plan(runner.op_cells([s], [providers.PROVIDERS[n] for n in names]), interpret=True),
+                      progress=False)
+    for r in rows:
+        assert r["status"] == "ok", (r["provider"], r["error"], r["reason"])
+        assert r["interpreter"] is True
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_gpu_check_fails_soft_without_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the script would run the GPU suite")
+    res = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(tmp_path / "res")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert re.search(r"no CUDA", res.stdout + res.stderr)
+    status = json.loads((tmp_path / "res" / "gpu_check.json").read_text())
+    assert status["status"] == "skipped" and "CUDA" in status["reason"]
