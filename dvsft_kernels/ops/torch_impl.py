@@ -6,14 +6,15 @@ buffer (two with softcap), reused across chunks. Gradients are formed chunk by c
 
     G = s * [(1 + 2 zl lse) softmax(y) - (1 - eps) onehot(t) - eps / V] * dy/dx
 
-Without softcap dy/dx = 1 and G = a * E - c1 * onehot - c2 with E = exp(x - max), a per-row. The
-row factors are then folded into the GEMMs instead of being applied to the (m, V) chunk:
+Without softcap dy/dx = 1 and G = a * E - c1 * onehot - c2 with E = exp(x - max) and a, c1, c2
+per row. Writing c1 / a into E at the targets (m elements) gives E' with a * E' = G + c2, and the
+row factors then ride on the GEMMs' small operands instead of passing over the (m, V) chunk:
 
-    dh = a * (E @ W) - c1 * W[t] - c2 * sum_v W_v
-    dW = E^T @ (a * h) - scatter_t(c1 * h) - 1 (x) sum_i c2_i h_i
-    db = E^T a - scatter_t(c1) - sum_i c2_i
+    dh = a * (E' @ W) - c2 * sum_v W_v
+    dW = E'^T @ (a * h) - 1 (x) sum_i c2_i h_i        (the rank-one term once, after all chunks)
+    db = E'^T a - sum_i c2_i
 
-which leaves three elementwise passes over the chunk (max, exp in place, sum) between the GEMMs.
+which leaves four elementwise sweeps over the chunk (max, subtract, exp, sum) between the GEMMs.
 """
 
 from __future__ import annotations
@@ -107,10 +108,10 @@ def lce_torch(
     m_max = chunk_rows or chunk_rows_for(n, V, dev)
     buf = torch.empty(m_max, V, dtype=torch.float32, device=dev)
     buf2 = torch.empty(m_max, V, dtype=torch.float32, device=dev) if softcap is not None else None
-    w_sum = W.sum(0, dtype=torch.float32) if (grad_h and eps and softcap is None) else None
+    w_sum = W.sum(0, dtype=torch.float32) if (grad_h and eps) else None
     # sum_i c2_i h_i and sum_i c2_i over all chunks: the smoothing term of dW / db is a rank-one
     # update applied once at the end instead of a (V, D) pass per chunk
-    c2h_total = torch.zeros(D, dtype=torch.float32, device=dev) if (grad_w and eps and softcap is None) else None
+    c2h_total = torch.zeros(D, dtype=torch.float32, device=dev) if (grad_w and eps) else None
     c2_total = torch.zeros((), dtype=torch.float32, device=dev)
 
     for s0 in range(0, n, m_max):
@@ -150,16 +151,22 @@ def lce_torch(
             continue
 
         sc = scale[s0:s1].float()
-        a = sc * (1 + 2 * zl * lse_c) / ssum  # multiplies E
-        c1 = sc * (1 - eps)  # multiplies onehot(t)
-        c2 = sc * (eps / V)  # uniform smoothing term
-        if softcap is not None:
-            # no folding: G = (a E - c1 onehot - c2) * (1 - tanh^2), then plain GEMMs
+        k = 1 + 2 * zl * lse_c if zl else None  # z-loss factor on softmax
+        a = sc / ssum if k is None else sc * k / ssum  # G = a * E - c1 * onehot - c2
+        c1 = sc * (1 - eps)
+        c2 = sc * (eps / V)
+        rows = torch.arange(m, device=dev)
+        # fold: with E[r, t_r] -= c1 / a, a * E is G + c2, so the row factor moves into the GEMMs;
+        # c1 / a = (1 - eps) * sum / k is independent of the scale (no 0/0 for zero-weight rows)
+        fold = softcap is None and (k is None or bool((k > 1e-3).all()))
+        if not fold:
+            # explicit G = (a E - c1 onehot - c2) * dy/dx: softcap, or a z-loss factor k <= 0
             g = e.mul_(a[:, None])
-            g.scatter_add_(1, tc[:, None], -c1[:, None])
+            g.index_put_((rows, tc), -c1, accumulate=True)
             if eps:
                 g.sub_(c2[:, None])
-            g.mul_(x.mul_(x).neg_().add_(1))
+            if softcap is not None:
+                g.mul_(x.mul_(x).neg_().add_(1))
             gW = g if g.dtype == W.dtype else g.to(W.dtype)
             if grad_h:
                 mm_f32(gW, W, out=dh[s0:s1])
@@ -169,28 +176,27 @@ def lce_torch(
                 db.add_(g.sum(0))
             continue
 
+        ratio = (1 - eps) * ssum if k is None else (1 - eps) * ssum / k
+        e.index_put_((rows, tc), -ratio, accumulate=True)
         eW = e if e.dtype == W.dtype else e.to(W.dtype)
         if grad_h:
             dhc = mm_f32(eW, W, out=dh[s0:s1])
             dhc.mul_(a[:, None])
-            dhc.sub_(c1[:, None] * W.index_select(0, tc).float())
             if eps:
                 dhc.sub_(c2[:, None] * w_sum)
         if grad_w:
             ah = a[:, None] * hc.float()
             _accum_f32(dW, eW.T, ah if ah.dtype == W.dtype else ah.to(W.dtype))
-            dW.index_add_(0, tc, -(c1[:, None] * hc.float()))
             if eps:
                 c2h_total.add_(c2 @ hc.float())
         if grad_b:
             db.add_(torch.mv(e.T, a))
-            db.index_add_(0, tc, -c1)
             if eps:
                 c2_total.add_(c2.sum())
 
     if c2h_total is not None:
         dW.sub_(c2h_total[None, :])
-    if grad_b and eps and softcap is None:
+    if grad_b and eps:
         db.sub_(c2_total)
     return loss, lse, correct, dh, dW, db
 
