@@ -82,9 +82,11 @@ def _geometry(args) -> _Geometry:
     if fam not in FAMILIES:
         raise UsageError(f"--family: unknown family {args.family!r}; known: {', '.join(FAMILIES)}")
     if FAMILIES[fam] == "qwen2_vl":
-        from transformers import Qwen2VLImageProcessor
+        import transformers
 
-        return _Geometry(fam, Qwen2VLImageProcessor(**_QWEN_SETTINGS.get(fam, {})))
+        # the PIL backend computes the same sizes and needs no torchvision (nor warns about it)
+        cls = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
+        return _Geometry(fam, cls(**_QWEN_SETTINGS.get(fam, {})))
     return _Geometry(fam)
 
 
@@ -202,9 +204,11 @@ def _label_one(image_path: Path, ocr_path: Path, geometry: _Geometry, tokenizer,
         grid = geometry.grid(image)
     except ValueError as e:
         raise UsageError(f"IMAGE {str(image_path)!r}: {e}") from None
+    prefix = {"auto": None, "yes": True, "no": False}[args.prefix_space]
     labels, report = label_visual_tokens(words, grid, tokenizer, mode=args.mode,
                                          min_coverage=args.min_coverage, ignore_index=args.ignore_index,
-                                         min_score=args.min_score or None, return_report=True)
+                                         min_score=args.min_score or None, add_prefix_space=prefix,
+                                         return_report=True)
     labels_l = [int(t) for t in labels.tolist()]
     boxes = grid.token_boxes().tolist()
     tokens = {}
@@ -228,7 +232,7 @@ def _label_one(image_path: Path, ocr_path: Path, geometry: _Geometry, tokenizer,
 
         out_png.parent.mkdir(parents=True, exist_ok=True)
         draw_overlay(image, grid, labels, words=words, tokenizer=tokenizer, path=out_png,
-                     ignore_index=args.ignore_index)
+                     ignore_index=args.ignore_index, scale=args.overlay_scale)
     return summary
 
 
@@ -252,12 +256,18 @@ def _add_label_args(p: argparse.ArgumentParser) -> None:
                    help="dir with tokenizer.json (or the file); required with --family")
     p.add_argument("--out", metavar="PATH", help="labels JSON file (a directory in directory mode)")
     p.add_argument("--overlay", metavar="PATH", help="overlay PNG (a directory in directory mode)")
+    p.add_argument("--overlay-scale", type=float, default=1.0, metavar="F",
+                   help="draw the overlay on the image scaled by F (e.g. 2 for readable token text)")
     p.add_argument("--mode", choices=("first", "aligned"), default="first",
                    help="which sub-token of a word a cell gets (default: first)")
+    p.add_argument("--prefix-space", choices=("auto", "yes", "no"), default="auto",
+                   help="tokenise each word with a leading space, as inside running text (default auto: "
+                        "yes unless the tokenizer already marks a lone word as word-initial)")
     p.add_argument("--min-coverage", type=float, default=0.25,
                    help="least share of a cell a word must cover to label it (default 0.25)")
     p.add_argument("--min-score", type=float, default=0.0, help="drop OCR words below this confidence (0-1)")
-    p.add_argument("--format", default="auto", help="OCR format: auto, tesseract, hocr, paddleocr, doctr, json")
+    p.add_argument("--format", default="auto",
+                   help="OCR format: auto, tesseract, hocr, paddleocr, doctr, json")
     p.add_argument("--page", type=int, default=None, help="page of a multi-page OCR file (0-based)")
     p.add_argument("--split-lines", action="store_true", help="split line-level OCR (PaddleOCR) into words")
     p.add_argument("--ignore-index", type=int, default=-100, help="label of unlabeled tokens (default -100)")
@@ -270,10 +280,12 @@ def _run_label(args) -> int:
         raise UsageError(f"--min-coverage must be in (0, 1], got {args.min_coverage}")
     if not 0.0 <= args.min_score <= 1.0:
         raise UsageError(f"--min-score must be in [0, 1], got {args.min_score}")
-    from dvsft_kernels.labeling.readers import FORMATS, _ALIASES
+    from dvsft_kernels.labeling.readers import FORMAT_ALIASES, FORMATS
 
-    if args.format != "auto" and args.format.lower() not in FORMATS + tuple(_ALIASES):
+    if args.format != "auto" and args.format.lower() not in FORMATS + tuple(FORMAT_ALIASES):
         raise UsageError(f"--format must be auto or one of {', '.join(FORMATS)}, got {args.format!r}")
+    if not 0 < args.overlay_scale <= 16:
+        raise UsageError(f"--overlay-scale must be in (0, 16], got {args.overlay_scale}")
     if args.page is not None and args.page < 0:
         raise UsageError(f"--page must be >= 0, got {args.page}")
     pairs, dir_mode = _pairs(args)

@@ -68,7 +68,7 @@ _MIN_TEXT_CELL = 18  # cells narrower than this (px) get no token text: it would
 def draw_overlay(image: Image.Image | str | os.PathLike, grid: VisualGrid, labels: Any,
                  words: Sequence[OCRWord] | None = None, tokenizer: Any = None,
                  path: str | os.PathLike | None = None, *, ignore_index: int = -100,
-                 views: Sequence[int] | None = None) -> Image.Image:
+                 views: Sequence[int] | None = None, scale: float = 1.0) -> Image.Image:
     """Draw ``grid`` and ``labels`` on ``image`` and return the picture (RGB); save it as PNG at
     ``path`` when given.
 
@@ -80,6 +80,9 @@ def draw_overlay(image: Image.Image | str | os.PathLike, grid: VisualGrid, label
     ``views``: which of the grid's views to draw, all on one picture of the image's size. Default:
     every view; a grid with several views (tiles, thumbnail, base view) then gives a montage with
     one captioned panel per view, since their cells overlap on the image.
+
+    ``scale``: draw on the image resized by this factor (e.g. 2 to make token text readable on a
+    small page); cells and boxes are scaled with it.
     """
     if isinstance(image, (str, os.PathLike)):
         if not Path(image).is_file():
@@ -109,8 +112,14 @@ def draw_overlay(image: Image.Image | str | os.PathLike, grid: VisualGrid, label
         if t != ignore_index and any(math.isnan(x) for x in boxes[i]):
             raise ValueError(f"labels[{i}] = {t} but token {i} is not an image cell (a separator, "
                              f"newline or padding position): labels do not belong to this grid")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= 16:
+        raise ValueError(f"scale must be a number in (0, 16], got {scale!r}")
     base = image.convert("RGBA")
-    args = (base, grid, boxes, labels_l, list(words or []), tokenizer, ignore_index)
+    if scale != 1:
+        base = base.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS)
+        boxes = [[v * scale for v in b] for b in boxes]
+    w, h = base.size
+    args = (base, grid, boxes, labels_l, list(words or []), tokenizer, ignore_index, scale)
     if views is not None or len(grid.views) <= 1:
         out = _panel(*args, views if views is not None else range(len(grid.views)))
     else:
@@ -129,8 +138,8 @@ def draw_overlay(image: Image.Image | str | os.PathLike, grid: VisualGrid, label
     return out
 
 
-def _panel(base, grid, boxes, labels_l, words, tokenizer, ignore_index, views) -> Image.Image:
-    word_boxes = [_aabb(wd.box) for wd in words]
+def _panel(base, grid, boxes, labels_l, words, tokenizer, ignore_index, scale, views) -> Image.Image:
+    word_boxes = [tuple(v * scale for v in _aabb(wd.box)) for wd in words]
     view_tokens = _view_token_ranges(grid)
     layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
@@ -153,7 +162,8 @@ def _panel(base, grid, boxes, labels_l, words, tokenizer, ignore_index, views) -
     for k, wd in enumerate(words):
         rgb = word_color(k)
         if len(wd.box) == 4 and isinstance(wd.box[0], (list, tuple)):
-            draw.polygon([tuple(map(float, p)) for p in wd.box], outline=rgb + (255,), width=2)
+            draw.polygon([(float(p[0]) * scale, float(p[1]) * scale) for p in wd.box], outline=rgb + (255,),
+                         width=2)
         else:
             x0, y0, x1, y1 = word_boxes[k]
             draw.rectangle([x0, y0, x1, y1], outline=rgb + (255,), width=2)
@@ -174,12 +184,16 @@ def _panel(base, grid, boxes, labels_l, words, tokenizer, ignore_index, views) -
 
 
 def _best_word(word_boxes, cell) -> int | None:
+    """Word overlapping the cell most; ties go to the smaller box, then the earlier word (as the
+    labeling breaks them)."""
     x0, y0, x1, y1 = cell
-    best, best_area = None, 0.0
+    best, best_key = None, None
     for k, (a0, b0, a1, b1) in enumerate(word_boxes):
         area = max(0.0, min(x1, a1) - max(x0, a0)) * max(0.0, min(y1, b1) - max(y0, b0))
-        if area > best_area:
-            best, best_area = k, area
+        if area > 0:
+            key = (-area, (a1 - a0) * (b1 - b0))
+            if best_key is None or key < best_key:
+                best, best_key = k, key
     return best
 
 

@@ -37,6 +37,7 @@ from dvsft_kernels.labeling.types import OCRWord
 
 __all__ = [
     "FORMATS",
+    "FORMAT_ALIASES",
     "detect_format",
     "parse_doctr",
     "parse_hocr",
@@ -48,7 +49,7 @@ __all__ = [
 ]
 
 FORMATS = ("tesseract", "hocr", "paddleocr", "doctr", "json")
-_ALIASES = {"tsv": "tesseract", "paddle": "paddleocr", "jsonl": "json", "words": "json"}
+FORMAT_ALIASES = {"tsv": "tesseract", "paddle": "paddleocr", "jsonl": "json", "words": "json"}
 # docTR geometry is relative; allow a little slack for boxes the detector lets spill past the page.
 _REL_SLACK = 0.05
 
@@ -587,7 +588,7 @@ def read_ocr(path: str | os.PathLike, format: str = "auto", min_score: float = 0
     min_score = _check_min_score(min_score)
     if not isinstance(format, str):
         raise ValueError(f"format must be a string, got {format!r}")
-    fmt = _ALIASES.get(format.lower(), format.lower())
+    fmt = FORMAT_ALIASES.get(format.lower(), format.lower())
     if fmt != "auto" and fmt not in FORMATS:
         raise ValueError(f"format must be 'auto' or one of {FORMATS}, got {format!r}")
     if image_size is not None:

@@ -80,7 +80,8 @@ def test_label_single(tmp_path, tok_dir, capsys):
 def test_min_score_mode_and_tokenizer_file(tmp_path, tok_dir, capsys):
     img, ocr = write_sample(tmp_path)
     out = tmp_path / "l.json"
-    code, stdout, err = run(["label", img, ocr, "--family", "qwen2-vl", "--tokenizer", tok_dir / "tokenizer.json",
+    code, stdout, err = run(["label", img, ocr, "--family", "qwen2-vl",
+                             "--tokenizer", tok_dir / "tokenizer.json",
                              "--out", out, "--min-score", "0.5", "--mode", "aligned"], capsys)
     assert code == 0, err
     assert "low_score: 1" in stdout
@@ -99,6 +100,22 @@ def test_min_coverage(tmp_path, tok_dir, capsys):
         assert set(json.loads(out.read_text())["tokens"]) == {str(i) for i in want}
 
 
+def test_prefix_space(tmp_path, capsys):
+    # byte-level pre-tokenizer: " cat" is the piece "Ġcat" (id 2), a bare "cat" is id 1
+    vocab = {"[UNK]": 0, "cat": 1, "\u0120cat": 2}
+    t = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    t.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.save(str(tmp_path / "tokenizer.json"))
+    img, ocr = write_sample(tmp_path, words=WORDS[:1])
+    out = tmp_path / "l.json"
+    for flag, want in (("auto", 2), ("yes", 2), ("no", 1)):
+        code, _, err = run(["label", img, ocr, "--family", "qwen2_vl",
+                            "--tokenizer", tmp_path / "tokenizer.json",
+                            "--out", out, "--prefix-space", flag], capsys)
+        assert code == 0, err
+        assert json.loads(out.read_text())["labels"][11] == want, flag
+
+
 def test_processor_dir(tmp_path, capsys):
     # a LLaVA processor saved locally: 112 px crops, 14 px patches -> 8 x 8 cells of 14 px at scale 1
     from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
@@ -112,7 +129,8 @@ def test_processor_dir(tmp_path, capsys):
     Image.new("RGB", (112, 112), "white").save(tmp_path / "p.png")
     (tmp_path / "p.json").write_text(json.dumps([{"text": "mat", "box": [14, 14, 42, 28]}]))
     out = tmp_path / "l.json"
-    code, stdout, err = run(["label", tmp_path / "p.png", tmp_path / "p.json", "--processor", tmp_path / "proc",
+    code, stdout, err = run(["label", tmp_path / "p.png", tmp_path / "p.json",
+                             "--processor", tmp_path / "proc",
                              "--out", out], capsys)
     assert code == 0, err
     assert "64 visual tokens, 2 labeled" in stdout
@@ -141,10 +159,10 @@ def test_directory_mode(tmp_path, tok_dir, capsys):
 
     # an image without OCR: an error naming it, unless skipped
     Image.new("RGB", (280, 140), "white").save(imgs / "c.png")
-    code, _, err = run(["label", imgs, ocrs, "--family", "qwen2_vl", "--tokenizer", tok_dir, "--out", out], capsys)
+    base = ["label", imgs, ocrs, "--family", "qwen2_vl", "--tokenizer", tok_dir, "--out", out]
+    code, _, err = run(base, capsys)
     assert code == 2 and "OCR_FILE" in err and "c.png" in err and "--skip-missing" in err
-    code, stdout, err = run(["label", imgs, ocrs, "--family", "qwen2_vl", "--tokenizer", tok_dir, "--out", out,
-                             "--skip-missing"], capsys)
+    code, stdout, err = run([*base, "--skip-missing"], capsys)
     assert code == 0, err
     assert "2 images" in stdout
 
@@ -154,7 +172,8 @@ def test_directory_mode(tmp_path, tok_dir, capsys):
     (["--family", "qwen2_vl"], "--tokenizer is required"),
     (["--family", "qwen2_vl", "--tokenizer", "NOPE"], "--tokenizer: 'NOPE' does not exist"),
     (["--processor", "NOPE"], "--processor: 'NOPE' is not a directory"),
-    (["--family", "qwen2_vl", "--tokenizer", "TOK", "--min-coverage", "2"], "--min-coverage must be in (0, 1]"),
+    (["--family", "qwen2_vl", "--tokenizer", "TOK", "--min-coverage", "2"],
+     "--min-coverage must be in (0, 1]"),
     (["--family", "qwen2_vl", "--tokenizer", "TOK", "--min-score", "-1"], "--min-score must be in [0, 1]"),
     (["--family", "qwen2_vl", "--tokenizer", "TOK", "--format", "abbyy"], "--format must be auto or one of"),
     ([], "one of the arguments --family --processor is required"),

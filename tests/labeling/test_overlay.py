@@ -159,4 +159,21 @@ def test_multi_view_montage():
     assert px[120 + 30, cap + 30] == (255, 255, 255)
     # views=[1]: just that view, on one picture of the image's size
     one = draw_overlay(img, grid, lab, words=WORDS, views=[1])
-    assert one.size == (120, 80) and one.getpixel(centre(2, 3)) == px[120 + centre(2, 3)[0], cap + centre(2, 3)[1]]
+    x, y = centre(2, 3)
+    assert one.size == (120, 80) and one.getpixel((x, y)) == px[120 + x, cap + y]
+
+
+def test_scale():
+    grid = make_grid()
+    img = Image.new("RGB", (120, 80), "white")
+    lab = labels_for(grid, LABELED)
+    one = draw_overlay(img, grid, lab, words=WORDS)
+    two = draw_overlay(img, grid, lab, words=WORDS, scale=2)
+    assert two.size == (240, 160)
+    for r, c in LABELED:
+        x, y = centre(r, c)
+        assert two.getpixel((2 * x, 2 * y)) == one.getpixel((x, y)) != (255, 255, 255)
+    assert two.getpixel((2 * centre(1, 1)[0], 2 * centre(1, 1)[1])) == (255, 255, 255)
+    assert two.getpixel((160, 80)) == one.getpixel((80, 40))  # beta's outline, top edge
+    with pytest.raises(ValueError, match="scale"):
+        draw_overlay(img, grid, lab, scale=0)

@@ -17,7 +17,8 @@ from dvsft_kernels.labeling.readers import (
 )
 
 T = "\t"
-TSV_HEADER = T.join("level page_num block_num par_num line_num word_num left top width height conf text".split())
+TSV_HEADER = T.join(
+    "level page_num block_num par_num line_num word_num left top width height conf text".split())
 
 
 def tsv(*rows):
@@ -105,7 +106,8 @@ HOCR = """<?xml version="1.0" encoding="UTF-8"?>
 
 class TestHOCR:
     def test_words(self):
-        assert parse_hocr(HOCR) == words(("Hello", (23, 36, 100, 60), 0.96), ("brave", (114, 36, 201, 60), 0.41),
+        assert parse_hocr(HOCR) == words(("Hello", (23, 36, 100, 60), 0.96),
+                                         ("brave", (114, 36, 201, 60), 0.41),
                                          ("R&D", (216, 42, 278, 60), 1.0))
 
     def test_min_score(self):

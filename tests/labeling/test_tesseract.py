@@ -15,7 +15,8 @@ from PIL import Image, ImageDraw, ImageFont
 TESSERACT = shutil.which("tesseract")
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 pytestmark = [
-    pytest.mark.skipif(TESSERACT is None, reason="tesseract binary not installed (apt-get install tesseract-ocr)"),
+    pytest.mark.skipif(TESSERACT is None,
+                       reason="tesseract binary not installed (apt-get install tesseract-ocr)"),
 ]
 
 W, H, CELL, COLS = 672, 336, 28, 24
@@ -60,8 +61,8 @@ def ocr(tmp_path_factory):
     d = tmp_path_factory.mktemp("tess")
     rendered = render(d / "page.png")
     # `tesseract IMG BASE tsv` writes BASE.tsv in image_to_data format
-    r = subprocess.run([TESSERACT, str(d / "page.png"), str(d / "page"), "tsv"], capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run([TESSERACT, str(d / "page.png"), str(d / "page"), "tsv"],
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     return d, rendered
 
@@ -91,7 +92,8 @@ def test_labels_fall_on_rendered_words(ocr):
 
     d, rendered = ocr
     words = read_ocr(d / "page.tsv", min_score=0.5)
-    t = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))
+    vocab = {w: i for i, w in enumerate(VOCAB)}
+    t = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
     t.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="[UNK]")
 
@@ -99,7 +101,8 @@ def test_labels_fall_on_rendered_words(ocr):
     thw = Qwen2VLImageProcessor()(images=[image], return_tensors="pt")["image_grid_thw"][0].tolist()
     assert thw == [1, 2 * H // CELL, 2 * W // CELL]  # the page is kept at its size (see module doc)
     grid = VisualGrid.for_qwen2_vl(image_size=(H, W), image_grid_thw=thw, patch_size=14, merge_size=2)
-    labels, report = label_visual_tokens(words, grid, tok, mode="first", min_coverage=0.25, return_report=True)
+    labels, report = label_visual_tokens(words, grid, tok, mode="first", min_coverage=0.25,
+                                         return_report=True)
     assert labels.shape == (grid.num_tokens,) == ((H // CELL) * COLS,)
 
     labeled = [(i, int(v)) for i, v in enumerate(labels.tolist()) if v != -100]
