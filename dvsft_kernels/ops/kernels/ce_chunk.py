@@ -29,9 +29,11 @@ MINUS_2_LOG2E = tl.constexpr(-2.8853900817779268)  # -2 / ln 2: exp(-2a) = exp2(
 
 
 @triton.jit
-def _tanh_sech2(u):
-    """tanh(u) and 1 - tanh(u)^2 from exp2 only (libdevice is unavailable in the interpreter).
-    sech^2 = 4 e / (1 + e)^2 keeps its relative accuracy where tanh^2 rounds to 1."""
+def _softcap(x, softcap, inv_cap):
+    """y = softcap * tanh(u) and dy/dx = 1 - tanh(u)^2, u = x / softcap, from exp2 only (libdevice
+    is unavailable in the interpreter). sech^2 = 4 e / (1 + e)^2 keeps its relative accuracy
+    where tanh^2 rounds to 1."""
+    u = x * inv_cap  # one multiply per element instead of a division
     a = tl.abs(u)
     e = tl.exp2(a * MINUS_2_LOG2E)  # exp(-2 |u|) in [0, 1]
     r = 1.0 / (1.0 + e)
@@ -39,7 +41,7 @@ def _tanh_sech2(u):
     poly = u * (1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0 + u2 * (-17.0 / 315.0 + u2 * (62.0 / 2835.0)))))
     t_exp = (1.0 - e) * r
     t = tl.where(a < TANH_POLY_MAX, poly, tl.where(u < 0, -t_exp, t_exp))
-    return t, 4.0 * e * r * r
+    return softcap * t, 4.0 * e * r * r
 
 
 @triton.jit
@@ -67,7 +69,7 @@ def _ce_chunk_kernel(
     i_m = tl.program_id(0).to(tl.int64)
     p_x = x_ptr + i_m * stride_xm
     i_t = tl.load(t_ptr + i_m).to(tl.int32)
-    inv_cap = 1.0 / softcap  # one multiply per element instead of a division
+    inv_cap = 1.0 / softcap
 
     # Sweep 1 views a tile as [R, LANES, 4]: lane l owns j = v0 + (r * LANES + l) * 4 + c, i.e.
     # R 16-byte vectors, and keeps its own running max m, sum-exp (rescaled when m grows), sum of
@@ -86,8 +88,7 @@ def _ce_chunk_kernel(
         m_j = o_j < V
         b_x = tl.load(p_x + o_j, mask=m_j, other=0.0)  # [R, L, 4]
         if HAS_SOFTCAP:
-            b_th, _ = _tanh_sech2(b_x * inv_cap)
-            b_y = softcap * b_th
+            b_y, _ = _softcap(b_x, softcap, inv_cap)
         else:
             b_y = b_x
         b_y = tl.where(m_j, b_y, float("-inf"))
@@ -115,8 +116,7 @@ def _ce_chunk_kernel(
     # y_t from the same formula on the same x, so it equals the y_t seen by the sweep.
     b_xt = tl.load(p_x + i_t)
     if HAS_SOFTCAP:
-        b_tht, _ = _tanh_sech2(b_xt * inv_cap)
-        b_yt = softcap * b_tht
+        b_yt, _ = _softcap(b_xt, softcap, inv_cap)
     else:
         b_yt = b_xt
     b_loss = (b_mx - b_yt) + b_logs
@@ -144,8 +144,7 @@ def _ce_chunk_kernel(
             m_j = o_j < V
             b_x = tl.load(p_x + o_j, mask=m_j, other=0.0)  # [BV]
             if HAS_SOFTCAP:
-                b_th, b_sech2 = _tanh_sech2(b_x * inv_cap)
-                b_y = softcap * b_th
+                b_y, b_sech2 = _softcap(b_x, softcap, inv_cap)
             else:
                 b_y = b_x
             b_g = b_a * tl.exp(b_y - b_mx) - b_c
@@ -158,14 +157,15 @@ def _ce_chunk_kernel(
 def _static_config(name, grad_dtype, has_softcap, block_v, num_warps, compute_grad=True):
     """One sm_90 compile of `_ce_chunk_kernel` for scripts/kernel_report.py. Types follow the
     triton.tools.compile convention: ':16' marks an argument the launcher would specialise as
-    16-divisible (aligned pointers, strides and V of real vocabularies)."""
+    16-divisible (aligned pointers, strides and V of real vocabularies); integers below 2^31
+    are passed as i32, as the launcher does."""
     return {
         "name": name,
         "kernel": _ce_chunk_kernel,
         "signature": {
             "x_ptr": "*fp32:16", "t_ptr": "*i64:16", "s_ptr": "*fp32:16", "g_ptr": f"*{grad_dtype}:16",
             "loss_ptr": "*fp32:16", "lse_ptr": "*fp32:16", "correct_ptr": "*i8:16",
-            "V": "i32:16", "stride_xm": "i64:16", "stride_gm": "i64:16",
+            "V": "i32:16", "stride_xm": "i32:16", "stride_gm": "i32:16",
             "eps": "fp32", "zl": "fp32", "softcap": "fp32",
         },
         "constexprs": {
