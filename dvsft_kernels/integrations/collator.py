@@ -1,0 +1,198 @@
+"""`DVSFTCollator`: samples `{image, words, messages}` -> a model batch with `labels` (answer
+tokens only) and `vision_labels` (the OCR word under each visual token).
+
+The processor is the only source of truth for the token layout: the chat template renders each
+conversation, the processor expands image placeholders and tokenises, and
+
+* answer tokens are found through the processor's own offsets: each assistant turn's character span
+  (the text between the generation prompt and the end of the turn, end-of-turn marker included) is
+  mapped through `text_replacement_offsets` (where image placeholders were expanded) onto the
+  expanded text, and a token is a label when its `offset_mapping` start lies in a span;
+* vision labels come from `dvsft_kernels.labeling.build_vision_labels_from_processor`, which
+  rebuilds each image's visual-token grid from the processor and places the words' token ids at
+  the image's placeholder positions.
+
+Everything else the processor returns (pixel values, `image_grid_thw`, `mm_token_type_ids`,
+`token_type_ids`, `image_sizes`, `pixel_attention_mask`, ...) passes through unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+_DROP = ("offset_mapping", "text_replacement_offsets")
+
+
+def _listify(x) -> list:
+    if x is None:
+        return []
+    if isinstance(x, (list, tuple)):
+        return list(x)
+    return [x]
+
+
+class DVSFTCollator:
+    """Collate DV-SFT samples with a Hugging Face processor (fast tokenizer required).
+
+    A sample is a mapping with
+      * ``messages``: a chat in the processor's format (``{"role", "content"}``; content a string or
+        a list of ``{"type": "image"}`` / ``{"type": "text", "text": ...}`` parts). When no message holds
+        an image part, one is put before the first user message's text for each image;
+      * ``image`` (one image) or ``images`` (a list);
+      * ``words``: the OCR words of the image (``OCRWord`` / ``(text, box[, score])`` / dicts), or one such
+        list per image when there are several; ``None`` or ``[]``: no vision labels for that image.
+
+    Args:
+        processor: the model's processor (image processor + tokenizer + chat template).
+        train_on: ``"assistant"`` (every assistant turn) or ``"last"`` (the final assistant turn only).
+        mode, min_coverage, label_kwargs: labeling options (see ``label_visual_tokens``).
+        image_token_id: the model's ``config.image_token_id`` if it differs from the processor's.
+        max_length: refuse batches longer than this (truncation would cut image runs).
+        processor_kwargs: extra keyword arguments for the processor call.
+    """
+
+    #: raw sample keys a Trainer must not drop before collation (read by the DV-SFT trainer mixin)
+    dvsft_input_columns = ("image", "images", "words", "messages")
+
+    def __init__(self, processor, *, train_on: str = "assistant", mode: str = "first", min_coverage: float = 0.25,
+                 image_token_id: int | None = None, ignore_index: int = -100, max_length: int | None = None,
+                 processor_kwargs: Mapping[str, Any] | None = None, label_kwargs: Mapping[str, Any] | None = None):
+        if train_on not in ("assistant", "last"):
+            raise ValueError(f"train_on: expected 'assistant' or 'last', got {train_on!r}")
+        tok = getattr(processor, "tokenizer", None)
+        if tok is None or not getattr(tok, "is_fast", False):
+            raise ValueError("processor: needs a fast tokenizer (offset mappings locate the answer tokens)")
+        if getattr(processor, "chat_template", None) is None and getattr(tok, "chat_template", None) is None:
+            raise ValueError("processor: has no chat template to render `messages` with")
+        self.processor, self.tokenizer = processor, tok
+        self.train_on, self.ignore_index, self.max_length = train_on, int(ignore_index), max_length
+        self.image_token_id = image_token_id
+        self.processor_kwargs = dict(processor_kwargs or {})
+        self.label_kwargs = {"mode": mode, "min_coverage": min_coverage, **dict(label_kwargs or {})}
+
+    # ---- per sample ----------------------------------------------------------------------------------
+
+    def _sample(self, s: Mapping, i: int):
+        if not isinstance(s, Mapping) or "messages" not in s:
+            raise ValueError(f"sample {i}: expected a mapping with 'messages' (and 'image' / 'images', 'words')")
+        images = _listify(s.get("images")) or _listify(s.get("image"))
+        words = s.get("words")
+        if len(images) <= 1:
+            words = [list(words or [])] if images else []
+        else:
+            words = [list(w or []) for w in (words or [[]] * len(images))]
+            if len(words) != len(images):
+                raise ValueError(f"sample {i}: {len(images)} images but {len(words)} word lists")
+        messages = self._with_image_parts([dict(m) for m in s["messages"]], len(images), i)
+        return images, words, messages
+
+    @staticmethod
+    def _with_image_parts(messages, n_images, i):
+        def n_parts(m):
+            c = m.get("content")
+            return 0 if isinstance(c, str) or c is None else sum(1 for p in c if p.get("type") == "image")
+
+        have = sum(n_parts(m) for m in messages)
+        if have == n_images:
+            return messages
+        if have != 0:
+            raise ValueError(f"sample {i}: messages hold {have} image parts for {n_images} images")
+        for m in messages:
+            if m.get("role") == "user":
+                c = m.get("content")
+                parts = [{"type": "text", "text": c}] if isinstance(c, str) else list(c or [])
+                m["content"] = [{"type": "image"} for _ in range(n_images)] + parts
+                return messages
+        raise ValueError(f"sample {i}: no user message to put the image in")
+
+    def _render(self, messages, **kw) -> str:
+        return self.processor.apply_chat_template(messages, tokenize=False, **kw)
+
+    def _answer_spans(self, messages, text: str, i: int) -> list[tuple[int, int]]:
+        """Character spans of the assistant turns in the rendered text."""
+        turns = [k for k, m in enumerate(messages) if m.get("role") == "assistant"]
+        if self.train_on == "last":
+            turns = turns[-1:]
+        spans = []
+        for k in turns:
+            prefix = self._render(messages[:k], add_generation_prompt=True)
+            upto = self._render(messages[: k + 1])
+            if not (upto.startswith(prefix) and text.startswith(upto)):
+                raise ValueError(
+                    f"sample {i}: the chat template is not prefix-stable (rendering the conversation up to turn {k} "
+                    "is not a prefix of the whole), so the answer tokens cannot be located; use a template that "
+                    "renders earlier turns identically")
+            spans.append((len(prefix), len(upto)))
+        return spans
+
+    # ---- batch ---------------------------------------------------------------------------------------
+
+    def __call__(self, samples: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+        from dvsft_kernels.labeling import build_vision_labels_from_processor
+
+        if not samples:
+            raise ValueError("samples: empty batch")
+        parsed = [self._sample(s, i) for i, s in enumerate(samples)]
+        texts, spans = [], []
+        for i, (_, _, messages) in enumerate(parsed):
+            text = self._render(messages)
+            texts.append(text)
+            spans.append(self._answer_spans(messages, text, i))
+        images = [p[0] for p in parsed]
+        any_image = any(images)
+        kwargs = {"padding": True, "return_tensors": "pt", "return_offsets_mapping": True,
+                  "return_text_replacement_offsets": True, **self.processor_kwargs}
+        if any_image:
+            if not all(images):
+                raise ValueError("samples: a batch mixes samples with and without images; keep them apart")
+            out = self.processor(text=texts, images=images, **kwargs)
+        else:
+            out = self.processor(text=texts, **kwargs)
+        input_ids = out["input_ids"]
+        if self.max_length is not None and input_ids.shape[1] > self.max_length:
+            raise ValueError(f"batch length {input_ids.shape[1]} > max_length={self.max_length}; truncating would cut "
+                             "image placeholder runs, so shorten the text or raise max_length")
+
+        labels = self._labels(out, spans, any_image)
+        batch = {k: v for k, v in out.items() if k not in _DROP}
+        batch["labels"] = labels
+        if any_image:
+            words = [p[1] for p in parsed]
+            vision = build_vision_labels_from_processor(
+                self.processor, images, out, words, image_token_id=self.image_token_id,
+                ignore_index=self.ignore_index, **self.label_kwargs)
+            batch["vision_labels"] = vision.to(input_ids.device)
+        return dict(batch)
+
+    def _labels(self, out, spans, any_image: bool) -> torch.Tensor:
+        if "offset_mapping" not in out:
+            raise ValueError("processor: did not return offset_mapping (a fast tokenizer is required)")
+        offsets = out["offset_mapping"]
+        reps = out.get("text_replacement_offsets")
+        if reps is None and any_image:
+            raise ValueError("processor: did not return text_replacement_offsets; cannot map the answer spans past "
+                             "the expanded image placeholders (transformers >= 5.x processors do)")
+        ids = out["input_ids"]
+        mask = out.get("attention_mask", torch.ones_like(ids))
+        labels = torch.full_like(ids, self.ignore_index)
+        for b, sample_spans in enumerate(spans):
+            if not sample_spans:
+                continue
+            shifts = [] if reps is None else [(r["span"][1], (r["new_span"][1] - r["new_span"][0])
+                                               - (r["span"][1] - r["span"][0])) for r in reps[b]]
+
+            def expanded(p):
+                return p + sum(d for end, d in shifts if end <= p)
+
+            starts = offsets[b, :, 0]
+            ends = offsets[b, :, 1]
+            real = (mask[b] == 1) & (ends > starts)
+            keep = torch.zeros_like(real)
+            for a, z in sample_spans:
+                ea, ez = expanded(a), expanded(z)
+                keep |= real & (starts >= ea) & (starts < ez)
+            labels[b] = torch.where(keep, ids[b], labels[b])
+        return labels
