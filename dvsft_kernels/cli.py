@@ -55,9 +55,13 @@ class _Geometry:
 
         if self.processor is None:
             return getattr(VisualGrid, f"for_{FAMILIES[self.family]}")((image.height, image.width))
-        ip = getattr(self.processor, "image_processor", self.processor)
-        outputs = ip(images=[image], return_tensors="pt")
-        return VisualGrid.from_processor(self.processor, image, outputs)
+        if self.family is not None:  # Qwen defaults: the image processor's own image_grid_thw
+            outputs = self.processor(images=[image], return_tensors="pt")
+            return VisualGrid.from_processor(self.processor, image, outputs)
+        # a checkpoint's processor: from_processor reads the settings a processor call would use
+        # (including the processor class's own image defaults, which calling its image processor
+        # alone would miss), so no separate call is made here
+        return VisualGrid.from_processor(self.processor, image)
 
 
 def _geometry(args) -> _Geometry:
@@ -70,7 +74,10 @@ def _geometry(args) -> _Geometry:
         try:
             proc = AutoProcessor.from_pretrained(str(d), local_files_only=True)
         except Exception as e:  # noqa: BLE001 - transformers raises many types; report, don't crash
-            raise UsageError(f"--processor: cannot load a processor from {str(d)!r}: {e}") from None
+            hint = ""
+            if "video" in str(e).lower():
+                hint = " (processors with a video processor, e.g. Qwen2-VL, InternVL, need torchvision)"
+            raise UsageError(f"--processor: cannot load a processor from {str(d)!r}: {e}{hint}") from None
         from dvsft_kernels.labeling.families import detect_family
 
         try:

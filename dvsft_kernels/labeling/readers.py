@@ -148,6 +148,10 @@ def split_line(text: str, box: Sequence, score: float = 1.0) -> list[OCRWord]:
     (top-left, top-right, bottom-right, bottom-left, as PaddleOCR orders them), in which case the
     words' quadrilaterals follow the line's slant."""
     n = len(text)
+    if len(box) == 4 and isinstance(box[0], (list, tuple)):
+        box = tuple((float(p[0]), float(p[1])) for p in box)
+    else:
+        box = tuple(float(v) for v in box)
     words, i = [], 0
     for part in text.split(" "):
         j = i + len(part)
@@ -261,8 +265,12 @@ class _HOCRParser(HTMLParser):
                           "line": self.getpos()[0], "text": []}
 
     def handle_startendtag(self, tag, attrs):
-        # <br/> and friends inside a word add nothing; a self-closed ocrx_word is an empty word.
-        if self._word is None and "ocrx_word" in (dict(attrs).get("class") or "").split():
+        # <br/> and friends inside a word add nothing; a self-closed ocr_page is an empty page and
+        # a self-closed ocrx_word an empty word (skipped later).
+        classes = (dict(attrs).get("class") or "").split()
+        if self._word is None and "ocr_page" in classes:
+            self.pages.append([])
+        elif self._word is None and "ocrx_word" in classes:
             self._add("", dict(attrs).get("title") or "", self.getpos()[0])
 
     def handle_endtag(self, tag):

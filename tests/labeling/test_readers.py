@@ -131,6 +131,11 @@ class TestHOCR:
         with pytest.raises(ValueError, match=match):
             parse_hocr(doc, source="p.hocr")
 
+    def test_empty_self_closed_page(self):
+        doc = ("<div class='ocr_page'/><div class='ocr_page'>"
+               "<span class='ocrx_word' title='bbox 1 2 3 4'>w</span></div>")
+        assert parse_hocr(doc, page=0) == [] and [w.text for w in parse_hocr(doc, page=1)] == ["w"]
+
     def test_unclosed_and_nested(self):
         with pytest.raises(ValueError, match="line 2: ocrx_word is never closed"):
             parse_hocr("<html>\n<span class='ocrx_word' title='bbox 1 2 3 4'>w")
@@ -307,5 +312,6 @@ class TestReadOCR:
 
 def test_split_line_axis_aligned():
     # 'ab  c' has 5 characters over 0..50 (10 px each): 'ab' 0..20, 'c' 40..50
-    assert split_line("ab  c", (0, 0, 50, 8), 0.5) == [OCRWord("ab", (0.0, 0, 20.0, 8), 0.5),
-                                                     OCRWord("c", (40.0, 0, 50.0, 8), 0.5)]
+    assert split_line("ab  c", (0, 0, 50, 8), 0.5) == [OCRWord("ab", (0.0, 0.0, 20.0, 8.0), 0.5),
+                                                     OCRWord("c", (40.0, 0.0, 50.0, 8.0), 0.5)]
+    assert split_line("", (0, 0, 50, 8)) == [] and split_line("   ", (0, 0, 50, 8)) == []
