@@ -218,10 +218,12 @@ def _label_one(image_path: Path, ocr_path: Path, geometry: _Geometry, tokenizer,
                                          return_report=True)
     labels_l = [int(t) for t in labels.tolist()]
     boxes = grid.token_boxes().tolist()
-    tokens = {}
+    tokens, texts = {}, {}
     for i, t in enumerate(labels_l):
         if t != args.ignore_index:
-            tokens[str(i)] = {"id": t, "text": _decode(tokenizer, t), "box": [round(v, 2) for v in boxes[i]]}
+            if t not in texts:
+                texts[t] = _decode(tokenizer, t)
+            tokens[str(i)] = {"id": t, "text": texts[t], "box": [round(v, 2) for v in boxes[i]]}
     summary = {"visual_tokens": grid.num_tokens, "cells": report.num_cells, "labeled_tokens": len(tokens),
                "labeled_fraction": report.labeled_fraction, "words": report.num_words,
                "words_used": report.words_used, "words_dropped": dict(report.dropped)}
