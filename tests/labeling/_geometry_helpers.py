@@ -40,15 +40,16 @@ CORPUS = [
 
 @functools.lru_cache(maxsize=None)
 def byte_bpe(specials: tuple[str, ...] = (), extra: tuple[tuple[str, str], ...] = (), vocab_size: int = 420):
-    """A byte-level BPE tokenizer (GPT-2 / Qwen style) trained in milliseconds on a tiny corpus."""
+    """A byte-level BPE tokenizer (GPT-2 / Qwen style) trained in milliseconds on a tiny corpus;
+    ``<pad>`` is its padding token."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=True)
-    tr = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials), show_progress=False,
+    tr = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", *specials], show_progress=False,
                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS, tr)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, extra_special_tokens=dict(extra))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", extra_special_tokens=dict(extra))
 
 
 def novideo(cls):
