@@ -141,17 +141,16 @@ class VisualGrid:
             if s < prev_end or ln <= 0 or s + ln > n:
                 raise ValueError(f"VisualGrid: bad segments {self.segments} for num_tokens={n}")
             prev_end = s + ln
-        pos = [v.positions().ravel() for v in self.views]
-        pos = np.concatenate(pos) if pos else np.zeros(0, np.int64)
+        pos = self.cell_positions()
         if pos.size:
             if pos.min() < 0 or pos.max() >= n:
                 raise ValueError(f"VisualGrid: cell positions outside [0, {n})")
-            if np.unique(pos).size != pos.size:
+            if np.bincount(pos, minlength=n).max() > 1:
                 raise ValueError("VisualGrid: two cells share a run position")
-            starts = np.array([s for s, _ in self.segments])
-            ends = np.array([s + ln for s, ln in self.segments])
-            k = np.searchsorted(starts, pos, side="right") - 1
-            if np.any(k < 0) or np.any(pos >= ends[np.maximum(k, 0)]):
+            in_segment = np.zeros(n, dtype=bool)
+            for s, ln in self.segments:
+                in_segment[s:s + ln] = True
+            if not in_segment[pos].all():
                 raise ValueError("VisualGrid: a cell lies outside every placeholder segment")
 
     # ---------------------------------------------------------------------------------------

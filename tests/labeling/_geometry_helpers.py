@@ -97,7 +97,8 @@ def make_processor(family: str, **cfg):
         return p, "hi <|vision_start|><|image_pad|><|vision_end|> there"
     if family == "llava":
         ip_cfg = {k: cfg.pop(k) for k in list(cfg) if k in ("size", "crop_size", "do_pad", "do_center_crop")}
-        p = T.LlavaProcessor(image_processor=T.LlavaImageProcessor(**ip_cfg), tokenizer=byte_bpe(("<image>",)), **cfg)
+        ip_cls = T.CLIPImageProcessor if cfg.pop("clip", False) else T.LlavaImageProcessor  # llava-1.5-hf uses CLIP's
+        p = T.LlavaProcessor(image_processor=ip_cls(**ip_cfg), tokenizer=byte_bpe(("<image>",)), **cfg)
         return p, "hi <image> there"
     if family == "llava_next":
         ip_cfg = {k: cfg.pop(k) for k in list(cfg) if k in ("size", "crop_size", "image_grid_pinpoints")}

@@ -45,12 +45,14 @@ def _pinpoints(t: int, k: int):
 LLAVA15 = dict(patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1)
 # (case id, family, processor config, call images_kwargs, number of sizes, size range hi)
 CASES = [
-    ("qwen2_vl-class-defaults", "qwen2_vl", {}, {}, 3, 900),
+    ("qwen2_vl-class-defaults", "qwen2_vl", {}, {}, 3, 700),
     ("qwen2_vl-small-max-pixels", "qwen2_vl", dict(min_pixels=8 * 28 * 28, max_pixels=300 * 28 * 28), {}, 24, 1400),
     ("qwen2_5_vl", "qwen2_5_vl", dict(max_pixels=200 * 28 * 28), {}, 6, 1400),
     ("qwen3_vl-patch16", "qwen3_vl", dict(patch_size=16, max_pixels=250 * 32 * 32), {}, 10, 1400),
     ("llava-1.5", "llava", dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, **LLAVA15),
      {}, 10, 1400),
+    ("llava-1.5-clip-image-processor", "llava", dict(size={"shortest_edge": 336}, clip=True,
+                                                     crop_size={"height": 336, "width": 336}, **LLAVA15), {}, 4, 1400),
     ("llava-class-defaults-pad", "llava", dict(do_pad=True, patch_size=14), {}, 10, 1400),
     ("llava-full-cls", "llava", dict(patch_size=14, vision_feature_select_strategy="full",
                                      num_additional_image_tokens=1), {}, 4, 900),
