@@ -15,18 +15,37 @@ import os
 
 os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import pytest
 
 pytest.importorskip("pytest_benchmark")
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
-from transformers import PreTrainedTokenizerFast  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
 
-from dvsft_kernels.labeling import OCRWord, VisualGrid, build_vision_labels, label_visual_tokens  # noqa: E402
-from dvsft_kernels.labeling.assign import clear_token_cache  # noqa: E402
+from dvsft_kernels.labeling import OCRWord, VisualGrid, build_vision_labels, label_visual_tokens
+from dvsft_kernels.labeling.assign import clear_token_cache
 
-SYL = ["ka", "to", "re", "mi", "an", "el", "in", "or", "us", "te", "ly", "st", "ch", "qu", "ph", "ion", "ing", "er"]
+SYL = [
+    "ka",
+    "to",
+    "re",
+    "mi",
+    "an",
+    "el",
+    "in",
+    "or",
+    "us",
+    "te",
+    "ly",
+    "st",
+    "ch",
+    "qu",
+    "ph",
+    "ion",
+    "ing",
+    "er",
+]
 
 
 def _lexicon(rng, n=3000):
@@ -50,8 +69,12 @@ def setup():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=True)
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=8000, show_progress=False,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=8000, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok)
     grid = VisualGrid.for_qwen2_vl((1000, 1000), (1, 72, 72), patch_size=14, merge_size=2)
     assert grid.num_tokens == 1296
@@ -99,7 +122,7 @@ def test_new_page_each_call(benchmark, setup):
     pages = [page(100 + i) for i in range(64)]
     for p in pages:
         label_visual_tokens(p, grid, tok)
-    it = iter(range(10 ** 9))
+    it = iter(range(10**9))
 
     def run():
         i = next(it) % len(pages)
@@ -113,7 +136,7 @@ def test_batch_of_8_pages(benchmark, setup):
     tok, grid, page = setup
     pages = [page(200 + i) for i in range(8)]
     ids = np.full((8, 1400), 5, dtype=np.int64)
-    ids[:, 50:50 + grid.num_tokens] = 7
+    ids[:, 50 : 50 + grid.num_tokens] = 7
     for p in pages:
         label_visual_tokens(p, grid, tok)
     out = benchmark(build_vision_labels, ids, [grid] * 8, pages, tok, image_token_id=7)

@@ -17,9 +17,9 @@ import json
 import math
 import operator
 import weakref
-from itertools import chain
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 import torch
@@ -27,7 +27,15 @@ import torch
 from dvsft_kernels.labeling.grid import VisualGrid
 from dvsft_kernels.labeling.types import OCRWord
 
-DROP_REASONS = ("empty_text", "non_finite", "low_score", "inverted", "degenerate", "outside_image", "no_tokens")
+DROP_REASONS = (
+    "empty_text",
+    "non_finite",
+    "low_score",
+    "inverted",
+    "degenerate",
+    "outside_image",
+    "no_tokens",
+)
 _COVERAGE_SLACK = 1e-9
 
 
@@ -64,14 +72,18 @@ def _fields(w, i):
         return w["text"], w["box"], w.get("score", 1.0)
     if isinstance(w, (tuple, list)) and len(w) in (2, 3):
         return (w[0], w[1], w[2] if len(w) == 3 else 1.0)
-    raise TypeError(f"words[{i}] must be an OCRWord, a (text, box[, score]) tuple or a dict, got {type(w).__name__}")
+    raise TypeError(
+        f"words[{i}] must be an OCRWord, a (text, box[, score]) tuple or a dict, got {type(w).__name__}"
+    )
 
 
 def _one_box(box, i) -> np.ndarray:
     try:
         b = np.asarray(box, dtype=np.float64)
     except (TypeError, ValueError):
-        raise ValueError(f"words[{i}].box must be numbers (x0, y0, x1, y1) or 4 (x, y) points, got {box!r}") from None
+        raise ValueError(
+            f"words[{i}].box must be numbers (x0, y0, x1, y1) or 4 (x, y) points, got {box!r}"
+        ) from None
     if b.shape == (4,):
         return b
     if b.shape in ((4, 2), (8,)):
@@ -140,7 +152,7 @@ def default_add_prefix_space(tokenizer) -> bool:
         try:
             raw = comp.__getstate__()
             state = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
-        except Exception:  # an exotic component: keep the default
+        except (AttributeError, TypeError, ValueError):  # an exotic component: keep the default
             continue
         if _marks_word_start(state):
             result = False
@@ -228,7 +240,11 @@ def _tokenize(tokenizer, texts: list[str], prefix: bool, want_offsets: bool, use
     id_t = [e[0] for e in entries]
     count = np.fromiter(map(len, id_t), np.int64, len(id_t))
     ids = np.fromiter(chain.from_iterable(id_t), np.int64, int(count.sum()))
-    cs = np.fromiter(chain.from_iterable([e[1] for e in entries]), np.int64, ids.size) if want_offsets else None
+    cs = (
+        np.fromiter(chain.from_iterable([e[1] for e in entries]), np.int64, ids.size)
+        if want_offsets
+        else None
+    )
     return _Tokens(ids, np.cumsum(count) - count, count, cs)
 
 
@@ -242,9 +258,19 @@ def _geometry(grid: VisualGrid):
     return cached
 
 
-def label_visual_tokens(words, grid: VisualGrid, tokenizer, mode: str = "first", min_coverage: float = 0.25,
-                        ignore_index: int = -100, *, add_prefix_space: bool | None = None,
-                        min_score: float | None = None, return_report: bool = False, token_cache: bool = True):
+def label_visual_tokens(
+    words,
+    grid: VisualGrid,
+    tokenizer,
+    mode: str = "first",
+    min_coverage: float = 0.25,
+    ignore_index: int = -100,
+    *,
+    add_prefix_space: bool | None = None,
+    min_score: float | None = None,
+    return_report: bool = False,
+    token_cache: bool = True,
+):
     """Label every visual token of one image with the id of the word it shows.
 
     Args:
@@ -272,12 +298,17 @@ def label_visual_tokens(words, grid: VisualGrid, tokenizer, mode: str = "first",
         raise TypeError(f"grid must be a VisualGrid, got {type(grid).__name__}")
     if mode not in ("first", "aligned"):
         raise ValueError(f"mode must be 'first' or 'aligned', got {mode!r}")
-    if isinstance(min_coverage, bool) or not isinstance(min_coverage, (int, float)) or not 0 < min_coverage <= 1:
+    if (
+        isinstance(min_coverage, bool)
+        or not isinstance(min_coverage, (int, float))
+        or not 0 < min_coverage <= 1
+    ):
         raise ValueError(f"min_coverage must be in (0, 1], got {min_coverage!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
-        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-    if min_score is not None and (isinstance(min_score, bool) or not isinstance(min_score, (int, float))
-                                  or math.isnan(min_score)):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")  # noqa: TRY004 (ValueError, as DESIGN asks)
+    if min_score is not None and (
+        isinstance(min_score, bool) or not isinstance(min_score, (int, float)) or math.isnan(min_score)
+    ):
         raise ValueError(f"min_score must be a number or None, got {min_score!r}")
     if add_prefix_space is not None and not isinstance(add_prefix_space, bool):
         raise ValueError(f"add_prefix_space must be True, False or None, got {add_prefix_space!r}")
@@ -325,8 +356,15 @@ def label_visual_tokens(words, grid: VisualGrid, tokenizer, mode: str = "first",
     with np.errstate(invalid="ignore"):
         flag((box[:, 2] < box[:, 0]) | (box[:, 3] < box[:, 1]), 3)
         flag((box[:, 2] == box[:, 0]) | (box[:, 3] == box[:, 1]), 4)
-        clip = np.stack([np.maximum(box[:, 0], 0), np.maximum(box[:, 1], 0),
-                         np.minimum(box[:, 2], W), np.minimum(box[:, 3], H)], axis=1)
+        clip = np.stack(
+            [
+                np.maximum(box[:, 0], 0),
+                np.maximum(box[:, 1], 0),
+                np.minimum(box[:, 2], W),
+                np.minimum(box[:, 3], H),
+            ],
+            axis=1,
+        )
         flag((clip[:, 2] <= clip[:, 0]) | (clip[:, 3] <= clip[:, 1]), 5)
 
     ok = np.flatnonzero(reason < 0)
@@ -381,8 +419,9 @@ def label_visual_tokens(words, grid: VisualGrid, tokenizer, mode: str = "first",
             bw = wi[best]
             pos = toks.start[keep][bw]
             if mode == "aligned":
-                pos = pos + _aligned_piece(np.concatenate(xc_l)[best], bw, box[wids], toks, keep,
-                                           [texts[i] for i in wids])
+                pos = pos + _aligned_piece(
+                    np.concatenate(xc_l)[best], bw, box[wids], toks, keep, [texts[i] for i in wids]
+                )
             labels[tok[best]] = toks.ids[pos]
             report.labeled_tokens = int(best.size)
             report.words_used = int(np.count_nonzero(np.bincount(bw)))

@@ -45,9 +45,15 @@ def _as_ids(input_ids) -> tuple[np.ndarray, bool, torch.device | None]:
             arr = np.asarray(input_ids)
         except ValueError:
             raise ValueError("input_ids must be rectangular (B, T); pad the batch first") from None
-    if arr.dtype == object or arr.ndim not in (1, 2) or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-        raise ValueError(f"input_ids must be an integer (B, T) or (T,) tensor / array, got shape {arr.shape} "
-                         f"dtype {arr.dtype}")
+    if (
+        arr.dtype == object
+        or arr.ndim not in (1, 2)
+        or (arr.size and not np.issubdtype(arr.dtype, np.integer))
+    ):
+        raise ValueError(
+            f"input_ids must be an integer (B, T) or (T,) tensor / array, got shape {arr.shape} "
+            f"dtype {arr.dtype}"
+        )
     squeeze = arr.ndim == 1
     return (arr[None] if squeeze else arr), squeeze, device
 
@@ -75,9 +81,10 @@ def _segment_plan(ids: np.ndarray, grids: list[VisualGrid], per_sample: list[int
         while k < len(starts):
             if gi >= last:
                 raise ValueError(
-                    f"sample {b}: image tokens at positions {int(starts[k] + q)}.. ({int(lens[k] - q)} of them in "
-                    f"that run) have no grid left ({gi} grids consumed); missing grid / words, or the grids "
-                    "are for different images")
+                    f"sample {b}: image tokens at positions {int(starts[k] + q)}.. "
+                    f"({int(lens[k] - q)} of them in that run) have no grid left ({gi} grids consumed); "
+                    "missing grid / words, or the grids are for different images"
+                )
             g = grids[gi]
             prev = None
             for s, ln in g.segments:
@@ -85,20 +92,24 @@ def _segment_plan(ids: np.ndarray, grids: list[VisualGrid], per_sample: list[int
                     k, q = k + 1, 0
                 if k >= len(starts):
                     raise ValueError(
-                        f"sample {b}: image {gi} ({g.family}, {g.num_tokens} tokens, segments {list(g.segments)}) "
-                        "runs past the last image token of the sequence (truncated prompt?)")
+                        f"sample {b}: image {gi} ({g.family}, {g.num_tokens} tokens, segments "
+                        f"{list(g.segments)}) runs past the last image token of the sequence "
+                        "(truncated prompt?)"
+                    )
                 if q + ln > lens[k]:
                     raise ValueError(
-                        f"sample {b}: image {gi} ({g.family}) expects {ln} consecutive image tokens at position "
-                        f"{int(starts[k] + q)} but the run there has {int(lens[k] - q)}; grid and placeholders "
-                        "disagree (wrong processor settings, wrong image, or truncation)")
+                        f"sample {b}: image {gi} ({g.family}) expects {ln} consecutive image tokens at "
+                        f"position {int(starts[k] + q)} but the run there has {int(lens[k] - q)}; grid and "
+                        "placeholders disagree (wrong processor settings, wrong image, or truncation)"
+                    )
                 pos = int(starts[k] + q)
                 if prev is not None:
                     gap = s - prev[0]
                     if gap > 0 and pos - prev[1] != gap:
                         raise ValueError(
-                            f"sample {b}: image {gi} ({g.family}) expects {gap} separator token(s) at position "
-                            f"{prev[1]}, found {pos - prev[1]}")
+                            f"sample {b}: image {gi} ({g.family}) expects {gap} separator token(s) at "
+                            f"position {prev[1]}, found {pos - prev[1]}"
+                        )
                 plan.append((b, gi, s, ln, pos))
                 q += ln
                 prev = (s + ln, pos + ln)
@@ -108,23 +119,28 @@ def _segment_plan(ids: np.ndarray, grids: list[VisualGrid], per_sample: list[int
         if per_sample is not None and gi != last:
             raise ValueError(f"sample {b}: {last - gi} grid(s) left over after its last image token")
     if gi != len(grids):
-        raise ValueError(f"{len(grids) - gi} grid(s) left over after the last image token of the batch "
-                         f"({len(grids)} grids for {gi} images found in input_ids)")
+        raise ValueError(
+            f"{len(grids) - gi} grid(s) left over after the last image token of the batch "
+            f"({len(grids)} grids for {gi} images found in input_ids)"
+        )
     return plan
 
 
-def scatter_vision_labels(input_ids, grids, image_labels, *, image_token_id: int,
-                          ignore_index: int = -100) -> torch.Tensor:
+def scatter_vision_labels(
+    input_ids, grids, image_labels, *, image_token_id: int, ignore_index: int = -100
+) -> torch.Tensor:
     """Place per-image labels (each a (grid.num_tokens,) tensor) at their placeholder positions.
 
     ``grids`` / ``image_labels``: flat lists in batch order, or per-sample lists. Returns a LongTensor
     shaped like ``input_ids`` (on its device), ``ignore_index`` everywhere else."""
     if isinstance(image_token_id, bool) or not isinstance(image_token_id, (int, np.integer)):
-        raise ValueError(f"image_token_id must be an int, got {image_token_id!r}")
+        raise ValueError(f"image_token_id must be an int, got {image_token_id!r}")  # noqa: TRY004 (ValueError, as DESIGN asks)
     ids, squeeze, device = _as_ids(input_ids)
     flat, per_sample = _flatten(grids, "grids")
     labs, per_sample_l = _flatten(image_labels, "image_labels")
-    if len(labs) != len(flat) or (per_sample is not None and per_sample_l is not None and per_sample != per_sample_l):
+    if len(labs) != len(flat) or (
+        per_sample is not None and per_sample_l is not None and per_sample != per_sample_l
+    ):
         raise ValueError(f"image_labels has {len(labs)} images, grids {len(flat)}")
     for i, (g, lab) in enumerate(zip(flat, labs)):
         if not isinstance(g, VisualGrid):
@@ -133,15 +149,25 @@ def scatter_vision_labels(input_ids, grids, image_labels, *, image_token_id: int
             raise ValueError(f"image_labels[{i}] has shape {tuple(lab.shape)}, expected ({g.num_tokens},)")
     plan = _segment_plan(ids, flat, per_sample, int(image_token_id))
     out = np.full(ids.shape, int(ignore_index), dtype=np.int64)
-    lab_np = [lab.detach().cpu().numpy() if isinstance(lab, torch.Tensor) else np.asarray(lab) for lab in labs]
+    lab_np = [
+        lab.detach().cpu().numpy() if isinstance(lab, torch.Tensor) else np.asarray(lab) for lab in labs
+    ]
     for b, gi, s, ln, pos in plan:
-        out[b, pos:pos + ln] = lab_np[gi][s:s + ln]
+        out[b, pos : pos + ln] = lab_np[gi][s : s + ln]
     res = torch.from_numpy(out[0] if squeeze else out)
     return res.to(device) if device is not None else res
 
 
-def build_vision_labels(input_ids, grids, words_per_image, tokenizer, *, image_token_id: int,
-                        ignore_index: int = -100, **label_kwargs) -> torch.Tensor:
+def build_vision_labels(
+    input_ids,
+    grids,
+    words_per_image,
+    tokenizer,
+    *,
+    image_token_id: int,
+    ignore_index: int = -100,
+    **label_kwargs,
+) -> torch.Tensor:
     """Label every image of a batch and place the labels: (B, T) LongTensor aligned with input_ids.
 
     ``grids`` and ``words_per_image`` are flat lists in batch order (or per-sample lists) of
@@ -154,19 +180,25 @@ def build_vision_labels(input_ids, grids, words_per_image, tokenizer, *, image_t
         words = list(words_per_image)
     else:  # sample -> image -> words
         if len(words_per_image) != len(per_sample) or any(
-                len(ws) != c for ws, c in zip(words_per_image, per_sample)):
-            raise ValueError("words_per_image must have the same per-sample structure as grids: "
-                             f"grids {per_sample} images per sample")
+            len(ws) != c for ws, c in zip(words_per_image, per_sample)
+        ):
+            raise ValueError(
+                "words_per_image must have the same per-sample structure as grids: "
+                f"grids {per_sample} images per sample"
+            )
         words = [w for sample in words_per_image for w in sample]
     if len(words) != len(flat):
         raise ValueError(f"words_per_image has {len(words)} images but grids has {len(flat)}")
     if label_kwargs.get("return_report"):
         raise ValueError("return_report is not available here; call label_visual_tokens per image")
-    labs = [label_visual_tokens(w, g, tokenizer, ignore_index=ignore_index, **label_kwargs)
-            for w, g in zip(words, flat)]
+    labs = [
+        label_visual_tokens(w, g, tokenizer, ignore_index=ignore_index, **label_kwargs)
+        for w, g in zip(words, flat)
+    ]
     nested_labs = labs if per_sample is None else _renest(labs, per_sample)
-    return scatter_vision_labels(input_ids, grids, nested_labs, image_token_id=image_token_id,
-                                 ignore_index=ignore_index)
+    return scatter_vision_labels(
+        input_ids, grids, nested_labs, image_token_id=image_token_id, ignore_index=ignore_index
+    )
 
 
 def _is_size(x) -> bool:
@@ -184,14 +216,23 @@ def _flatten_images(images) -> tuple[list, list[int] | None]:
 def _renest(items: list, counts: list[int]) -> list[list]:
     out, i = [], 0
     for c in counts:
-        out.append(items[i:i + c])
+        out.append(items[i : i + c])
         i += c
     return out
 
 
-def build_vision_labels_from_processor(processor, images, outputs, words_per_image, *, tokenizer=None,
-                                       image_token_id: int | None = None, images_kwargs=None,
-                                       ignore_index: int = -100, **label_kwargs) -> torch.Tensor:
+def build_vision_labels_from_processor(
+    processor,
+    images,
+    outputs,
+    words_per_image,
+    *,
+    tokenizer=None,
+    image_token_id: int | None = None,
+    images_kwargs=None,
+    ignore_index: int = -100,
+    **label_kwargs,
+) -> torch.Tensor:
     """The same from a processor call: ``images`` are the images given to the processor (flat in
     batch order, or per-sample lists; (H, W) pairs also do), ``outputs`` its BatchFeature (with
     ``input_ids``), ``words_per_image`` one word list per image in the same structure. Grids come
@@ -202,11 +243,20 @@ def build_vision_labels_from_processor(processor, images, outputs, words_per_ima
     if outputs is None or "input_ids" not in outputs:
         raise ValueError("outputs must be the processor's output with 'input_ids' (call it with text)")
     flat_images, per_sample = _flatten_images(images)
-    grids = [VisualGrid.from_processor(processor, im, outputs, i, images_kwargs=images_kwargs)
-             for i, im in enumerate(flat_images)]
+    grids = [
+        VisualGrid.from_processor(processor, im, outputs, i, images_kwargs=images_kwargs)
+        for i, im in enumerate(flat_images)
+    ]
     tok = tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
     if tok is None:
         raise ValueError("processor has no tokenizer; pass tokenizer=")
     tid = families.image_token_id(processor) if image_token_id is None else image_token_id
-    return build_vision_labels(outputs["input_ids"], grids if per_sample is None else _renest(grids, per_sample),
-                               words_per_image, tok, image_token_id=tid, ignore_index=ignore_index, **label_kwargs)
+    return build_vision_labels(
+        outputs["input_ids"],
+        grids if per_sample is None else _renest(grids, per_sample),
+        words_per_image,
+        tok,
+        image_token_id=tid,
+        ignore_index=ignore_index,
+        **label_kwargs,
+    )

@@ -42,24 +42,34 @@ def _tf_attr(modules: Sequence[str], name: str):
 
 def _tf(name: str):
     table = {
-        "smart_resize": ("transformers.models.qwen2_vl.image_processing_pil_qwen2_vl",
-                         "transformers.models.qwen2_vl.image_processing_qwen2_vl"),
+        "smart_resize": (
+            "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl",
+            "transformers.models.qwen2_vl.image_processing_qwen2_vl",
+        ),
         "get_resize_output_image_size": ("transformers.image_transforms",),
         "get_size_with_aspect_ratio": ("transformers.image_transforms",),
         "select_best_resolution": ("transformers.image_processing_utils",),
         "get_patch_output_size": ("transformers.image_processing_utils",),
         "get_image_size_for_max_height_width": ("transformers.image_utils",),
         "ChannelDimension": ("transformers.image_utils",),
-        "get_optimal_tiled_canvas": ("transformers.models.got_ocr2.image_processing_pil_got_ocr2",
-                                     "transformers.models.got_ocr2.image_processing_got_ocr2"),
-        "idefics3_output_size": ("transformers.models.idefics3.image_processing_pil_idefics3",
-                                 "transformers.models.idefics3.image_processing_idefics3"),
+        "get_optimal_tiled_canvas": (
+            "transformers.models.got_ocr2.image_processing_pil_got_ocr2",
+            "transformers.models.got_ocr2.image_processing_got_ocr2",
+        ),
+        "idefics3_output_size": (
+            "transformers.models.idefics3.image_processing_pil_idefics3",
+            "transformers.models.idefics3.image_processing_idefics3",
+        ),
         "Gemma3ImageProcessorPil": ("transformers.models.gemma3.image_processing_pil_gemma3",),
-        "pixtral_output_size": ("transformers.models.pixtral.image_processing_pil_pixtral",
-                                "transformers.models.pixtral.image_processing_pixtral"),
+        "pixtral_output_size": (
+            "transformers.models.pixtral.image_processing_pil_pixtral",
+            "transformers.models.pixtral.image_processing_pixtral",
+        ),
     }
-    real = {"idefics3_output_size": "get_resize_output_image_size",
-            "pixtral_output_size": "get_resize_output_image_size"}.get(name, name)
+    real = {
+        "idefics3_output_size": "get_resize_output_image_size",
+        "pixtral_output_size": "get_resize_output_image_size",
+    }.get(name, name)
     return _tf_attr(table[name], real)
 
 
@@ -92,7 +102,7 @@ def _as_int(v, name):
     if isinstance(v, float) and v.is_integer():
         v = int(v)
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-        raise ValueError(f"{name} must hold ints, got {v!r}")
+        raise ValueError(f"{name} must hold ints, got {v!r}")  # noqa: TRY004 (ValueError, as DESIGN asks)
     return int(v)
 
 
@@ -167,10 +177,19 @@ class _Map:
         extent_h = kw["row_spans"][-1][1] if kw.get("row_spans") else rows * cell_h
         extent_w = kw["col_spans"][-1][1] if kw.get("col_spans") else cols * cell_w
         return GridView(
-            sx=float(self.sx), sy=float(self.sy), ox=float(self.ox), oy=float(self.oy),
-            rows=int(rows), cols=int(cols), cell_h=float(cell_h), cell_w=float(cell_w),
-            offset=int(offset), row_stride=int(row_stride),
-            content=kw.pop("content", self.content(H, W, extent_h, extent_w)), name=name, **kw,
+            sx=float(self.sx),
+            sy=float(self.sy),
+            ox=float(self.ox),
+            oy=float(self.oy),
+            rows=int(rows),
+            cols=int(cols),
+            cell_h=float(cell_h),
+            cell_w=float(cell_w),
+            offset=int(offset),
+            row_stride=int(row_stride),
+            content=kw.pop("content", self.content(H, W, extent_h, extent_w)),
+            name=name,
+            **kw,
         )
 
 
@@ -181,10 +200,15 @@ def _resized(cur: tuple[int, int], size: dict) -> tuple[int, int]:
     if size.get("shortest_edge") and size.get("longest_edge"):
         return tuple(_tf("get_size_with_aspect_ratio")((h, w), size["shortest_edge"], size["longest_edge"]))
     if size.get("shortest_edge"):
-        return tuple(_tf("get_resize_output_image_size")(
-            _dummy(h, w), size=size["shortest_edge"], default_to_square=False, input_data_format=first))
+        return tuple(
+            _tf("get_resize_output_image_size")(
+                _dummy(h, w), size=size["shortest_edge"], default_to_square=False, input_data_format=first
+            )
+        )
     if size.get("max_height") and size.get("max_width"):
-        return tuple(_tf("get_image_size_for_max_height_width")((h, w), size["max_height"], size["max_width"]))
+        return tuple(
+            _tf("get_image_size_for_max_height_width")((h, w), size["max_height"], size["max_width"])
+        )
     if size.get("height") and size.get("width"):
         return size["height"], size["width"]
     raise ValueError(f"size must have shortest_edge, max_height/max_width or height/width, got {size}")
@@ -206,7 +230,9 @@ def qwen2_vl(image_size, image_grid_thw, *, patch_size: int = 14, merge_size: in
     patch * merge px, ``grid_h * grid_w / merge**2`` tokens row-major over the merged grid."""
     H, W = _hw(image_size)
     p, m = _pos_int(patch_size, "patch_size"), _pos_int(merge_size, "merge_size")
-    thw = np.asarray(image_grid_thw.tolist() if hasattr(image_grid_thw, "tolist") else image_grid_thw).reshape(-1)
+    thw = np.asarray(
+        image_grid_thw.tolist() if hasattr(image_grid_thw, "tolist") else image_grid_thw
+    ).reshape(-1)
     if thw.size != 3:
         raise ValueError(f"image_grid_thw must be (t, grid_h, grid_w), got {image_grid_thw!r}")
     t, gh, gw = (_pos_int(_as_int(x, "image_grid_thw"), "image_grid_thw") for x in thw)
@@ -229,13 +255,24 @@ def _lead_tokens(num_additional_image_tokens, vision_feature_select_strategy) ->
         raise ValueError(
             "vision_feature_select_strategy='default' drops a CLS token but "
             f"num_additional_image_tokens={extra}: the processor's placeholder count would be one "
-            "short of the patch grid; set num_additional_image_tokens=1 (CLIP) as in LLaVA checkpoints")
+            "short of the patch grid; set num_additional_image_tokens=1 (CLIP) as in LLaVA checkpoints"
+        )
     return lead
 
 
-def llava(image_size, *, size=224, crop_size=224, do_resize: bool = True, do_center_crop: bool = True,
-          do_pad: bool = False, patch_size: int = 14, num_additional_image_tokens: int = 0,
-          vision_feature_select_strategy: str | None = None, backend: str = "torchvision") -> VisualGrid:
+def llava(
+    image_size,
+    *,
+    size=224,
+    crop_size=224,
+    do_resize: bool = True,
+    do_center_crop: bool = True,
+    do_pad: bool = False,
+    patch_size: int = 14,
+    num_additional_image_tokens: int = 0,
+    vision_feature_select_strategy: str | None = None,
+    backend: str = "torchvision",
+) -> VisualGrid:
     """Optional pad-to-square (centred), resize (``size``: int = shortest edge, or a size dict),
     centre crop, then a (crop_h // patch) x (crop_w // patch) patch grid. LLaVA-1.5 checkpoints:
     size=336, crop_size=336, num_additional_image_tokens=1, vision_feature_select_strategy="default".
@@ -299,19 +336,42 @@ def _anyres_view(H, W, pinpoints, tile, n, patch, offset, max_num_patches, name=
     def spans(lo, k, out):
         return tuple((g(lo + i * k / out, False), g(lo + (i + 1) * k / out, True)) for i in range(out))
 
-    view = mp.view(H, W, oh, ow, patch, patch, offset, ow + 1, name, content=mp.rect(H, W),
-                   row_spans=spans(r0, kh, oh), col_spans=spans(c0, kw, ow))
-    return view, {"best_resolution": (bh, bw), "resized": (nh, nw), "features": (cur_h, cur_w),
-                  "kept": (kh, kw), "grid": (oh, ow)}
+    view = mp.view(
+        H,
+        W,
+        oh,
+        ow,
+        patch,
+        patch,
+        offset,
+        ow + 1,
+        name,
+        content=mp.rect(H, W),
+        row_spans=spans(r0, kh, oh),
+        col_spans=spans(c0, kw, ow),
+    )
+    return view, {
+        "best_resolution": (bh, bw),
+        "resized": (nh, nw),
+        "features": (cur_h, cur_w),
+        "kept": (kh, kw),
+        "grid": (oh, ow),
+    }
 
 
 def _base_view(H, W, tile, n, patch, offset):
     return _Map().scale(tile / W, tile / H).view(H, W, n, n, patch, patch, offset, n, "base")
 
 
-def llava_next(image_size, *, image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, tile_size: int = 336,
-               patch_size: int = 14, num_additional_image_tokens: int = 0,
-               vision_feature_select_strategy: str | None = None) -> VisualGrid:
+def llava_next(
+    image_size,
+    *,
+    image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+    tile_size: int = 336,
+    patch_size: int = 14,
+    num_additional_image_tokens: int = 0,
+    vision_feature_select_strategy: str | None = None,
+) -> VisualGrid:
     """Base view (image squashed to tile_size^2) then the anyres grid with a newline after each kept
     row. Run: [lead CLS] + (tile/patch)^2 base + kept_rows * (kept_cols + 1).
     ``tile_size`` defaults to the llava-v1.6 checkpoints' 336: the processor class default 224 does not
@@ -326,10 +386,17 @@ def llava_next(image_size, *, image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, tile_si
     return VisualGrid("llava_next", (H, W), (base, hi), total, meta={**meta, "lead": lead})
 
 
-def llava_onevision(image_size, *, image_grid_pinpoints=ONEVISION_PINPOINTS, tile_size: int = 384,
-                    num_image_tokens: int | None = None, patch_size: int = 14,
-                    vision_aspect_ratio: str = "anyres_max_9", multi_image: bool = False,
-                    vision_feature_select_strategy: str | None = None) -> VisualGrid:
+def llava_onevision(
+    image_size,
+    *,
+    image_grid_pinpoints=ONEVISION_PINPOINTS,
+    tile_size: int = 384,
+    num_image_tokens: int | None = None,
+    patch_size: int = 14,
+    vision_aspect_ratio: str = "anyres_max_9",
+    multi_image: bool = False,
+    vision_feature_select_strategy: str | None = None,
+) -> VisualGrid:
     """Single image: base view (27 x 27 cells of 14 px in the 384^2 squash; the last 6 px of each
     tile are not covered by any SigLIP patch) + anyres grid, bilinearly downsized when it exceeds
     ``anyres_max_N`` tiles, a newline after each row. Multi-image samples (``multi_image=True``):
@@ -337,21 +404,27 @@ def llava_onevision(image_size, *, image_grid_pinpoints=ONEVISION_PINPOINTS, til
     H, W = _hw(image_size)
     tile, p = _pos_int(tile_size, "tile_size"), _pos_int(patch_size, "patch_size")
     if vision_feature_select_strategy == "default":
-        raise ValueError("vision_feature_select_strategy='default' is not a valid LLaVA-OneVision layout "
-                         "(SigLIP has no CLS token; the processor count drops one token)")
+        raise ValueError(
+            "vision_feature_select_strategy='default' is not a valid LLaVA-OneVision layout "
+            "(SigLIP has no CLS token; the processor count drops one token)"
+        )
     n = tile // p
     if num_image_tokens is not None and _square_side(int(num_image_tokens), "num_image_tokens") != n:
-        raise ValueError(f"num_image_tokens={num_image_tokens} does not match tile_size // patch_size = {n}; "
-                         "pass the vision tower's patch_size")
+        raise ValueError(
+            f"num_image_tokens={num_image_tokens} does not match tile_size // patch_size = {n}; "
+            "pass the vision tower's patch_size"
+        )
     if multi_image:
         side = max(H, W)
         mp = _Map().shift((side - W) // 2, (side - H) // 2).scale(tile / side, tile / side)
         view = mp.view(H, W, n, n, p, p, 0, n, "image")
         return VisualGrid("llava_onevision", (H, W), (view,), n * n + 1, meta={"multi_image": True})
     try:
-        max_num = int(str(vision_aspect_ratio).strip("anyres_max_"))
+        max_num = int(str(vision_aspect_ratio).removeprefix("anyres_max_"))
     except ValueError:
-        raise ValueError(f"vision_aspect_ratio must look like 'anyres_max_9', got {vision_aspect_ratio!r}") from None
+        raise ValueError(
+            f"vision_aspect_ratio must look like 'anyres_max_9', got {vision_aspect_ratio!r}"
+        ) from None
     base = _base_view(H, W, tile, n, p, 0)
     hi, meta = _anyres_view(H, W, image_grid_pinpoints, tile, n, p, n * n, max_num)
     total = n * n + hi.rows * (hi.cols + 1)
@@ -360,8 +433,15 @@ def llava_onevision(image_size, *, image_grid_pinpoints=ONEVISION_PINPOINTS, til
 
 # ------------------------------------------------------------------------------------------------
 # InternVL (GotOcr2 image processor with crop_to_patches)
-def internvl(image_size, *, tile_size=384, image_seq_length: int = 256, crop_to_patches: bool = True,
-             min_patches: int = 1, max_patches: int = 12) -> VisualGrid:
+def internvl(
+    image_size,
+    *,
+    tile_size=384,
+    image_seq_length: int = 256,
+    crop_to_patches: bool = True,
+    min_patches: int = 1,
+    max_patches: int = 12,
+) -> VisualGrid:
     """Tiles of tile_size (closest-aspect canvas of min..max tiles, image squashed onto it), row-major,
     then a thumbnail (whole image squashed to one tile) when there is more than one tile. Each view
     has ``image_seq_length`` tokens on a square grid (pixel shuffle 0.5). InternVL checkpoints use
@@ -401,8 +481,15 @@ def _vision_encoder_size(h: int, w: int, m: int) -> tuple[int, int]:
     return h, w
 
 
-def idefics3(image_size, *, longest_edge: int = 4 * 364, max_image_size: int = 364, image_seq_len: int = 169,
-             do_resize: bool = True, do_image_splitting: bool = True) -> VisualGrid:
+def idefics3(
+    image_size,
+    *,
+    longest_edge: int = 4 * 364,
+    max_image_size: int = 364,
+    image_seq_len: int = 169,
+    do_resize: bool = True,
+    do_image_splitting: bool = True,
+) -> VisualGrid:
     """Resize the longest edge to ``longest_edge``, stretch to multiples of ``max_image_size`` (M),
     cut M x M tiles row-major, then a global view (whole image squashed to M^2) last; a single view
     when the image fits one tile. Each view is its own placeholder run of ``image_seq_len`` tokens
@@ -415,7 +502,9 @@ def idefics3(image_size, *, longest_edge: int = 4 * 364, max_image_size: int = 3
     cell = M / side
     h, w = H, W
     if do_resize:
-        h, w = _tf("idefics3_output_size")(_dummy(H, W), resolution_max_side=_pos_int(longest_edge, "longest_edge"))
+        h, w = _tf("idefics3_output_size")(
+            _dummy(H, W), resolution_max_side=_pos_int(longest_edge, "longest_edge")
+        )
     rows = cols = 0
     views: list[GridView] = []
     if do_image_splitting:
@@ -425,16 +514,29 @@ def idefics3(image_size, *, longest_edge: int = 4 * 364, max_image_size: int = 3
             for r in range(rows):
                 for c in range(cols):
                     mp = _Map().scale(w / W, h / H).shift(-c * M, -r * M)
-                    views.append(mp.view(H, W, side, side, cell, cell, len(views) * seq, side, f"tile r{r} c{c}"))
-            views.append(_Map().scale(M / W, M / H).view(H, W, side, side, cell, cell, len(views) * seq, side,
-                                                         "global"))
+                    views.append(
+                        mp.view(H, W, side, side, cell, cell, len(views) * seq, side, f"tile r{r} c{c}")
+                    )
+            views.append(
+                _Map()
+                .scale(M / W, M / H)
+                .view(H, W, side, side, cell, cell, len(views) * seq, side, "global")
+            )
         else:
-            views.append(_Map().scale(w / W, h / H).view(H, W, side, side, h / side, w / side, 0, side, "image"))
+            views.append(
+                _Map().scale(w / W, h / H).view(H, W, side, side, h / side, w / side, 0, side, "image")
+            )
     else:
         views.append(_Map().scale(M / W, M / H).view(H, W, side, side, cell, cell, 0, side, "image"))
     segments = tuple((i * seq, seq) for i in range(len(views)))
-    return VisualGrid("idefics3", (H, W), tuple(views), len(views) * seq, meta={"rows": rows, "cols": cols},
-                      segments=segments)
+    return VisualGrid(
+        "idefics3",
+        (H, W),
+        tuple(views),
+        len(views) * seq,
+        meta={"rows": rows, "cols": cols},
+        segments=segments,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -443,16 +545,26 @@ def _pan_and_scan_crops(H, W, min_crop, max_crops, min_ratio):
     """(top, left, h, w) of each pan-and-scan crop, from Gemma3ImageProcessor.pan_and_scan itself:
     fed index images (row / column numbers), the slices it returns tell where they start."""
     pas = _tf("Gemma3ImageProcessorPil").pan_and_scan
-    kw = dict(pan_and_scan_min_crop_size=min_crop, pan_and_scan_max_num_crops=max_crops,
-              pan_and_scan_min_ratio_to_activate=min_ratio)
+    kw = {
+        "pan_and_scan_min_crop_size": min_crop,
+        "pan_and_scan_max_num_crops": max_crops,
+        "pan_and_scan_min_ratio_to_activate": min_ratio,
+    }
     ys = pas(None, _dummy(H, W, np.arange(H, dtype=np.int64)[:, None]), **kw)
     xs = pas(None, _dummy(H, W, np.arange(W, dtype=np.int64)[None, :]), **kw)
     return [(int(y[0, 0, 0]), int(x[0, 0, 0]), y.shape[1], y.shape[2]) for y, x in zip(ys, xs)]
 
 
-def gemma3(image_size, *, size=224, image_seq_length: int = 256, do_pan_and_scan: bool = False,
-           pan_and_scan_min_crop_size: int = 256, pan_and_scan_max_num_crops: int = 4,
-           pan_and_scan_min_ratio_to_activate: float = 1.2) -> VisualGrid:
+def gemma3(
+    image_size,
+    *,
+    size=224,
+    image_seq_length: int = 256,
+    do_pan_and_scan: bool = False,
+    pan_and_scan_min_crop_size: int = 256,
+    pan_and_scan_max_num_crops: int = 4,
+    pan_and_scan_min_ratio_to_activate: float = 1.2,
+) -> VisualGrid:
     """The image squashed to ``size`` (Gemma 3 checkpoints: 896), ``image_seq_length`` tokens on a
     square grid (4x4 average pooling of 14 px patches). With pan-and-scan, each crop is a further
     view, squashed the same way; every view is its own placeholder run (text sits between them)."""
@@ -462,20 +574,42 @@ def gemma3(image_size, *, size=224, image_seq_length: int = 256, do_pan_and_scan
     side = _square_side(seq, "image_seq_length")
     views = [_Map().scale(sw / W, sh / H).view(H, W, side, side, sh / side, sw / side, 0, side, "image")]
     if do_pan_and_scan:
-        for i, (t, l, ch, cw) in enumerate(_pan_and_scan_crops(
-                H, W, pan_and_scan_min_crop_size, pan_and_scan_max_num_crops, pan_and_scan_min_ratio_to_activate)):
+        for i, (t, l, ch, cw) in enumerate(
+            _pan_and_scan_crops(
+                H,
+                W,
+                pan_and_scan_min_crop_size,
+                pan_and_scan_max_num_crops,
+                pan_and_scan_min_ratio_to_activate,
+            )
+        ):
             mp = _Map().shift(-l, -t).scale(sw / cw, sh / ch)
-            views.append(mp.view(H, W, side, side, sh / side, sw / side, (i + 1) * seq, side, f"crop {i}",
-                                 content=None))
+            views.append(
+                mp.view(
+                    H, W, side, side, sh / side, sw / side, (i + 1) * seq, side, f"crop {i}", content=None
+                )
+            )
     segments = tuple((i * seq, seq) for i in range(len(views)))
-    return VisualGrid("gemma3", (H, W), tuple(views), len(views) * seq, meta={"num_crops": len(views) - 1},
-                      segments=segments)
+    return VisualGrid(
+        "gemma3",
+        (H, W),
+        tuple(views),
+        len(views) * seq,
+        meta={"num_crops": len(views) - 1},
+        segments=segments,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # Pixtral / Mistral 3
-def pixtral(image_size, *, patch_size: int = 16, spatial_merge_size: int = 1, longest_edge: int = 1024,
-            resized_size=None) -> VisualGrid:
+def pixtral(
+    image_size,
+    *,
+    patch_size: int = 16,
+    spatial_merge_size: int = 1,
+    longest_edge: int = 1024,
+    resized_size=None,
+) -> VisualGrid:
     """Scale down (floor) to fit ``longest_edge``, round up to multiples of patch * merge (the image is
     stretched onto that size); ``gw`` tokens then ``[IMG_BREAK]`` per row, the last row ending in
     ``[IMG_END]``: position r * (gw + 1) + c. ``resized_size``: the processor's ``image_sizes`` entry,
@@ -486,22 +620,33 @@ def pixtral(image_size, *, patch_size: int = 16, spatial_merge_size: int = 1, lo
     if resized_size is None:
         first = _tf("ChannelDimension").FIRST
         le = _pos_int(longest_edge, "longest_edge")
-        rh, rw = _tf("pixtral_output_size")(_dummy(H, W), size=(le, le), patch_size=(f, f), input_data_format=first)
+        rh, rw = _tf("pixtral_output_size")(
+            _dummy(H, W), size=(le, le), patch_size=(f, f), input_data_format=first
+        )
     else:
         rh, rw = _hw(resized_size, "resized_size")
     gh, gw = rh // f, rw // f
     view = _Map().scale(rw / W, rh / H).view(H, W, gh, gw, f, f, 0, gw + 1, "image")
     segments = tuple((r * (gw + 1), gw) for r in range(gh))
-    return VisualGrid("pixtral", (H, W), (view,), gh * (gw + 1), meta={"resized": (rh, rw)}, segments=segments)
+    return VisualGrid(
+        "pixtral", (H, W), (view,), gh * (gw + 1), meta={"resized": (rh, rw)}, segments=segments
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # from_processor
 _PROCESSORS = {
-    "Qwen2VLProcessor": "qwen2_vl", "Qwen2_5_VLProcessor": "qwen2_vl", "Qwen3VLProcessor": "qwen2_vl",
-    "LlavaProcessor": "llava", "LlavaNextProcessor": "llava_next", "LlavaOnevisionProcessor": "llava_onevision",
-    "InternVLProcessor": "internvl", "Idefics3Processor": "idefics3", "SmolVLMProcessor": "idefics3",
-    "Gemma3Processor": "gemma3", "PixtralProcessor": "pixtral",
+    "Qwen2VLProcessor": "qwen2_vl",
+    "Qwen2_5_VLProcessor": "qwen2_vl",
+    "Qwen3VLProcessor": "qwen2_vl",
+    "LlavaProcessor": "llava",
+    "LlavaNextProcessor": "llava_next",
+    "LlavaOnevisionProcessor": "llava_onevision",
+    "InternVLProcessor": "internvl",
+    "Idefics3Processor": "idefics3",
+    "SmolVLMProcessor": "idefics3",
+    "Gemma3Processor": "gemma3",
+    "PixtralProcessor": "pixtral",
 }
 _IMAGE_PROCESSORS = {"Qwen2VLImageProcessor": "qwen2_vl"}
 
@@ -514,20 +659,25 @@ def detect_family(processor) -> str:
     for klass in type(processor).__mro__:
         name = klass.__name__
         for suffix in ("Pil", "Fast"):
-            name = name[: -len(suffix)] if name.endswith(suffix) else name
+            name = name.removesuffix(suffix)
         if name in _IMAGE_PROCESSORS:
             return _IMAGE_PROCESSORS[name]
     raise TypeError(
         f"processor: unsupported class {type(processor).__name__}; supported processors: "
         f"{', '.join(sorted(_PROCESSORS))} (image processors alone: Qwen2VLImageProcessor). Mllama and "
-        "Florence-2 have no per-patch visual tokens in the decoder sequence.")
+        "Florence-2 have no per-patch visual tokens in the decoder sequence."
+    )
 
 
 def image_hw(image_or_size) -> tuple[int, int]:
     """(H, W) of a PIL image, an array / tensor ((H, W), (H, W, C) or (C, H, W)) or an (H, W) pair."""
-    if hasattr(image_or_size, "size") and hasattr(image_or_size, "mode") and hasattr(image_or_size, "getbands"):
+    if (
+        hasattr(image_or_size, "size")
+        and hasattr(image_or_size, "mode")
+        and hasattr(image_or_size, "getbands")
+    ):
         return int(image_or_size.height), int(image_or_size.width)  # PIL
-    if hasattr(image_or_size, "shape") and len(getattr(image_or_size, "shape")) in (2, 3):
+    if hasattr(image_or_size, "shape") and len(image_or_size.shape) in (2, 3):
         arr = image_or_size
         if len(arr.shape) == 2:
             return _hw(tuple(arr.shape), "image_or_size")
@@ -536,7 +686,9 @@ def image_hw(image_or_size) -> tuple[int, int]:
         return _hw(tuple(get_size(a)), "image_or_size")
     if isinstance(image_or_size, (tuple, list)) and len(image_or_size) == 2:
         return _hw(image_or_size, "image_or_size")
-    raise ValueError(f"image_or_size must be a PIL image, an image array or (H, W), got {type(image_or_size).__name__}")
+    raise ValueError(
+        f"image_or_size must be a PIL image, an image array or (H, W), got {type(image_or_size).__name__}"
+    )
 
 
 def _row(outputs, key: str, index: int):
@@ -587,10 +739,13 @@ def _mismatch(what, got, expected, hint=""):
     raise ValueError(
         f"outputs[{what!r}] = {got} does not match the image size under this processor's settings "
         f"(expected {expected}): wrong image / index, or processor call kwargs not passed as images_kwargs"
-        + (f"; {hint}" if hint else ""))
+        + (f"; {hint}" if hint else "")
+    )
 
 
-def grid_from_processor(processor, image_or_size, outputs=None, index: int = 0, *, images_kwargs=None) -> VisualGrid:
+def grid_from_processor(
+    processor, image_or_size, outputs=None, index: int = 0, *, images_kwargs=None
+) -> VisualGrid:
     """Build the grid of image ``index`` (flat over the batch) from a processor, the image (or its
     (H, W)) and the processor's outputs. Settings come from the processor object (not class
     defaults); values present in ``outputs`` are used and cross-checked (a mismatch raises).
@@ -618,12 +773,18 @@ def _fp_qwen(s: _Settings, H, W, outputs, index):
 
 
 def _fp_llava(s: _Settings, H, W, outputs, index):
-    g = llava((H, W), size=s("size"), crop_size=s("crop_size"), do_resize=bool(s("do_resize", True)),
-              do_center_crop=bool(s("do_center_crop", False)), do_pad=bool(s("do_pad", False)),
-              patch_size=s.proc_attr("patch_size", required=True),
-              num_additional_image_tokens=s.proc_attr("num_additional_image_tokens", 0),
-              vision_feature_select_strategy=s.proc_attr("vision_feature_select_strategy"),
-              backend=str(getattr(s.ip, "backend", "pil")))
+    g = llava(
+        (H, W),
+        size=s("size"),
+        crop_size=s("crop_size"),
+        do_resize=bool(s("do_resize", True)),
+        do_center_crop=bool(s("do_center_crop", False)),
+        do_pad=bool(s("do_pad", False)),
+        patch_size=s.proc_attr("patch_size", required=True),
+        num_additional_image_tokens=s.proc_attr("num_additional_image_tokens", 0),
+        vision_feature_select_strategy=s.proc_attr("vision_feature_select_strategy"),
+        backend=str(getattr(s.ip, "backend", "pil")),
+    )
     pv = _row(outputs, "pixel_values", index)
     if pv is not None:
         got = tuple(np.shape(pv)[-2:])
@@ -637,10 +798,14 @@ def _anyres_tile(s: _Settings) -> int:
     crop = _size(s("crop_size"), "crop_size", square_int=True)
     tile = crop.get("height") or size.get("height") or size.get("shortest_edge")
     s_tuple = (size["height"], size["width"]) if size.get("height") else (size.get("shortest_edge"),) * 2
-    ok = s_tuple == (tile, tile) and (not s("do_center_crop") or (crop.get("height"), crop.get("width")) == (tile, tile))
+    ok = s_tuple == (tile, tile) and (
+        not s("do_center_crop") or (crop.get("height"), crop.get("width")) == (tile, tile)
+    )
     if not ok:
-        raise ValueError(f"unsupported anyres config: size={size}, crop_size={crop}; tiles are only a uniform "
-                         "grid when size, crop and tile are the same square")
+        raise ValueError(
+            f"unsupported anyres config: size={size}, crop_size={crop}; tiles are only a uniform "
+            "grid when size, crop and tile are the same square"
+        )
     return int(tile)
 
 
@@ -652,10 +817,14 @@ def _check_image_sizes(outputs, index, H, W):
 
 def _fp_llava_next(s: _Settings, H, W, outputs, index):
     _check_image_sizes(outputs, index, H, W)
-    return llava_next((H, W), image_grid_pinpoints=s("image_grid_pinpoints", list(LLAVA_NEXT_PINPOINTS)),
-                      tile_size=_anyres_tile(s), patch_size=s.proc_attr("patch_size", required=True),
-                      num_additional_image_tokens=s.proc_attr("num_additional_image_tokens", 0),
-                      vision_feature_select_strategy=s.proc_attr("vision_feature_select_strategy"))
+    return llava_next(
+        (H, W),
+        image_grid_pinpoints=s("image_grid_pinpoints", list(LLAVA_NEXT_PINPOINTS)),
+        tile_size=_anyres_tile(s),
+        patch_size=s.proc_attr("patch_size", required=True),
+        num_additional_image_tokens=s.proc_attr("num_additional_image_tokens", 0),
+        vision_feature_select_strategy=s.proc_attr("vision_feature_select_strategy"),
+    )
 
 
 def _fp_onevision(s: _Settings, H, W, outputs, index):
@@ -670,17 +839,27 @@ def _fp_onevision(s: _Settings, H, W, outputs, index):
     tile = _anyres_tile(s)
     nit = s.proc_attr("num_image_tokens", required=True)
     side = _square_side(int(nit), "processor.num_image_tokens")
-    return llava_onevision((H, W), image_grid_pinpoints=s("image_grid_pinpoints", list(ONEVISION_PINPOINTS)),
-                           tile_size=tile, num_image_tokens=nit, patch_size=tile // side,
-                           vision_aspect_ratio=s.proc_attr("vision_aspect_ratio", "anyres_max_9"),
-                           multi_image=multi,
-                           vision_feature_select_strategy=s.proc_attr("vision_feature_select_strategy"))
+    return llava_onevision(
+        (H, W),
+        image_grid_pinpoints=s("image_grid_pinpoints", list(ONEVISION_PINPOINTS)),
+        tile_size=tile,
+        num_image_tokens=nit,
+        patch_size=tile // side,
+        vision_aspect_ratio=s.proc_attr("vision_aspect_ratio", "anyres_max_9"),
+        multi_image=multi,
+        vision_feature_select_strategy=s.proc_attr("vision_feature_select_strategy"),
+    )
 
 
 def _fp_internvl(s: _Settings, H, W, outputs, index):
-    g = internvl((H, W), tile_size=s("size"), image_seq_length=s.proc_attr("image_seq_length", required=True),
-                 crop_to_patches=bool(s("crop_to_patches", False)), min_patches=int(s("min_patches", 1)),
-                 max_patches=int(s("max_patches", 12)))
+    g = internvl(
+        (H, W),
+        tile_size=s("size"),
+        image_seq_length=s.proc_attr("image_seq_length", required=True),
+        crop_to_patches=bool(s("crop_to_patches", False)),
+        min_patches=int(s("min_patches", 1)),
+        max_patches=int(s("max_patches", 12)),
+    )
     got = _row(outputs, "num_patches", index)
     if got is not None and int(got) != len(g.views):
         _mismatch("num_patches", got, len(g.views))
@@ -690,9 +869,14 @@ def _fp_internvl(s: _Settings, H, W, outputs, index):
 def _fp_idefics3(s: _Settings, H, W, outputs, index):
     size = _size(s("size"), "size", square_int=False)
     mis = _size(s("max_image_size"), "max_image_size", square_int=False)
-    g = idefics3((H, W), longest_edge=size.get("longest_edge", 4 * 364), max_image_size=mis.get("longest_edge", 364),
-                 image_seq_len=s.proc_attr("image_seq_len", required=True), do_resize=bool(s("do_resize", True)),
-                 do_image_splitting=bool(s("do_image_splitting", True)))
+    g = idefics3(
+        (H, W),
+        longest_edge=size.get("longest_edge", 4 * 364),
+        max_image_size=mis.get("longest_edge", 364),
+        image_seq_len=s.proc_attr("image_seq_len", required=True),
+        do_resize=bool(s("do_resize", True)),
+        do_image_splitting=bool(s("do_image_splitting", True)),
+    )
     if isinstance(outputs, Mapping) and outputs.get("rows") is not None and outputs.get("cols") is not None:
         flat = [(int(r), int(c)) for rs, cs in zip(outputs["rows"], outputs["cols"]) for r, c in zip(rs, cs)]
         if index >= len(flat):
@@ -703,11 +887,15 @@ def _fp_idefics3(s: _Settings, H, W, outputs, index):
 
 
 def _fp_gemma3(s: _Settings, H, W, outputs, index):
-    g = gemma3((H, W), size=s("size"), image_seq_length=s.proc_attr("image_seq_length", required=True),
-               do_pan_and_scan=bool(s("do_pan_and_scan", False)),
-               pan_and_scan_min_crop_size=int(s("pan_and_scan_min_crop_size", 256)),
-               pan_and_scan_max_num_crops=int(s("pan_and_scan_max_num_crops", 4)),
-               pan_and_scan_min_ratio_to_activate=float(s("pan_and_scan_min_ratio_to_activate", 1.2)))
+    g = gemma3(
+        (H, W),
+        size=s("size"),
+        image_seq_length=s.proc_attr("image_seq_length", required=True),
+        do_pan_and_scan=bool(s("do_pan_and_scan", False)),
+        pan_and_scan_min_crop_size=int(s("pan_and_scan_min_crop_size", 256)),
+        pan_and_scan_max_num_crops=int(s("pan_and_scan_max_num_crops", 4)),
+        pan_and_scan_min_ratio_to_activate=float(s("pan_and_scan_min_ratio_to_activate", 1.2)),
+    )
     got = _row(outputs, "num_crops", index)
     if got is not None and int(got) != g.meta["num_crops"]:
         _mismatch("num_crops", got, g.meta["num_crops"])
@@ -725,8 +913,14 @@ def _fp_pixtral(s: _Settings, H, W, outputs, index):
 
 
 _FROM_PROCESSOR = {
-    "qwen2_vl": _fp_qwen, "llava": _fp_llava, "llava_next": _fp_llava_next, "llava_onevision": _fp_onevision,
-    "internvl": _fp_internvl, "idefics3": _fp_idefics3, "gemma3": _fp_gemma3, "pixtral": _fp_pixtral,
+    "qwen2_vl": _fp_qwen,
+    "llava": _fp_llava,
+    "llava_next": _fp_llava_next,
+    "llava_onevision": _fp_onevision,
+    "internvl": _fp_internvl,
+    "idefics3": _fp_idefics3,
+    "gemma3": _fp_gemma3,
+    "pixtral": _fp_pixtral,
 }
 
 

@@ -149,7 +149,7 @@ class VisualGrid:
                 raise ValueError("VisualGrid: two cells share a run position")
             in_segment = np.zeros(n, dtype=bool)
             for s, ln in self.segments:
-                in_segment[s:s + ln] = True
+                in_segment[s : s + ln] = True
             if not in_segment[pos].all():
                 raise ValueError("VisualGrid: a cell lies outside every placeholder segment")
 
@@ -191,7 +191,9 @@ class VisualGrid:
     # ---------------------------------------------------------------------------------------
     # family constructors (geometry lives in families.py; these only forward)
     @classmethod
-    def for_qwen2_vl(cls, image_size, image_grid_thw, patch_size: int = 14, merge_size: int = 2) -> VisualGrid:
+    def for_qwen2_vl(
+        cls, image_size, image_grid_thw, patch_size: int = 14, merge_size: int = 2
+    ) -> VisualGrid:
         """Qwen2-VL / Qwen2.5-VL / Qwen3-VL (Qwen3-VL checkpoints: ``patch_size=16``)."""
         from dvsft_kernels.labeling import families
 
@@ -247,9 +249,13 @@ class VisualGrid:
         return families.pixtral(image_size, **kwargs)
 
     @classmethod
-    def from_processor(cls, processor, image_or_size, outputs=None, index: int = 0, *, images_kwargs=None) -> VisualGrid:
+    def from_processor(
+        cls, processor, image_or_size, outputs=None, index: int = 0, *, images_kwargs=None
+    ) -> VisualGrid:
         """Grid of image ``index`` of ``outputs`` (the processor's BatchFeature), for any supported
         family; see :func:`dvsft_kernels.labeling.families.grid_from_processor`."""
         from dvsft_kernels.labeling import families
 
-        return families.grid_from_processor(processor, image_or_size, outputs, index, images_kwargs=images_kwargs)
+        return families.grid_from_processor(
+            processor, image_or_size, outputs, index, images_kwargs=images_kwargs
+        )

@@ -28,17 +28,19 @@ from PIL import Image
 
 warnings.filterwarnings("ignore", message=".*requires torchvision.*")
 
-import transformers as T  # noqa: E402
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
-from transformers import PreTrainedTokenizerFast  # noqa: E402
+import transformers as T
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
 
 CORPUS = [
-    "the quick brown fox jumps over the lazy dog", "invoice total amount date number page",
-    "hello world receipt tax subtotal address phone", "Größe café naïve façade 東京 数字 12345 67.89",
+    "the quick brown fox jumps over the lazy dog",
+    "invoice total amount date number page",
+    "hello world receipt tax subtotal address phone",
+    "Größe café naïve façade 東京 数字 12345 67.89",
 ] * 30
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def byte_bpe(specials: tuple[str, ...] = (), extra: tuple[tuple[str, str], ...] = (), vocab_size: int = 420):
     """A byte-level BPE tokenizer (GPT-2 / Qwen style) trained in milliseconds on a tiny corpus;
     ``<pad>`` is its padding token."""
@@ -46,8 +48,12 @@ def byte_bpe(specials: tuple[str, ...] = (), extra: tuple[tuple[str, str], ...] 
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=True)
-    tr = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", *specials], show_progress=False,
-                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tr = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", *specials],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(CORPUS, tr)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", extra_special_tokens=dict(extra))
 
@@ -65,7 +71,7 @@ def novideo(cls):
     return NoVideo
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pixtral_processor_class():
     import transformers.models.pixtral.image_processing_pil_pixtral as pil
 
@@ -86,36 +92,55 @@ def pixtral_processor_class():
 
 QWEN_SPECIALS = ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>")
 IDEFICS_SPECIALS = ("<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>") + tuple(
-    f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6))
+    f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)
+)
 
 
 def make_processor(family: str, **cfg):
     """(processor, prompt with one image placeholder) built offline from classes."""
     if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
-        cls = {"qwen2_vl": T.Qwen2VLProcessor, "qwen2_5_vl": T.Qwen2_5_VLProcessor, "qwen3_vl": T.Qwen3VLProcessor}[family]
+        cls = {
+            "qwen2_vl": T.Qwen2VLProcessor,
+            "qwen2_5_vl": T.Qwen2_5_VLProcessor,
+            "qwen3_vl": T.Qwen3VLProcessor,
+        }[family]
         p = novideo(cls)(image_processor=T.Qwen2VLImageProcessor(**cfg), tokenizer=byte_bpe(QWEN_SPECIALS))
         return p, "hi <|vision_start|><|image_pad|><|vision_end|> there"
     if family == "llava":
         ip_cfg = {k: cfg.pop(k) for k in list(cfg) if k in ("size", "crop_size", "do_pad", "do_center_crop")}
-        ip_cls = T.CLIPImageProcessor if cfg.pop("clip", False) else T.LlavaImageProcessor  # llava-1.5-hf uses CLIP's
+        ip_cls = (
+            T.CLIPImageProcessor if cfg.pop("clip", False) else T.LlavaImageProcessor
+        )  # llava-1.5-hf uses CLIP's
         p = T.LlavaProcessor(image_processor=ip_cls(**ip_cfg), tokenizer=byte_bpe(("<image>",)), **cfg)
         return p, "hi <image> there"
     if family == "llava_next":
         ip_cfg = {k: cfg.pop(k) for k in list(cfg) if k in ("size", "crop_size", "image_grid_pinpoints")}
-        p = T.LlavaNextProcessor(image_processor=T.LlavaNextImageProcessor(**ip_cfg),
-                                 tokenizer=byte_bpe(("<image>",)), **cfg)
+        p = T.LlavaNextProcessor(
+            image_processor=T.LlavaNextImageProcessor(**ip_cfg), tokenizer=byte_bpe(("<image>",)), **cfg
+        )
         return p, "hi <image> there"
     if family == "llava_onevision":
         ip_cfg = {k: cfg.pop(k) for k in list(cfg) if k in ("size", "image_grid_pinpoints")}
-        p = novideo(T.LlavaOnevisionProcessor)(image_processor=T.LlavaOnevisionImageProcessor(**ip_cfg),
-                                               tokenizer=byte_bpe(("<image>", "<video>")), **cfg)
+        p = novideo(T.LlavaOnevisionProcessor)(
+            image_processor=T.LlavaOnevisionImageProcessor(**ip_cfg),
+            tokenizer=byte_bpe(("<image>", "<video>")),
+            **cfg,
+        )
         return p, "hi <image> there"
     if family == "internvl":
         ip_cfg = {k: cfg.pop(k) for k in list(cfg) if k in ("size", "min_patches", "max_patches")}
-        tok = byte_bpe(("<img>", "</img>", "<IMG_CONTEXT>", "<video>"),
-                       (("start_image_token", "<img>"), ("end_image_token", "</img>"),
-                        ("context_image_token", "<IMG_CONTEXT>"), ("video_token", "<video>")))
-        p = novideo(T.InternVLProcessor)(image_processor=T.GotOcr2ImageProcessor(**ip_cfg), tokenizer=tok, **cfg)
+        tok = byte_bpe(
+            ("<img>", "</img>", "<IMG_CONTEXT>", "<video>"),
+            (
+                ("start_image_token", "<img>"),
+                ("end_image_token", "</img>"),
+                ("context_image_token", "<IMG_CONTEXT>"),
+                ("video_token", "<video>"),
+            ),
+        )
+        p = novideo(T.InternVLProcessor)(
+            image_processor=T.GotOcr2ImageProcessor(**ip_cfg), tokenizer=tok, **cfg
+        )
         return p, "hi <IMG_CONTEXT> there"
     if family in ("idefics3", "smolvlm"):
         ip_cls = T.Idefics3ImageProcessor if family == "idefics3" else T.SmolVLMImageProcessor
@@ -124,15 +149,23 @@ def make_processor(family: str, **cfg):
         return p, "hi <image> there"
     if family == "gemma3":
         ip_cfg = {k: cfg.pop(k) for k in list(cfg) if k in ("size",)}
-        tok = byte_bpe(("<start_of_image>", "<end_of_image>", "<image_soft_token>"),
-                       (("boi_token", "<start_of_image>"), ("eoi_token", "<end_of_image>"),
-                        ("image_token", "<image_soft_token>")))
+        tok = byte_bpe(
+            ("<start_of_image>", "<end_of_image>", "<image_soft_token>"),
+            (
+                ("boi_token", "<start_of_image>"),
+                ("eoi_token", "<end_of_image>"),
+                ("image_token", "<image_soft_token>"),
+            ),
+        )
         p = T.Gemma3Processor(image_processor=T.Gemma3ImageProcessor(**ip_cfg), tokenizer=tok, **cfg)
         return p, "hi <start_of_image> there"
     if family == "pixtral":
         ip_cfg = {k: cfg.pop(k) for k in list(cfg) if k in ("size",)}
-        p = pixtral_processor_class()(image_processor=T.PixtralImageProcessor(**ip_cfg),
-                                      tokenizer=byte_bpe(("[IMG]", "[IMG_BREAK]", "[IMG_END]")), **cfg)
+        p = pixtral_processor_class()(
+            image_processor=T.PixtralImageProcessor(**ip_cfg),
+            tokenizer=byte_bpe(("[IMG]", "[IMG_BREAK]", "[IMG_END]")),
+            **cfg,
+        )
         return p, "hi [IMG] there"
     raise KeyError(family)
 
@@ -182,7 +215,9 @@ def _nan(d):
     return torch.full((d,), float("nan"), dtype=torch.float64)
 
 
-def token_colours(family: str, processor, outputs, index: int = 0, *, cell_patch: int | None = None) -> torch.Tensor:
+def token_colours(
+    family: str, processor, outputs, index: int = 0, *, cell_patch: int | None = None
+) -> torch.Tensor:
     """(run length, 3) mean colour seen by each run position of image ``index``, NaN rows for
     positions that see no pixels (CLS, newlines, breaks), in the model's token order."""
     ip = processor.image_processor
@@ -190,7 +225,7 @@ def token_colours(family: str, processor, outputs, index: int = 0, *, cell_patch
         thw = outputs["image_grid_thw"]
         counts = [int(t.prod()) for t in thw]
         start = sum(counts[:index])
-        rows = torch.as_tensor(np.asarray(outputs["pixel_values"]))[start:start + counts[index]]
+        rows = torch.as_tensor(np.asarray(outputs["pixel_values"]))[start : start + counts[index]]
         p, m, tp = ip.patch_size, ip.merge_size, ip.temporal_patch_size
         x = rows.view(-1, 3, tp, p, p).to(torch.float64).mean(dim=(2, 3, 4))  # (patches, 3) normalised
         x = unnormalize(x[..., None, None], ip)[..., 0, 0]
@@ -199,10 +234,15 @@ def token_colours(family: str, processor, outputs, index: int = 0, *, cell_patch
         img = unnormalize(outputs["pixel_values"][index], ip)[None]
         p = processor.patch_size
         toks = patch_means(img, p).reshape(-1, 3)
-        lead = (processor.num_additional_image_tokens or 0) - (processor.vision_feature_select_strategy == "default")
+        lead = (processor.num_additional_image_tokens or 0) - (
+            processor.vision_feature_select_strategy == "default"
+        )
         return torch.cat([_nan(3)[None].expand(lead, 3), toks]) if lead else toks
     if family in ("llava_next", "llava_onevision"):
-        from transformers.models.llava_next.modeling_llava_next import LlavaNextModel, image_size_to_num_patches
+        from transformers.models.llava_next.modeling_llava_next import (
+            LlavaNextModel,
+            image_size_to_num_patches,
+        )
         from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
 
         size = [int(v) for v in outputs["image_sizes"][index]]
@@ -212,22 +252,30 @@ def token_colours(family: str, processor, outputs, index: int = 0, *, cell_patch
         img = unnormalize(outputs["pixel_values"][index][:n_views], ip)
         p = cell_patch or 14
         feats = patch_means(img, p).reshape(n_views, -1, 3)
-        cfg = types.SimpleNamespace(vision_config=types.SimpleNamespace(image_size=tile, patch_size=p),
-                                    image_grid_pinpoints=ip.image_grid_pinpoints)
+        cfg = types.SimpleNamespace(
+            vision_config=types.SimpleNamespace(image_size=tile, patch_size=p),
+            image_grid_pinpoints=ip.image_grid_pinpoints,
+        )
         fake = types.SimpleNamespace(config=cfg)
         if family == "llava_next":
-            out, _ = LlavaNextModel.pack_image_features(fake, [feats.float()], torch.tensor([size]),
-                                                        processor.vision_feature_select_strategy, _nan(3).float())
+            out, _ = LlavaNextModel.pack_image_features(
+                fake,
+                [feats.float()],
+                torch.tensor([size]),
+                processor.vision_feature_select_strategy,
+                _nan(3).float(),
+            )
         else:
             out, _ = LlavaOnevisionModel.pack_image_features(
-                fake, [feats.float()], torch.tensor([size]), _nan(3).float(), processor.vision_aspect_ratio)
+                fake, [feats.float()], torch.tensor([size]), _nan(3).float(), processor.vision_aspect_ratio
+            )
         return out[0].to(torch.float64)
     if family == "internvl":
         from transformers.models.internvl.modeling_internvl import InternVLModel
 
         assert index == 0, "one image per call: num_patches is not in the processor outputs"
         img = unnormalize(outputs["pixel_values"], ip)
-        side = int(round(processor.image_seq_length ** 0.5))
+        side = round(processor.image_seq_length**0.5)
         p = img.shape[-1] // (2 * side)
         f = patch_means(img, p)  # (views, 2s, 2s, 3)
         sh = InternVLModel.pixel_shuffle(None, f, scale_factor=0.5)  # (views, s, s, 12)
@@ -238,7 +286,7 @@ def token_colours(family: str, processor, outputs, index: int = 0, *, cell_patch
         views = outputs["pixel_values"][index]
         mask = np.asarray(outputs["pixel_attention_mask"][index]).reshape(len(views), -1).any(axis=1)
         img = unnormalize(np.asarray(views)[mask], ip)
-        side = int(round(processor.image_seq_len ** 0.5))
+        side = round(processor.image_seq_len**0.5)
         p = img.shape[-1] // (2 * side)
         f = patch_means(img, p).reshape(img.shape[0], -1, 3)
         sh = Idefics3Connector.pixel_shuffle(None, f, 2)  # (views, s*s, 12)
@@ -246,7 +294,7 @@ def token_colours(family: str, processor, outputs, index: int = 0, *, cell_patch
     if family == "gemma3":
         assert index == 0, "one image per call: num_crops is not in the processor outputs"
         img = unnormalize(np.asarray(outputs["pixel_values"]), ip)
-        side = int(round(processor.image_seq_length ** 0.5))
+        side = round(processor.image_seq_length**0.5)
         pooled = torch.nn.functional.avg_pool2d(img, kernel_size=img.shape[-1] // side)
         return pooled.flatten(2).transpose(1, 2).reshape(-1, 3)  # the projector's order
     if family == "pixtral":
@@ -260,7 +308,7 @@ def token_colours(family: str, processor, outputs, index: int = 0, *, cell_patch
         gh, gw = rh // (p * m), rw // (p * m)
         out = []
         for r in range(gh):
-            out.append(toks[r * gw:(r + 1) * gw])
+            out.append(toks[r * gw : (r + 1) * gw])
             out.append(_nan(3)[None])
         return torch.cat(out)
     raise KeyError(family)
@@ -282,10 +330,16 @@ def rasterised_coverage(grid, boxes, samples: int = 1, pixel_lattice: bool = Tru
     cov = np.zeros((grid.num_tokens, len(boxes)))
     for v in grid.views:
         vx, vy = xs * v.sx - v.ox, ys * v.sy - v.oy
-        cx = np.asarray(v.col_spans) if v.col_spans is not None else np.stack(
-            [np.arange(v.cols) * v.cell_w, (np.arange(v.cols) + 1) * v.cell_w], 1)
-        cy = np.asarray(v.row_spans) if v.row_spans is not None else np.stack(
-            [np.arange(v.rows) * v.cell_h, (np.arange(v.rows) + 1) * v.cell_h], 1)
+        cx = (
+            np.asarray(v.col_spans)
+            if v.col_spans is not None
+            else np.stack([np.arange(v.cols) * v.cell_w, (np.arange(v.cols) + 1) * v.cell_w], 1)
+        )
+        cy = (
+            np.asarray(v.row_spans)
+            if v.row_spans is not None
+            else np.stack([np.arange(v.rows) * v.cell_h, (np.arange(v.rows) + 1) * v.cell_h], 1)
+        )
         okx = np.ones_like(vx, dtype=bool)
         oky = np.ones_like(vy, dtype=bool)
         if v.content is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from dvsft_kernels.labeling import DROP_REASONS, GridView, OCRWord, VisualGrid, label_visual_tokens
@@ -46,9 +46,28 @@ def _random_integer_grid(rng) -> VisualGrid:
         ext_h = kw["row_spans"][-1][1] if "row_spans" in kw else rows * ch
         if rng.random() < 0.5:  # padding: content is a sub-rectangle
             x0, y0 = int(rng.integers(0, ext_w // 2 + 1)), int(rng.integers(0, ext_h // 2 + 1))
-            kw["content"] = (x0, y0, int(rng.integers(x0 + 1, ext_w + 1)), int(rng.integers(y0 + 1, ext_h + 1)))
-        views.append(GridView(sx=1 / k, sy=1 / k, ox=ox, oy=oy, rows=rows, cols=cols, cell_h=ch, cell_w=cw,
-                              offset=offset, row_stride=stride, name=f"v{vi}", **kw))
+            kw["content"] = (
+                x0,
+                y0,
+                int(rng.integers(x0 + 1, ext_w + 1)),
+                int(rng.integers(y0 + 1, ext_h + 1)),
+            )
+        views.append(
+            GridView(
+                sx=1 / k,
+                sy=1 / k,
+                ox=ox,
+                oy=oy,
+                rows=rows,
+                cols=cols,
+                cell_h=ch,
+                cell_w=cw,
+                offset=offset,
+                row_stride=stride,
+                name=f"v{vi}",
+                **kw,
+            )
+        )
         offset += (rows - 1) * stride + cols + int(rng.integers(0, 3))
         W, H = max(W, (ox + ext_w) * k), max(H, (oy + ext_h) * k)
     W, H = W + int(rng.integers(0, 5)), H + int(rng.integers(0, 5))
@@ -60,7 +79,7 @@ def _random_words(rng, H, W, n, integer=True):
     for i in range(n):
         x0, y0 = rng.uniform(-0.2 * W, W), rng.uniform(-0.2 * H, H)
         x1, y1 = x0 + rng.uniform(1, 0.6 * W), y0 + rng.uniform(1, 0.6 * H)
-        box = tuple(int(round(v)) for v in (x0, y0, x1, y1)) if integer else (x0, y0, x1, y1)
+        box = tuple(round(v) for v in (x0, y0, x1, y1)) if integer else (x0, y0, x1, y1)
         if integer and (box[2] <= box[0] or box[3] <= box[1]):
             box = (box[0], box[1], box[0] + 1, box[1] + 1)
         out.append(OCRWord(VOCAB[i], box))
@@ -69,8 +88,15 @@ def _random_words(rng, H, W, n, integer=True):
 
 def _expected(cov, words, min_cov, H, W, ignore=-100):
     boxes = np.array([w.box for w in words], dtype=np.float64)
-    clipped = np.stack([np.maximum(boxes[:, 0], 0), np.maximum(boxes[:, 1], 0),
-                        np.minimum(boxes[:, 2], W), np.minimum(boxes[:, 3], H)], 1)
+    clipped = np.stack(
+        [
+            np.maximum(boxes[:, 0], 0),
+            np.maximum(boxes[:, 1], 0),
+            np.minimum(boxes[:, 2], W),
+            np.minimum(boxes[:, 3], H),
+        ],
+        1,
+    )
     win = oracle_winners(cov, clipped, min_cov)
     ids = np.array([WL.convert_tokens_to_ids(w.text) for w in words])
     return np.where(win >= 0, ids[np.maximum(win, 0)], ignore)
@@ -107,11 +133,18 @@ def test_matches_supersampled_oracle_on_real_family_grids(seed):
     grid = [
         lambda: VisualGrid.for_qwen2_vl((H, W), (1, 2 * max(1, H // 28), 2 * max(1, W // 28))),
         lambda: VisualGrid.for_llava((H, W), do_pad=True),
-        lambda: VisualGrid.for_llava_next((H, W), tile_size=56, image_grid_pinpoints=[[56 * i, 56 * j] for i in
-                                                                                     range(1, 5) for j in range(1, 5)]),
-        lambda: VisualGrid.for_llava_onevision((H, W), tile_size=60, num_image_tokens=16, patch_size=14,
-                                               image_grid_pinpoints=[[60 * i, 60 * j] for i in range(1, 7)
-                                                                     for j in range(1, 7)]),
+        lambda: VisualGrid.for_llava_next(
+            (H, W),
+            tile_size=56,
+            image_grid_pinpoints=[[56 * i, 56 * j] for i in range(1, 5) for j in range(1, 5)],
+        ),
+        lambda: VisualGrid.for_llava_onevision(
+            (H, W),
+            tile_size=60,
+            num_image_tokens=16,
+            patch_size=14,
+            image_grid_pinpoints=[[60 * i, 60 * j] for i in range(1, 7) for j in range(1, 7)],
+        ),
         lambda: VisualGrid.for_internvl((H, W), tile_size=64, image_seq_length=16),
         lambda: VisualGrid.for_idefics3((H, W), longest_edge=448, max_image_size=112, image_seq_len=16),
         lambda: VisualGrid.for_gemma3((H, W), do_pan_and_scan=True, pan_and_scan_min_crop_size=32),
@@ -169,8 +202,14 @@ def test_messy_words_are_dropped_and_counted():
         OCRWord("word10", (-20, 200, 40, 260)),  # partly outside: clipped, used
     ]
     lab, rep = label_visual_tokens(words, grid, WL, min_score=0.5, return_report=True)
-    assert rep.dropped == {"outside_image": 2, "inverted": 1, "degenerate": 1, "non_finite": 2, "empty_text": 2,
-                           "low_score": 1}
+    assert rep.dropped == {
+        "outside_image": 2,
+        "inverted": 1,
+        "degenerate": 1,
+        "non_finite": 2,
+        "empty_text": 2,
+        "low_score": 1,
+    }
     assert rep.num_words == 11 and rep.words_valid == 2 and rep.words_used == 2
     assert set(lab.unique().tolist()) == {-100, 1, 11}
     assert rep.labeled_tokens == int((lab != -100).sum())
@@ -188,8 +227,13 @@ def test_untokenisable_words_are_dropped():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")]))  # no unk token: unknown text -> nothing
     hf = PreTrainedTokenizerFast(tokenizer_object=tok)
     grid = VisualGrid.for_qwen2_vl((56, 56), (1, 4, 4))
-    lab, rep = label_visual_tokens([OCRWord("zz", (0, 0, 28, 28)), OCRWord("ab", (28, 0, 56, 28))], grid, hf,
-                                   add_prefix_space=False, return_report=True)
+    lab, rep = label_visual_tokens(
+        [OCRWord("zz", (0, 0, 28, 28)), OCRWord("ab", (28, 0, 56, 28))],
+        grid,
+        hf,
+        add_prefix_space=False,
+        return_report=True,
+    )
     assert rep.dropped == {"no_tokens": 1} and lab.tolist() == [-100, 2, -100, -100]
 
 
@@ -197,29 +241,37 @@ def test_quadrilaterals_tuples_and_dicts():
     grid = VisualGrid.for_qwen2_vl((280, 280), (1, 20, 20))
     ref = label_visual_tokens([OCRWord("word1", (30, 40, 120, 90))], grid, WL)
     quad = [(30, 40), (120, 45), (115, 90), (35, 85)]  # bounding box (30, 40, 120, 90)
-    for w in ([OCRWord("word1", quad)], [OCRWord("word1", [c for p in quad for c in p])], [("word1", quad)],
-              [{"text": "word1", "box": np.array(quad)}], [("word1", (30, 40, 120, 90), 0.9)]):
+    for w in (
+        [OCRWord("word1", quad)],
+        [OCRWord("word1", [c for p in quad for c in p])],
+        [("word1", quad)],
+        [{"text": "word1", "box": np.array(quad)}],
+        [("word1", (30, 40, 120, 90), 0.9)],
+    ):
         assert torch.equal(label_visual_tokens(w, grid, WL), ref)
     mixed = [OCRWord("word1", quad), OCRWord("word2", (200, 200, 250, 250))]  # ragged box shapes
     lab = label_visual_tokens(mixed, grid, WL)
     assert (lab == 2).sum() > 0 and (lab == 3).sum() > 0
 
 
-@pytest.mark.parametrize("call,exc,match", [
-    (lambda g: label_visual_tokens([OCRWord("a", (1, 2, 3))], g, WL), ValueError, r"words\[0\].box"),
-    (lambda g: label_visual_tokens([OCRWord("a", "oops")], g, WL), ValueError, r"words\[0\].box"),
-    (lambda g: label_visual_tokens([OCRWord(None, (1, 2, 3, 4))], g, WL), TypeError, r"words\[0\].text"),
-    (lambda g: label_visual_tokens([42], g, WL), TypeError, r"words\[0\]"),
-    (lambda g: label_visual_tokens("word1", g, WL), TypeError, "words"),
-    (lambda g: label_visual_tokens([], g, WL, mode="middle"), ValueError, "mode"),
-    (lambda g: label_visual_tokens([], g, WL, min_coverage=0), ValueError, "min_coverage"),
-    (lambda g: label_visual_tokens([], g, WL, min_coverage=1.5), ValueError, "min_coverage"),
-    (lambda g: label_visual_tokens([], g, WL, ignore_index=0.5), ValueError, "ignore_index"),
-    (lambda g: label_visual_tokens([], object(), WL), TypeError, "grid"),
-    (lambda g: label_visual_tokens([], g, None), TypeError, "tokenizer"),
-    (lambda g: label_visual_tokens([], g, WL, add_prefix_space="yes"), ValueError, "add_prefix_space"),
-    (lambda g: label_visual_tokens([], g, WL, min_score=float("nan")), ValueError, "min_score"),
-])
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda g: label_visual_tokens([OCRWord("a", (1, 2, 3))], g, WL), ValueError, r"words\[0\].box"),
+        (lambda g: label_visual_tokens([OCRWord("a", "oops")], g, WL), ValueError, r"words\[0\].box"),
+        (lambda g: label_visual_tokens([OCRWord(None, (1, 2, 3, 4))], g, WL), TypeError, r"words\[0\].text"),
+        (lambda g: label_visual_tokens([42], g, WL), TypeError, r"words\[0\]"),
+        (lambda g: label_visual_tokens("word1", g, WL), TypeError, "words"),
+        (lambda g: label_visual_tokens([], g, WL, mode="middle"), ValueError, "mode"),
+        (lambda g: label_visual_tokens([], g, WL, min_coverage=0), ValueError, "min_coverage"),
+        (lambda g: label_visual_tokens([], g, WL, min_coverage=1.5), ValueError, "min_coverage"),
+        (lambda g: label_visual_tokens([], g, WL, ignore_index=0.5), ValueError, "ignore_index"),
+        (lambda g: label_visual_tokens([], object(), WL), TypeError, "grid"),
+        (lambda g: label_visual_tokens([], g, None), TypeError, "tokenizer"),
+        (lambda g: label_visual_tokens([], g, WL, add_prefix_space="yes"), ValueError, "add_prefix_space"),
+        (lambda g: label_visual_tokens([], g, WL, min_score=float("nan")), ValueError, "min_score"),
+    ],
+)
 def test_bad_arguments_raise_naming_them(call, exc, match):
     grid = VisualGrid.for_qwen2_vl((56, 56), (1, 4, 4))
     with pytest.raises(exc, match=match):
@@ -249,9 +301,13 @@ def test_prefix_space_default_and_options():
     for text in ("the", "quick", "Größe", "東京", "12345", "zz-top!"):
         w = [OCRWord(text, (0, 0, 28, 28))]
         assert label_visual_tokens(w, grid, tok)[0] == _pieces(tok, text)[0]
-        assert label_visual_tokens(w, grid, tok, add_prefix_space=False)[0] == tok(text, add_special_tokens=False)[
-            "input_ids"][0]
-    assert label_visual_tokens([OCRWord("the", (0, 0, 28, 28))], grid, tok)[0] == tok.convert_tokens_to_ids("Ġthe")
+        assert (
+            label_visual_tokens(w, grid, tok, add_prefix_space=False)[0]
+            == tok(text, add_special_tokens=False)["input_ids"][0]
+        )
+    assert label_visual_tokens([OCRWord("the", (0, 0, 28, 28))], grid, tok)[0] == tok.convert_tokens_to_ids(
+        "Ġthe"
+    )
 
     def wrap(pre=None, norm=None):
         t = Tokenizer(models.WordLevel({"[UNK]": 0, "▁a": 1}, unk_token="[UNK]"))
@@ -261,11 +317,17 @@ def test_prefix_space_default_and_options():
             t.normalizer = norm
         return PreTrainedTokenizerFast(tokenizer_object=t)
 
-    assert default_add_prefix_space(wrap(pre=pre_tokenizers.Metaspace(prepend_scheme="first"))) is False  # Llama 2
+    assert (
+        default_add_prefix_space(wrap(pre=pre_tokenizers.Metaspace(prepend_scheme="first"))) is False
+    )  # Llama 2
     assert default_add_prefix_space(wrap(pre=pre_tokenizers.ByteLevel(add_prefix_space=True))) is False
     assert default_add_prefix_space(wrap(norm=normalizers.Replace(" ", "▁"))) is True  # Gemma style
-    assert default_add_prefix_space(wrap(norm=normalizers.Sequence([normalizers.Prepend("▁"),
-                                                                    normalizers.Replace(" ", "▁")]))) is False
+    assert (
+        default_add_prefix_space(
+            wrap(norm=normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]))
+        )
+        is False
+    )
 
 
 def test_aligned_mode_picks_the_piece_under_each_cell():
@@ -274,7 +336,9 @@ def test_aligned_mode_picks_the_piece_under_each_cell():
     pieces = _pieces(tok, text)
     assert len(pieces) >= 5
     # character span of each piece, from decoding the pieces (independent of offsets)
-    lens = [len(tok.decode([p]).lstrip(" ")) if i == 0 else len(tok.decode([p])) for i, p in enumerate(pieces)]
+    lens = [
+        len(tok.decode([p]).lstrip(" ")) if i == 0 else len(tok.decode([p])) for i, p in enumerate(pieces)
+    ]
     assert sum(lens) == len(text)
     piece_of_char = np.repeat(np.arange(len(pieces)), lens)
     grid = VisualGrid.for_qwen2_vl((28, 28 * 20), (1, 2, 40))  # 1 x 20 cells

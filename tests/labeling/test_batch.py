@@ -27,7 +27,12 @@ def _words(rng, H, W, n=8):
     out = []
     for i in range(n):
         x0, y0 = rng.uniform(0, 0.8 * W), rng.uniform(0, 0.8 * H)
-        out.append(OCRWord(TEXTS[i % len(TEXTS)], (x0, y0, x0 + rng.uniform(0.1, 0.3) * W, y0 + rng.uniform(0.1, 0.3) * H)))
+        out.append(
+            OCRWord(
+                TEXTS[i % len(TEXTS)],
+                (x0, y0, x0 + rng.uniform(0.1, 0.3) * W, y0 + rng.uniform(0.1, 0.3) * H),
+            )
+        )
     return out
 
 
@@ -37,27 +42,65 @@ def _expected(ids: np.ndarray, tid: int, grids, labels):
     out = np.full(ids.shape, -100)
     for b in range(ids.shape[0]):
         pos = np.flatnonzero(ids[b] == tid)
-        vals = np.concatenate([lab.numpy()[s:s + n] for g, lab in zip(grids[b], labels[b]) for s, n in g.segments])
+        vals = np.concatenate(
+            [lab.numpy()[s : s + n] for g, lab in zip(grids[b], labels[b]) for s, n in g.segments]
+        )
         assert len(pos) == len(vals)
         out[b, pos] = vals
     return out
 
 
 BATCH_CASES = [
-    ("qwen2_vl", dict(max_pixels=120 * 28 * 28), {}, [[(300, 500)], [(200, 120), (90, 400)]]),
-    ("llava", dict(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}, patch_size=14,
-                   vision_feature_select_strategy="default", num_additional_image_tokens=1), {},
-     [[(300, 500), (200, 100)], [(120, 90)]]),
-    ("llava_next", dict(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
-                        image_grid_pinpoints=[[56 * i, 56 * j] for i in range(1, 4) for j in range(1, 4)],
-                        patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1),
-     {}, [[(300, 500)], [(200, 100), (120, 330)]]),
-    ("internvl", dict(size={"height": 64, "width": 64}, image_seq_length=16), {}, [[(300, 500)], [(200, 100)]]),
-    ("idefics3", dict(size={"longest_edge": 336}, max_image_size={"longest_edge": 112}, image_seq_len=16), {},
-     [[(300, 500), (100, 100)], [(200, 90)]]),
-    ("gemma3", {}, dict(do_pan_and_scan=True, pan_and_scan_min_crop_size=64), [[(100, 450)], [(300, 90), (80, 80)]]),
-    ("pixtral", dict(size={"longest_edge": 224}, patch_size=14, spatial_merge_size=2), {},
-     [[(300, 500)], [(200, 100), (60, 70)]]),
+    ("qwen2_vl", {"max_pixels": 120 * 28 * 28}, {}, [[(300, 500)], [(200, 120), (90, 400)]]),
+    (
+        "llava",
+        {
+            "size": {"shortest_edge": 56},
+            "crop_size": {"height": 56, "width": 56},
+            "patch_size": 14,
+            "vision_feature_select_strategy": "default",
+            "num_additional_image_tokens": 1,
+        },
+        {},
+        [[(300, 500), (200, 100)], [(120, 90)]],
+    ),
+    (
+        "llava_next",
+        {
+            "size": {"shortest_edge": 56},
+            "crop_size": {"height": 56, "width": 56},
+            "image_grid_pinpoints": [[56 * i, 56 * j] for i in range(1, 4) for j in range(1, 4)],
+            "patch_size": 14,
+            "vision_feature_select_strategy": "default",
+            "num_additional_image_tokens": 1,
+        },
+        {},
+        [[(300, 500)], [(200, 100), (120, 330)]],
+    ),
+    (
+        "internvl",
+        {"size": {"height": 64, "width": 64}, "image_seq_length": 16},
+        {},
+        [[(300, 500)], [(200, 100)]],
+    ),
+    (
+        "idefics3",
+        {"size": {"longest_edge": 336}, "max_image_size": {"longest_edge": 112}, "image_seq_len": 16},
+        {},
+        [[(300, 500), (100, 100)], [(200, 90)]],
+    ),
+    (
+        "gemma3",
+        {},
+        {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 64},
+        [[(100, 450)], [(300, 90), (80, 80)]],
+    ),
+    (
+        "pixtral",
+        {"size": {"longest_edge": 224}, "patch_size": 14, "spatial_merge_size": 2},
+        {},
+        [[(300, 500)], [(200, 100), (60, 70)]],
+    ),
 ]
 
 
@@ -82,9 +125,15 @@ def test_labels_land_on_each_images_placeholders(case):
     ids = np.asarray(out["input_ids"])
     assert vl.shape == ids.shape and vl.dtype == torch.int64
     tid = fam.image_token_id(proc)
-    grids = [[VisualGrid.from_processor(proc, im, out, i, images_kwargs=call_kw)
-              for i, im in enumerate(flat)][sum(map(len, images[:b])):][:len(images[b])] for b in range(len(images))]
-    labels = [[label_visual_tokens(w, g, proc.tokenizer) for w, g in zip(ws, gs)] for ws, gs in zip(words, grids)]
+    grids = [
+        [VisualGrid.from_processor(proc, im, out, i, images_kwargs=call_kw) for i, im in enumerate(flat)][
+            sum(map(len, images[:b])) :
+        ][: len(images[b])]
+        for b in range(len(images))
+    ]
+    labels = [
+        [label_visual_tokens(w, g, proc.tokenizer) for w, g in zip(ws, gs)] for ws, gs in zip(words, grids)
+    ]
     np.testing.assert_array_equal(vl.numpy(), _expected(ids, tid, grids, labels))
     assert (vl != -100).sum() > 0
     # only image-token positions are ever labeled
@@ -109,7 +158,9 @@ def test_labels_land_on_each_images_placeholders(case):
             build_vision_labels(out["input_ids"], wrong, words, proc.tokenizer, image_token_id=tid)
     # a missing image is caught
     with pytest.raises(ValueError):
-        build_vision_labels(out["input_ids"], flat_grids[:-1], flat_words[:-1], proc.tokenizer, image_token_id=tid)
+        build_vision_labels(
+            out["input_ids"], flat_grids[:-1], flat_words[:-1], proc.tokenizer, image_token_id=tid
+        )
 
 
 def _qwen_batch():
@@ -121,7 +172,7 @@ def _qwen_batch():
 
 
 def test_count_mismatches_raise():
-    proc, out, grids, tid = _qwen_batch()
+    _, out, grids, tid = _qwen_batch()
     ids = out["input_ids"]
     labs = [torch.zeros(g.num_tokens, dtype=torch.long) for g in grids]
     ok = scatter_vision_labels(ids, grids, labs, image_token_id=tid)
@@ -141,7 +192,9 @@ def test_count_mismatches_raise():
     with pytest.raises(ValueError, match="input_ids"):
         scatter_vision_labels(ids.float(), grids, labs, image_token_id=tid)
     with pytest.raises(ValueError, match="batch size"):
-        scatter_vision_labels(ids, [[grids[0]], [grids[1]], []], [[labs[0]], [labs[1]], []], image_token_id=tid)
+        scatter_vision_labels(
+            ids, [[grids[0]], [grids[1]], []], [[labs[0]], [labs[1]], []], image_token_id=tid
+        )
     with pytest.raises(ValueError, match="left over"):  # per-sample: both images claimed by sample 0
         scatter_vision_labels(ids, [grids, []], [labs, []], image_token_id=tid)
     with pytest.raises(TypeError, match="grids"):
@@ -159,11 +212,16 @@ def test_words_structure_must_follow_grids():
     with pytest.raises(ValueError, match="words_per_image"):
         build_vision_labels(out["input_ids"], grids, [[]], proc.tokenizer, image_token_id=tid)
     with pytest.raises(ValueError, match="words_per_image"):
-        build_vision_labels(out["input_ids"], [[grids[0]], [grids[1]]], [[[]], []], proc.tokenizer, image_token_id=tid)
+        build_vision_labels(
+            out["input_ids"], [[grids[0]], [grids[1]]], [[[]], []], proc.tokenizer, image_token_id=tid
+        )
     with pytest.raises(ValueError, match="return_report"):
-        build_vision_labels(out["input_ids"], grids, [[], []], proc.tokenizer, image_token_id=tid, return_report=True)
-    vl = build_vision_labels(out["input_ids"], [[grids[0]], [grids[1]]], [[[]], [[]]], proc.tokenizer,
-                             image_token_id=tid)
+        build_vision_labels(
+            out["input_ids"], grids, [[], []], proc.tokenizer, image_token_id=tid, return_report=True
+        )
+    vl = build_vision_labels(
+        out["input_ids"], [[grids[0]], [grids[1]]], [[[]], [[]]], proc.tokenizer, image_token_id=tid
+    )
     assert (vl == -100).all()
 
 
@@ -182,10 +240,10 @@ def test_pixtral_break_tokens_are_checked():
     breaks = ids[0] == proc.image_break_token_id
     assert breaks.sum() == g.views[0].rows - 1 and (vl[0, breaks] == -100).all()
     first_break = int(breaks.nonzero()[0])
-    doubled = torch.cat([ids[:, :first_break + 1], ids[:, first_break:]], dim=1)
+    doubled = torch.cat([ids[:, : first_break + 1], ids[:, first_break:]], dim=1)
     with pytest.raises(ValueError, match="separator"):  # two breaks where the grid has one
         scatter_vision_labels(doubled, [g], [lab], image_token_id=tid)
-    dropped = torch.cat([ids[:, :first_break], ids[:, first_break + 1:]], dim=1)
+    dropped = torch.cat([ids[:, :first_break], ids[:, first_break + 1 :]], dim=1)
     with pytest.raises(ValueError):  # rows 0 and 1 merge into one run
         scatter_vision_labels(dropped, [g], [lab], image_token_id=tid)
 
@@ -198,12 +256,12 @@ def test_one_dimensional_input_and_placeholder_runs():
     assert vl.shape == ids.shape
     starts, lens = placeholder_runs(ids.numpy(), tid)
     assert lens.tolist() == [grids[0].num_tokens]
-    assert torch.equal(vl[starts[0]:starts[0] + lens[0]], lab)
+    assert torch.equal(vl[starts[0] : starts[0] + lens[0]], lab)
     s, n = placeholder_runs(np.array([1, 2, 3]), 9)
     assert s.size == 0 and n.size == 0
 
 
 def test_gemma3_uses_the_soft_image_token():
-    proc, prompt = make_processor("gemma3")
+    proc, _ = make_processor("gemma3")
     assert fam.image_token_id(proc) == proc.tokenizer.convert_tokens_to_ids("<image_soft_token>")
     assert fam.image_token_id(proc) != proc.image_token_id  # processor.image_token_id is begin-of-image

@@ -42,42 +42,132 @@ def _pinpoints(t: int, k: int):
     return [[t * i, t * j] for i in range(1, k + 1) for j in range(1, k + 1)]
 
 
-LLAVA15 = dict(patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1)
+LLAVA15 = {"patch_size": 14, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}
 # (case id, family, processor config, call images_kwargs, number of sizes, size range hi)
 CASES = [
     ("qwen2_vl-class-defaults", "qwen2_vl", {}, {}, 3, 700),
-    ("qwen2_vl-small-max-pixels", "qwen2_vl", dict(min_pixels=8 * 28 * 28, max_pixels=300 * 28 * 28), {}, 24, 1400),
-    ("qwen2_5_vl", "qwen2_5_vl", dict(max_pixels=200 * 28 * 28), {}, 6, 1400),
-    ("qwen3_vl-patch16", "qwen3_vl", dict(patch_size=16, max_pixels=250 * 32 * 32), {}, 10, 1400),
-    ("llava-1.5", "llava", dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, **LLAVA15),
-     {}, 10, 1400),
-    ("llava-1.5-clip-image-processor", "llava", dict(size={"shortest_edge": 336}, clip=True,
-                                                     crop_size={"height": 336, "width": 336}, **LLAVA15), {}, 4, 1400),
-    ("llava-class-defaults-pad", "llava", dict(do_pad=True, patch_size=14), {}, 10, 1400),
-    ("llava-full-cls", "llava", dict(patch_size=14, vision_feature_select_strategy="full",
-                                     num_additional_image_tokens=1), {}, 4, 900),
-    ("llava_next-1.6", "llava_next", dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
-                                          **LLAVA15), {}, 8, 1400),
-    ("llava_next-tiny-tiles", "llava_next", dict(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
-                                                 image_grid_pinpoints=_pinpoints(56, 4), **LLAVA15), {}, 24, 900),
-    ("llava_onevision-class-defaults", "llava_onevision", dict(num_image_tokens=729,
-                                                               vision_feature_select_strategy="full"), {}, 3, 1400),
-    ("llava_onevision-tiny-tiles", "llava_onevision", dict(size={"height": 56, "width": 56},
-                                                           image_grid_pinpoints=_pinpoints(56, 6),
-                                                           num_image_tokens=16,
-                                                           vision_feature_select_strategy="full"), {}, 30, 1400),
-    ("internvl-448", "internvl", dict(size={"height": 448, "width": 448}, image_seq_length=256), {}, 6, 1400),
-    ("internvl-tiny-tiles", "internvl", dict(size={"height": 64, "width": 64}, image_seq_length=16), {}, 24, 1400),
+    (
+        "qwen2_vl-small-max-pixels",
+        "qwen2_vl",
+        {"min_pixels": 8 * 28 * 28, "max_pixels": 300 * 28 * 28},
+        {},
+        24,
+        1400,
+    ),
+    ("qwen2_5_vl", "qwen2_5_vl", {"max_pixels": 200 * 28 * 28}, {}, 6, 1400),
+    ("qwen3_vl-patch16", "qwen3_vl", {"patch_size": 16, "max_pixels": 250 * 32 * 32}, {}, 10, 1400),
+    (
+        "llava-1.5",
+        "llava",
+        dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, **LLAVA15),
+        {},
+        10,
+        1400,
+    ),
+    (
+        "llava-1.5-clip-image-processor",
+        "llava",
+        dict(size={"shortest_edge": 336}, clip=True, crop_size={"height": 336, "width": 336}, **LLAVA15),
+        {},
+        4,
+        1400,
+    ),
+    ("llava-class-defaults-pad", "llava", {"do_pad": True, "patch_size": 14}, {}, 10, 1400),
+    (
+        "llava-full-cls",
+        "llava",
+        {"patch_size": 14, "vision_feature_select_strategy": "full", "num_additional_image_tokens": 1},
+        {},
+        4,
+        900,
+    ),
+    (
+        "llava_next-1.6",
+        "llava_next",
+        dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, **LLAVA15),
+        {},
+        8,
+        1400,
+    ),
+    (
+        "llava_next-tiny-tiles",
+        "llava_next",
+        dict(
+            size={"shortest_edge": 56},
+            crop_size={"height": 56, "width": 56},
+            image_grid_pinpoints=_pinpoints(56, 4),
+            **LLAVA15,
+        ),
+        {},
+        24,
+        900,
+    ),
+    (
+        "llava_onevision-class-defaults",
+        "llava_onevision",
+        {"num_image_tokens": 729, "vision_feature_select_strategy": "full"},
+        {},
+        3,
+        1400,
+    ),
+    (
+        "llava_onevision-tiny-tiles",
+        "llava_onevision",
+        {
+            "size": {"height": 56, "width": 56},
+            "image_grid_pinpoints": _pinpoints(56, 6),
+            "num_image_tokens": 16,
+            "vision_feature_select_strategy": "full",
+        },
+        {},
+        30,
+        1400,
+    ),
+    (
+        "internvl-448",
+        "internvl",
+        {"size": {"height": 448, "width": 448}, "image_seq_length": 256},
+        {},
+        6,
+        1400,
+    ),
+    (
+        "internvl-tiny-tiles",
+        "internvl",
+        {"size": {"height": 64, "width": 64}, "image_seq_length": 16},
+        {},
+        24,
+        1400,
+    ),
     ("idefics3-class-defaults", "idefics3", {}, {}, 4, 1400),
-    ("idefics3-small", "idefics3", dict(size={"longest_edge": 448}, max_image_size={"longest_edge": 112},
-                                        image_seq_len=16), {}, 24, 1400),
-    ("smolvlm-small", "smolvlm", dict(size={"longest_edge": 384}, max_image_size={"longest_edge": 128},
-                                      image_seq_len=64), {}, 12, 1400),
-    ("gemma3-896", "gemma3", dict(size={"height": 896, "width": 896}), {}, 3, 1400),
+    (
+        "idefics3-small",
+        "idefics3",
+        {"size": {"longest_edge": 448}, "max_image_size": {"longest_edge": 112}, "image_seq_len": 16},
+        {},
+        24,
+        1400,
+    ),
+    (
+        "smolvlm-small",
+        "smolvlm",
+        {"size": {"longest_edge": 384}, "max_image_size": {"longest_edge": 128}, "image_seq_len": 64},
+        {},
+        12,
+        1400,
+    ),
+    ("gemma3-896", "gemma3", {"size": {"height": 896, "width": 896}}, {}, 3, 1400),
     ("gemma3-class-defaults", "gemma3", {}, {}, 10, 1400),
-    ("gemma3-pan-and-scan", "gemma3", {}, dict(do_pan_and_scan=True), 16, 1400),
+    ("gemma3-pan-and-scan", "gemma3", {}, {"do_pan_and_scan": True}, 16, 1400),
     ("pixtral-class-defaults", "pixtral", {}, {}, 12, 1400),
-    ("mistral3", "pixtral", dict(size={"longest_edge": 560}, patch_size=14, spatial_merge_size=2), {}, 16, 1400),
+    (
+        "mistral3",
+        "pixtral",
+        {"size": {"longest_edge": 560}, "patch_size": 14, "spatial_merge_size": 2},
+        {},
+        16,
+        1400,
+    ),
 ]
 
 
@@ -129,7 +219,9 @@ def test_grid_matches_processor(case):
             nc = np.ones(grid.num_tokens, bool)
             nc[grid.cell_positions()] = False
             sep_ids = ids[run0 + np.flatnonzero(nc)]
-            assert (sep_ids[:-1] == proc.image_break_token_id).all() and sep_ids[-1] == proc.image_end_token_id
+            assert (sep_ids[:-1] == proc.image_break_token_id).all() and sep_ids[
+                -1
+            ] == proc.image_end_token_id
             assert [s - run0 for s in starts] == [s for s, _ in grid.segments]
 
         # 2. every token's pixels come from inside its cell (decoded in the model's order)
@@ -159,7 +251,7 @@ def test_grid_matches_processor(case):
         # 3. a box equal to one cell labels exactly that token (in its view)
         if word_id is None:
             ids_h = tok(" hello", add_special_tokens=False)["input_ids"]
-            word_id = [i for i in ids_h if tok.decode([i]).strip()][0]  # first piece past the prefix space
+            word_id = next(i for i in ids_h if tok.decode([i]).strip())  # first piece past the prefix space
         cells = np.flatnonzero(is_cell)
         for k in rng.choice(cells, size=min(4, cells.size), replace=False):
             bx = boxes[k]
@@ -185,7 +277,8 @@ def test_family_detection_and_settings_come_from_the_processor():
     smol_cls = __import__("transformers").SmolVLMProcessor
     smol = object.__new__(smol_cls)
     smol.image_processor = __import__("transformers").SmolVLMImageProcessor(
-        size={"longest_edge": 384}, max_image_size={"longest_edge": 128})
+        size={"longest_edge": 384}, max_image_size={"longest_edge": 128}
+    )
     smol.image_seq_len = 64
     assert fam.detect_family(smol) == "idefics3"
     g = VisualGrid.from_processor(smol, (300, 500))
@@ -203,17 +296,25 @@ def test_from_processor_cross_checks_outputs():
     with pytest.raises(ValueError, match="index"):
         VisualGrid.from_processor(proc, img, out, 1)
     # settings passed at call time must be declared
-    out2 = proc(images=[img], text=[prompt], images_kwargs={"size": {"shortest_edge": 3136, "longest_edge": 50 * 784}})
+    out2 = proc(
+        images=[img], text=[prompt], images_kwargs={"size": {"shortest_edge": 3136, "longest_edge": 50 * 784}}
+    )
     with pytest.raises(ValueError, match="images_kwargs"):
         VisualGrid.from_processor(proc, img, out2, 0)
-    g = VisualGrid.from_processor(proc, img, out2, 0,
-                                  images_kwargs={"size": {"shortest_edge": 3136, "longest_edge": 50 * 784}})
+    g = VisualGrid.from_processor(
+        proc, img, out2, 0, images_kwargs={"size": {"shortest_edge": 3136, "longest_edge": 50 * 784}}
+    )
     assert g.num_tokens == int(out2["image_grid_thw"][0].prod()) // 4
 
 
 def test_onevision_multi_image_layout():
-    proc, _ = make_processor("llava_onevision", size={"height": 56, "width": 56}, image_grid_pinpoints=_pinpoints(56, 4),
-                             num_image_tokens=16, vision_feature_select_strategy="full")
+    proc, _ = make_processor(
+        "llava_onevision",
+        size={"height": 56, "width": 56},
+        image_grid_pinpoints=_pinpoints(56, 4),
+        num_image_tokens=16,
+        vision_feature_select_strategy="full",
+    )
     imgs = [coord_image(120, 300), coord_image(260, 90)]
     out = proc(images=[imgs], text=["a <image> b <image> c"])
     tid = fam.image_token_id(proc)
@@ -242,16 +343,26 @@ def test_token_order_of_merging_functions():
     idf = Idefics3Connector.pixel_shuffle(None, pos.view(1, n * n, 2), 2).view(n // 2, n // 2, 4, 2)
     for out in (iv, idf):
         centre = out.mean(dim=2)  # each token's 2x2 block centre, in token order
-        expect = torch.stack(torch.meshgrid(torch.arange(n // 2), torch.arange(n // 2), indexing="ij"), -1) * 2 + 0.5
+        expect = (
+            torch.stack(torch.meshgrid(torch.arange(n // 2), torch.arange(n // 2), indexing="ij"), -1) * 2
+            + 0.5
+        )
         assert torch.equal(centre, expect.double())
 
 
-@pytest.mark.parametrize("bad", [
-    dict(image_size=(0, 10)), dict(image_size=(10,)), dict(image_grid_thw=(2, 4, 4)), dict(image_grid_thw=(1, 3, 4)),
-    dict(patch_size=0), dict(image_size=(10.5, 3)),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"image_size": (0, 10)},
+        {"image_size": (10,)},
+        {"image_grid_thw": (2, 4, 4)},
+        {"image_grid_thw": (1, 3, 4)},
+        {"patch_size": 0},
+        {"image_size": (10.5, 3)},
+    ],
+)
 def test_qwen_constructor_rejects_bad_input(bad):
-    kw = dict(image_size=(100, 100), image_grid_thw=(1, 4, 4), patch_size=14, merge_size=2)
+    kw = {"image_size": (100, 100), "image_grid_thw": (1, 4, 4), "patch_size": 14, "merge_size": 2}
     kw.update(bad)
     with pytest.raises(ValueError):
         VisualGrid.for_qwen2_vl(**kw)
@@ -259,7 +370,9 @@ def test_qwen_constructor_rejects_bad_input(bad):
 
 def test_constructors_reject_inconsistent_configs():
     with pytest.raises(ValueError, match="num_additional_image_tokens"):
-        VisualGrid.for_llava((100, 100), vision_feature_select_strategy="default", num_additional_image_tokens=0)
+        VisualGrid.for_llava(
+            (100, 100), vision_feature_select_strategy="default", num_additional_image_tokens=0
+        )
     with pytest.raises(ValueError, match="multiple of the tile"):
         VisualGrid.for_llava_next((300, 500), tile_size=224)  # class default pinpoints are 336-multiples
     with pytest.raises(ValueError, match="OneVision"):
