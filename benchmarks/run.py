@@ -47,7 +47,8 @@ def parse_args(argv=None):
     ap.add_argument("--budget-s", type=float, default=None,
                     help="stop starting cells after this many seconds; the rest are 'skipped' rows")
     ap.add_argument("--cell-timeout", type=float, default=None, help="kill a cell after this many seconds")
-    ap.add_argument("--reps", type=int, default=None, help="CPU: minimum timed repeats (default 3)")
+    ap.add_argument("--reps", type=int, default=None,
+                    help="CPU: timed repeats, at least (default 3, fewer for calls over 4 s)")
     ap.add_argument("--no-e2e", action="store_true", help="gpu suite without the e2e step")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
@@ -85,12 +86,11 @@ def build_plan(args) -> tuple[runner.Plan, str]:
 
     timing = {}
     if device == "cpu":
-        cpu = {"warmup": 1, "min_reps": 3, "max_reps": 10, "min_time_s": 1.0}
+        cpu = {"warmup": 1, "min_reps": 3, "max_reps": 10, "min_time_s": 1.0, "max_time_s": 12.0}
         if quick:
-            cpu.update(min_reps=2, max_reps=3, min_time_s=0.1)
+            cpu.update(min_reps=2, max_reps=3, min_time_s=0.1, max_time_s=2.0)
         if args.reps:
-            cpu["min_reps"] = args.reps
-            cpu["max_reps"] = max(cpu["max_reps"], args.reps)
+            cpu.update(min_reps=args.reps, max_reps=max(cpu["max_reps"], args.reps), max_time_s=float("inf"))
         timing["cpu"] = cpu
     else:
         timing["gpu"] = {"warmup_ms": 5.0, "rep_ms": 20.0, "min_reps": 3, "bwd_reps": 3} if quick else \

@@ -272,3 +272,60 @@ def test_gpu_check_fails_soft_without_cuda(tmp_path):
     assert re.search(r"no CUDA", res.stdout + res.stderr)
     status = json.loads((tmp_path / "res" / "gpu_check.json").read_text())
     assert status["status"] == "skipped" and "CUDA" in status["reason"]
+
+
+def test_gpu_timer_control_flow_with_fake_cuda(monkeypatch):
+    """measure_gpu's logic, on CPU: CUDA events, sync, allocator stats and do_bench replaced by
+    host stand-ins. (The real thing runs in gpu_check.sh.)"""
+    import time as _time
+
+    import triton.testing
+
+    from benchmarks import measure
+
+    class FakeEvent:
+        def __init__(self, enable_timing=True):
+            self.t = None
+
+        def record(self):
+            self.t = _time.perf_counter()
+
+        def elapsed_time(self, other):
+            return (other.t - self.t) * 1e3
+
+    calls = {"bench": []}
+    alloc = {"now": 1000, "peak": 1000}
+
+    def fake_bench(fn, warmup=25, rep=100, grad_to_none=None, quantiles=None, return_mode="mean"):
+        calls["bench"].append((warmup, rep, grad_to_none is not None, return_mode))
+        out = []
+        for _ in range(3):
+            for x in grad_to_none or []:
+                x.grad = None
+            t0 = _time.perf_counter()
+            fn()
+            out.append((_time.perf_counter() - t0) * 1e3)
+        return out if return_mode == "all" else sorted(out)[1]
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a, **k: alloc.update(peak=alloc["now"]))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a, **k: alloc["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: alloc["peak"] + 5000)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+
+    shape = shapes.Shape("tiny-test", 32, 16, 101, 0.5)
+    runner_ = providers.PROVIDERS["hf"].prepare(shapes.make_inputs(shape), shape, "cpu")
+    m = measure.measure_gpu(runner_, measure.GpuTiming(bwd_reps=2))
+    assert len(m.times_ms["fwd"]) == 3 and len(m.times_ms["fwd_bwd"]) == 3 and len(m.times_ms["bwd"]) == 2
+    assert [c[2] for c in calls["bench"]] == [False, True]  # grads cleared for fwd+bwd only
+    assert all(c[3] == "all" for c in calls["bench"])
+    assert m.peak_bytes == {"fwd": 5000, "bwd": 5000, "fwd_bwd": 5000}
+    assert m.loss is not None and "do_bench" in m.timer
+    rows = worker.op_rows(providers.PROVIDERS["hf"], shape, "cuda", "ok", meta={}, measurement=m)
+    assert all(r["time_ms"] > 0 and r["peak_mem_mb"] == 0.005 for r in rows)
+
+    floor = providers.PROVIDERS["floor"].prepare(shapes.make_inputs(shape), shape, "cpu")
+    mf = measure.measure_gpu(floor, measure.GpuTiming(bwd_reps=1), measure_memory=False)
+    assert mf.peak_bytes["fwd"] is None and len(mf.times_ms["bwd"]) == 1
