@@ -20,15 +20,11 @@ from __future__ import annotations
 import functools
 import sys
 import types
-import warnings
 
 import numpy as np
 import torch
-from PIL import Image
-
-warnings.filterwarnings("ignore", message=".*requires torchvision.*")
-
 import transformers as T
+from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -330,6 +326,8 @@ def rasterised_coverage(grid, boxes, samples: int = 1, pixel_lattice: bool = Tru
     cov = np.zeros((grid.num_tokens, len(boxes)))
     for v in grid.views:
         vx, vy = xs * v.sx - v.ox, ys * v.sy - v.oy
+        if v.rows * v.cols == 0:  # e.g. an anyres grid whose rows were all padding
+            continue
         cx = (
             np.asarray(v.col_spans)
             if v.col_spans is not None

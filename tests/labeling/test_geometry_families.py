@@ -27,10 +27,14 @@ from tests.labeling._geometry_helpers import (
 )
 
 
+EXTREME = [(12, 900), (900, 12), (5, 7), (2, 400), (28, 28), (1400, 230), (1, 1), (3, 1000)]
+
+
 def _sizes(seed: int, n: int, lo: int = 40, hi: int = 1400, max_aspect: float = 6.0) -> list[tuple[int, int]]:
+    """Random sizes and aspect ratios, plus two extreme ones (thin strips, a few pixels)."""
     rng = np.random.default_rng(seed)
-    out = []
-    while len(out) < n:
+    out = [EXTREME[seed % len(EXTREME)], EXTREME[(seed // 3) % len(EXTREME)]]
+    while len(out) < n + 2:
         h = int(np.exp(rng.uniform(np.log(lo), np.log(hi))))
         w = int(np.exp(rng.uniform(np.log(lo), np.log(hi))))
         if max(h, w) / min(h, w) <= max_aspect:
@@ -206,7 +210,12 @@ def test_grid_matches_processor(case):
     word_id = None
     for H, W in sizes:
         img = coord_image(H, W)
-        out = proc(images=[img], text=[prompt], **call_kw)
+        try:
+            out = proc(images=[img], text=[prompt], **call_kw)
+        except ValueError:  # the processor rejects the image (Qwen: aspect ratio >= 200): so must we
+            with pytest.raises(ValueError):
+                VisualGrid.from_processor(proc, img, None, 0, images_kwargs=call_kw)
+            continue
         grid = VisualGrid.from_processor(proc, img, out, 0, images_kwargs=call_kw)
         assert grid.image_size == (H, W)
         ids = np.asarray(out["input_ids"][0])
@@ -234,19 +243,21 @@ def test_grid_matches_processor(case):
         assert not (no_pixels & is_cell).any(), "grid labels a position that sees no pixels"
         pure = ~no_pixels & (np.abs(dec[:, 2] - BLUE) < 0.75)  # sees image content only (no padding)
         assert (is_cell | ~pure).all(), "a position that sees image content is not a cell of the grid"
-        # errors in view pixels (each token's own view scale): colour quantisation (W / 255 orig px)
-        # plus 1.5 px of resampling at image borders per token; the mean must show no shift at all
+        # errors in view pixels (each token's own view scale): colour quantisation (W / 255 orig px),
+        # 1.5 px of resampling, and half a source pixel where resizing clamps at the image border
+        # (large for tiny, upscaled images); the mean must show no shift
         owner = grid.view_of_position()
         sx = np.array([grid.views[o].sx for o in owner[pure]])
         sy = np.array([grid.views[o].sy for o in owner[pure]])
         b = boxes[pure]
         ex = (dec[pure, 0] - np.clip(dec[pure, 0], b[:, 0], b[:, 2])) * sx  # distance outside the box
         ey = (dec[pure, 1] - np.clip(dec[pure, 1], b[:, 1], b[:, 3])) * sy
-        assert (np.abs(ex) <= 0.75 * W / 255 * sx + 1.5).all(), (cid, H, W, np.abs(ex).max())
-        assert (np.abs(ey) <= 0.75 * H / 255 * sy + 1.5).all(), (cid, H, W, np.abs(ey).max())
-        mx = np.mean((dec[pure, 0] - (b[:, 0] + b[:, 2]) / 2) * sx)
-        my = np.mean((dec[pure, 1] - (b[:, 1] + b[:, 3]) / 2) * sy)
-        assert abs(mx) < 0.15 and abs(my) < 0.15, (cid, H, W, mx, my)
+        assert (np.abs(ex) <= (0.75 * W / 255 + 0.5) * sx + 1.5).all(), (cid, H, W, np.abs(ex).max())
+        assert (np.abs(ey) <= (0.75 * H / 255 + 0.5) * sy + 1.5).all(), (cid, H, W, np.abs(ey).max())
+        if pure.any():
+            mx = np.mean((dec[pure, 0] - (b[:, 0] + b[:, 2]) / 2) * sx)
+            my = np.mean((dec[pure, 1] - (b[:, 1] + b[:, 3]) / 2) * sy)
+            assert abs(mx) < 0.15 + 0.25 * sx.max() and abs(my) < 0.15 + 0.25 * sy.max(), (cid, H, W, mx, my)
 
         # 3. a box equal to one cell labels exactly that token (in its view)
         if word_id is None:
@@ -261,7 +272,7 @@ def test_grid_matches_processor(case):
             hit = (labels != -100).numpy()
             assert np.flatnonzero(hit & same_view).tolist() == [k]
             # other views: whatever the brute-force coverage says (clear cases only)
-            cov = rasterised_coverage(grid, [bx], samples=1)[:, 0]
+            cov = rasterised_coverage(grid, [bx], samples=max(1, -(-160 // min(H, W))))[:, 0]
             other = ~same_view
             assert not (hit & other & (cov < 0.2)).any()
             assert (hit | ~(other & (cov > 0.3))).all()
