@@ -56,22 +56,65 @@ class E2EConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "E2EConfig":
+    def from_dict(cls, d: dict) -> E2EConfig:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
 CONFIGS = {
     # 448 px -> 32 x 32 patches -> 256 visual tokens; vocabulary cut to keep CPU steps ~seconds.
-    "cpu": E2EConfig("qwen2vl-tiny-cpu", batch=1, seq=768, vocab=32000, hidden=256, layers=2, heads=4,
-                     kv_heads=2, intermediate=512, image_px=448, vision_fraction=0.4, answer=128,
-                     dtype="float32"),
+    "cpu": E2EConfig(
+        "qwen2vl-tiny-cpu",
+        batch=1,
+        seq=768,
+        vocab=32000,
+        hidden=256,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        intermediate=512,
+        image_px=448,
+        vision_fraction=0.4,
+        answer=128,
+        dtype="float32",
+    ),
     # 1008 px -> 72 x 72 patches -> 1296 visual tokens (a ~1000 x 1000 page); real Qwen vocabulary.
-    "gpu": E2EConfig("qwen2vl-small-gpu", batch=4, seq=2048, vocab=151936, hidden=1024, layers=4,
-                     heads=16, kv_heads=4, intermediate=2816, image_px=1008, vision_fraction=0.4,
-                     answer=256, dtype="bfloat16", vision_depth=2, vision_dim=256, warmup=2, steps=5),
-    "quick": E2EConfig("qwen2vl-micro", batch=1, seq=160, vocab=2048, hidden=64, layers=1, heads=4,
-                       kv_heads=2, intermediate=128, image_px=224, vision_fraction=0.4, answer=32,
-                       dtype="float32", vision_dim=32, warmup=1, steps=1),
+    "gpu": E2EConfig(
+        "qwen2vl-small-gpu",
+        batch=4,
+        seq=2048,
+        vocab=151936,
+        hidden=1024,
+        layers=4,
+        heads=16,
+        kv_heads=4,
+        intermediate=2816,
+        image_px=1008,
+        vision_fraction=0.4,
+        answer=256,
+        dtype="bfloat16",
+        vision_depth=2,
+        vision_dim=256,
+        warmup=2,
+        steps=5,
+    ),
+    "quick": E2EConfig(
+        "qwen2vl-micro",
+        batch=1,
+        seq=160,
+        vocab=2048,
+        hidden=64,
+        layers=1,
+        heads=4,
+        kv_heads=2,
+        intermediate=128,
+        image_px=224,
+        vision_fraction=0.4,
+        answer=32,
+        dtype="float32",
+        vision_dim=32,
+        warmup=1,
+        steps=1,
+    ),
 }
 
 
@@ -92,16 +135,31 @@ def build_model(cfg: E2EConfig, device: str):
     half = head_dim // 2  # mrope sections (t, h, w) sum to head_dim / 2
     mrope = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
     qcfg = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=V, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
-            num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
-            max_position_embeddings=max(4096, 2 * cfg.seq), bos_token_id=0, eos_token_id=1, pad_token_id=2,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope},
-        ),
-        vision_config=dict(depth=cfg.vision_depth, embed_dim=cfg.vision_dim, hidden_size=cfg.hidden,
-                           num_heads=max(1, cfg.vision_dim // 32), patch_size=PATCH, spatial_merge_size=MERGE,
-                           temporal_patch_size=TEMPORAL),
-        image_token_id=V - 3, vision_start_token_id=V - 2, vision_end_token_id=V - 1,
+        text_config={
+            "vocab_size": V,
+            "hidden_size": cfg.hidden,
+            "intermediate_size": cfg.intermediate,
+            "num_hidden_layers": cfg.layers,
+            "num_attention_heads": cfg.heads,
+            "num_key_value_heads": cfg.kv_heads,
+            "max_position_embeddings": max(4096, 2 * cfg.seq),
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 2,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope},
+        },
+        vision_config={
+            "depth": cfg.vision_depth,
+            "embed_dim": cfg.vision_dim,
+            "hidden_size": cfg.hidden,
+            "num_heads": max(1, cfg.vision_dim // 32),
+            "patch_size": PATCH,
+            "spatial_merge_size": MERGE,
+            "temporal_patch_size": TEMPORAL,
+        },
+        image_token_id=V - 3,
+        vision_start_token_id=V - 2,
+        vision_end_token_id=V - 1,
     )
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(
@@ -196,7 +254,7 @@ class DvsftStep(E2EProvider):
             return reason
         try:
             import dvsft_kernels
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any import failure is a reason to skip, stated
             return f"dvsft_kernels not importable ({type(e).__name__}: {str(e)[:200]})"
         missing = [n for n in ("attach", "DVLoss") if not hasattr(dvsft_kernels, n)]
         if missing:
@@ -217,8 +275,9 @@ E2E_PROVIDERS = {p.name: p for p in [HFStep(), DvsftStep()]}
 # Rows and measurement
 
 
-def rows_for(cell: dict, device: str, status: str, *, meta: dict, reason=None, error=None,
-             result: dict | None = None) -> list[dict]:
+def rows_for(
+    cell: dict, device: str, status: str, *, meta: dict, reason=None, error=None, result: dict | None = None
+) -> list[dict]:
     cfg = E2EConfig.from_dict(cell["config"])
     p = E2E_PROVIDERS[cell["provider"]]
     tokens = cfg.batch * cfg.seq
@@ -231,12 +290,25 @@ def rows_for(cell: dict, device: str, status: str, *, meta: dict, reason=None, e
         "group": f"e2e/{cfg.name}",
         "family": cfg.name,
         "mode": "train_step",
-        "status": status, "reason": reason, "error": error,
+        "status": status,
+        "reason": reason,
+        "error": error,
         "dtype": cfg.dtype,
-        "batch": cfg.batch, "seq": cfg.seq, "V": cfg.vocab, "D": cfg.hidden, "layers": cfg.layers,
-        "visual_tokens": cfg.visual_tokens, "tokens": tokens,
-        "time_ms": None, "time_ms_min": None, "time_ms_max": None, "reps": 0,
-        "tokens_per_s": None, "peak_mem_mb": None, "mem_method": None, "loss": None,
+        "batch": cfg.batch,
+        "seq": cfg.seq,
+        "V": cfg.vocab,
+        "D": cfg.hidden,
+        "layers": cfg.layers,
+        "visual_tokens": cfg.visual_tokens,
+        "tokens": tokens,
+        "time_ms": None,
+        "time_ms_min": None,
+        "time_ms_max": None,
+        "reps": 0,
+        "tokens_per_s": None,
+        "peak_mem_mb": None,
+        "mem_method": None,
+        "loss": None,
         "attn_implementation": attn_implementation(device),
     }
     if result:
@@ -251,8 +323,10 @@ def run_cell(cell: dict, spec: dict, meta: dict) -> list[dict]:
     if reason:
         return rows_for(cell, device, "skipped", meta=meta, reason=reason)
     try:
-        return rows_for(cell, device, "ok", meta=meta, result=measure_step(p, E2EConfig.from_dict(cell["config"]), device))
-    except Exception as e:
+        return rows_for(
+            cell, device, "ok", meta=meta, result=measure_step(p, E2EConfig.from_dict(cell["config"]), device)
+        )
+    except Exception as e:  # noqa: BLE001 - a failing provider is a "failed" row, not a crash
         from benchmarks.worker import _format
 
         return rows_for(cell, device, "failed", meta=meta, error=_format(e))
@@ -309,13 +383,19 @@ def measure_step(p: E2EProvider, cfg: E2EConfig, device: str) -> dict:
         cleanup()
     med = statistics.median(times)
     return {
-        "time_ms": med, "time_ms_min": min(times), "time_ms_max": max(times), "reps": len(times),
+        "time_ms": med,
+        "time_ms_min": min(times),
+        "time_ms_max": max(times),
+        "reps": len(times),
         "timer": "time.perf_counter around a full step" + (" (synchronized)" if cuda else ""),
         "tokens_per_s": cfg.batch * cfg.seq / (med / 1e3),
-        "peak_mem_mb": None if peak is None else peak / 1e6, "mem_method": method,
+        "peak_mem_mb": None if peak is None else peak / 1e6,
+        "mem_method": method,
         "loss": float(loss),
         "params_m": sum(x.numel() for x in model.parameters()) / 1e6,
-        "supervised_tokens": int((batch["labels"] != IGNORE_INDEX).sum() + (batch["vision_labels"] != IGNORE_INDEX).sum()),
+        "supervised_tokens": int(
+            (batch["labels"] != IGNORE_INDEX).sum() + (batch["vision_labels"] != IGNORE_INDEX).sum()
+        ),
     }
 
 

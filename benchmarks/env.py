@@ -45,7 +45,7 @@ def default_device() -> str:
     return "cuda" if cuda_available() else "cpu"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -62,8 +62,13 @@ def device_name(device: str, init_cuda: bool = True) -> str:
     if device.startswith("cuda"):
         if not init_cuda:
             try:
-                out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                                     capture_output=True, text=True, timeout=20)
+                out = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                    capture_output=True,
+                    text=True,
+                    timeout=20,
+                    check=False,
+                )
                 names = out.stdout.strip().splitlines()
                 if out.returncode == 0 and names:
                     return names[0].strip()
@@ -90,7 +95,7 @@ def device_slug(device: str, name: str | None = None) -> str:
     return slug[:60].strip("-") or "device"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def git_sha() -> str:
     """Short SHA of HEAD, '+dirty' when tracked files differ; DVSFT_GIT_SHA overrides (a copied
     tree without .git, e.g. on a GPU machine)."""
@@ -99,14 +104,22 @@ def git_sha() -> str:
         return env
     try:
         sha = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
             timeout=10,
+            check=False,
         )
         if sha.returncode != 0:
             return "unknown"
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True,
-            text=True, timeout=10,
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
         )
         return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):

@@ -215,8 +215,9 @@ def _do_bench(fn, warmup_ms, rep_ms, grad_to_none):
         res = do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, return_mode="all")
         return list(res) if isinstance(res, (list, tuple)) else [float(res)]
     except (TypeError, ValueError, AssertionError):  # a triton without return_mode="all"
-        return [float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
-                               return_mode="median"))]
+        return [
+            float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none, return_mode="median"))
+        ]
 
 
 def measure_gpu(runner, timing: GpuTiming, measure_memory: bool = True) -> Measurement:
@@ -267,7 +268,9 @@ def measure_gpu(runner, timing: GpuTiming, measure_memory: bool = True) -> Measu
         fwd, max(timing.warmup_ms, est_f), max(timing.rep_ms, timing.min_reps * est_f), None
     )
     m.times_ms["fwd_bwd"] = _do_bench(
-        fwd_bwd, max(timing.warmup_ms, est_f + est_b), max(timing.rep_ms, timing.min_reps * (est_f + est_b)),
+        fwd_bwd,
+        max(timing.warmup_ms, est_f + est_b),
+        max(timing.rep_ms, timing.min_reps * (est_f + est_b)),
         grads or None,
     )
     for _ in range(timing.bwd_reps):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-from typing import Callable
+from collections.abc import Callable
 
 IGNORE_INDEX = -100
 
@@ -118,7 +118,7 @@ class Dvsft(Provider):
     def static_reason(self, device, interpret=False):
         try:
             self._op()
-        except Exception as e:  # ImportError while the op is being written, or a broken import
+        except Exception as e:  # noqa: BLE001 - ImportError while the op is being written, or a broken import
             return f"dvsft_kernels.linear_cross_entropy not importable ({_err(e)})"
         return None
 
@@ -130,8 +130,10 @@ class Dvsft(Provider):
             return reason
         cpu_triton = self.triton and not device.startswith("cuda") and not interpret
         if cpu_triton and os.environ.get("TRITON_INTERPRET") == "1":
-            return (f"impl={self.impl!r} is a Triton kernel: TRITON_INTERPRET=1 is set here, so on CPU it "
-                    "would run in the interpreter, a correctness tool, not benchmarked")
+            return (
+                f"impl={self.impl!r} is a Triton kernel: TRITON_INTERPRET=1 is set here, so on CPU it "
+                "would run in the interpreter, a correctness tool, not benchmarked"
+            )
         h, w, t = _tiny(device, torch.float32 if interpret else None)
         try:
             self._op()(h, w, t, impl=self.impl).backward()
@@ -141,15 +143,19 @@ class Dvsft(Provider):
                 return f"impl={self.impl!r} unavailable here: {_err(e)}"
             raise
         if cpu_triton:
-            return (f"impl={self.impl!r} is a Triton kernel: on CPU it runs only under TRITON_INTERPRET=1, "
-                    "a correctness tool, not benchmarked")
+            return (
+                f"impl={self.impl!r} is a Triton kernel: on CPU it runs only under TRITON_INTERPRET=1, "
+                "a correctness tool, not benchmarked"
+            )
         return None
 
     def prepare(self, inputs, shape, device):
         op, impl = self._op(), self.impl
         return Runner(
             lambda h, w, t: op(h, w, t, ignore_index=IGNORE_INDEX, reduction="mean", impl=impl),
-            inputs["hidden"], inputs["weight"], inputs["targets"],
+            inputs["hidden"],
+            inputs["weight"],
+            inputs["targets"],
         )
 
 
@@ -162,7 +168,9 @@ class HFPlain(Provider):
     label = "HF plain loss (full logits, fp32 upcast)"
     kind = "reference"
     skips_ignored = False
-    note = "lm_head on all N rows, logits.float(), cross_entropy(ignore_index) as transformers' ForCausalLMLoss"
+    note = (
+        "lm_head on all N rows, logits.float(), cross_entropy(ignore_index) as transformers' ForCausalLMLoss"
+    )
 
     def prepare(self, inputs, shape, device):
         import torch.nn.functional as F
@@ -193,22 +201,24 @@ class TorchLCE(Provider):
     name = "torch_lce"
     label = "torch F.linear_cross_entropy (chunked options)"
     skips_ignored = False
-    note = ("CUDA: LinearCrossEntropyOptions() ('auto': per device/dtype picks measured on A100); CPU: "
-            "batch_chunk_size=1024 rows, because float32 on CPU has no tuned default and the fallback "
-            "(aspect_ratio:2) cuts 16-row chunks at D=512, V=32000 (2 rows at V=152k), ~2x slower still")
+    note = (
+        "CUDA: LinearCrossEntropyOptions() ('auto': per device/dtype picks measured on A100); CPU: "
+        "batch_chunk_size=1024 rows, because float32 on CPU has no tuned default and the fallback "
+        "(aspect_ratio:2) cuts 16-row chunks at D=512, V=32000 (2 rows at V=152k), ~2x slower still"
+    )
     CPU_CHUNK = 1024
 
     def static_reason(self, device, interpret=False):
         import torch
-        import torch.nn as nn
         import torch.nn.functional as F
+        from torch import nn
 
         if not (hasattr(F, "linear_cross_entropy") and hasattr(nn, "LinearCrossEntropyOptions")):
             return f"needs torch >= 2.13 for F.linear_cross_entropy(options=...) (have {torch.__version__})"
         return None
 
     def options(self, device: str, N: int):
-        import torch.nn as nn
+        from torch import nn
 
         if device.startswith("cuda"):
             return nn.LinearCrossEntropyOptions()
@@ -220,7 +230,9 @@ class TorchLCE(Provider):
         opts = self.options(device, shape.N)
         return Runner(
             lambda h, w, t: F.linear_cross_entropy(h, w, t, ignore_index=IGNORE_INDEX, options=opts),
-            inputs["hidden"], inputs["weight"], inputs["targets"],
+            inputs["hidden"],
+            inputs["weight"],
+            inputs["targets"],
         )
 
 
@@ -243,8 +255,10 @@ class Liger(Provider):
             return reason
         on_cpu = not device.startswith("cuda")
         if on_cpu and not interpret and os.environ.get("TRITON_INTERPRET") == "1":
-            return ("Liger's Triton kernels need a GPU; TRITON_INTERPRET=1 is set here, so on CPU they "
-                    "would run in the interpreter, a correctness tool, not benchmarked")
+            return (
+                "Liger's Triton kernels need a GPU; TRITON_INTERPRET=1 is set here, so on CPU they "
+                "would run in the interpreter, a correctness tool, not benchmarked"
+            )
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
         h, w, t = _tiny(device, torch.float32 if on_cpu else None)
@@ -296,7 +310,9 @@ class CCE(Provider):
         impl = self.impl(device)
         return Runner(
             lambda h, w, t: linear_cross_entropy(h, w, t, ignore_index=IGNORE_INDEX, impl=impl),
-            inputs["hidden"], inputs["weight"], inputs["targets"],
+            inputs["hidden"],
+            inputs["weight"],
+            inputs["targets"],
         )
 
 
@@ -416,10 +432,17 @@ class _TestCrash(Provider):
 PROVIDERS: dict[str, Provider] = {
     p.name: p
     for p in [
-        Dvsft("torch"), Dvsft("chunked"), Dvsft("fused"),
-        HFPlain(), TorchLCE(), Liger(), CCE(),
+        Dvsft("torch"),
+        Dvsft("chunked"),
+        Dvsft("fused"),
+        HFPlain(),
+        TorchLCE(),
+        Liger(),
+        CCE(),
         Floor(),
-        _TestRaise(), _TestAlloc(), _TestCrash(),
+        _TestRaise(),
+        _TestAlloc(),
+        _TestCrash(),
     ]
 }
 PEERS = ("hf", "torch_lce", "liger", "cce")

@@ -8,8 +8,19 @@ import re
 from collections import OrderedDict
 
 MODE_LABEL = {"fwd": "fwd", "bwd": "bwd", "fwd_bwd": "fwd+bwd"}
-COMMON = ("device", "device_name", "python", "git_sha", "torch", "triton", "transformers", "liger_kernel",
-          "cut_cross_entropy", "dvsft_kernels", "interpreter")
+COMMON = (
+    "device",
+    "device_name",
+    "python",
+    "git_sha",
+    "torch",
+    "triton",
+    "transformers",
+    "liger_kernel",
+    "cut_cross_entropy",
+    "dvsft_kernels",
+    "interpreter",
+)
 
 
 def common_meta(rows: list[dict]) -> dict:
@@ -57,7 +68,7 @@ def _table(header: list[str], body: list[list[str]]) -> list[str]:
 
 def _index(rows):
     """shape -> provider -> mode -> row (op rows), in first-seen order."""
-    idx: "OrderedDict[str, OrderedDict[str, dict]]" = OrderedDict()
+    idx: OrderedDict[str, OrderedDict[str, dict]] = OrderedDict()
     for r in rows:
         if r.get("suite_kind") != "op":
             continue
@@ -69,24 +80,51 @@ def op_tables(rows: list[dict]) -> list[str]:
     lines = []
     for shape, provs in _index(rows).items():
         any_row = next(iter(next(iter(provs.values())).values()))
-        lines += ["", f"### {shape}", "",
-                  f"N={any_row['N']}, D={any_row['D']}, V={any_row['V']}, labeled n={any_row['n']}, "
-                  f"{any_row['dtype']}", ""]
+        lines += [
+            "",
+            f"### {shape}",
+            "",
+            (
+                f"N={any_row['N']}, D={any_row['D']}, V={any_row['V']}, labeled n={any_row['n']}, "
+                f"{any_row['dtype']}"
+            ),
+            "",
+        ]
         body = []
         for name, modes in provs.items():
             fb = modes.get("fwd_bwd", {})
             if fb.get("status") != "ok":
                 continue
-            body.append([
-                f"`{name}`", fb["rows_processed"],
-                _ms(modes.get("fwd", {}).get("time_ms")), _ms(modes.get("bwd", {}).get("time_ms")),
-                _ms(fb.get("time_ms")), _f(fb.get("x_floor"), "{:.2f}x"), _f(fb.get("tflops"), "{:.3g}"),
-                _f(fb.get("gbps"), "{:.3g}"), _f(fb.get("peak_mem_mb"), "{:.0f}"),
-                _f(fb.get("loss"), "{:.4f}"),
-            ])
+            body.append(
+                [
+                    f"`{name}`",
+                    fb["rows_processed"],
+                    _ms(modes.get("fwd", {}).get("time_ms")),
+                    _ms(modes.get("bwd", {}).get("time_ms")),
+                    _ms(fb.get("time_ms")),
+                    _f(fb.get("x_floor"), "{:.2f}x"),
+                    _f(fb.get("tflops"), "{:.3g}"),
+                    _f(fb.get("gbps"), "{:.3g}"),
+                    _f(fb.get("peak_mem_mb"), "{:.0f}"),
+                    _f(fb.get("loss"), "{:.4f}"),
+                ]
+            )
         if body:
-            lines += _table(["provider", "rows", "fwd ms", "bwd ms", "fwd+bwd ms", "x floor", "TFLOP/s",
-                             "GB/s", "peak MB", "loss"], body)
+            lines += _table(
+                [
+                    "provider",
+                    "rows",
+                    "fwd ms",
+                    "bwd ms",
+                    "fwd+bwd ms",
+                    "x floor",
+                    "TFLOP/s",
+                    "GB/s",
+                    "peak MB",
+                    "loss",
+                ],
+                body,
+            )
         else:
             lines.append("(no provider ran)")
         off = [(n, m["fwd_bwd"]) for n, m in provs.items() if m.get("fwd_bwd", {}).get("status") != "ok"]
@@ -97,34 +135,66 @@ def op_tables(rows: list[dict]) -> list[str]:
 
 
 def speedup_table(rows: list[dict], mode: str = "fwd_bwd") -> list[str]:
-    ours = [r for r in rows if r.get("suite_kind") == "op" and r.get("provider_kind") == "ours"
-            and r.get("mode") == mode and r.get("status") == "ok"]
+    ours = [
+        r
+        for r in rows
+        if r.get("suite_kind") == "op"
+        and r.get("provider_kind") == "ours"
+        and r.get("mode") == mode
+        and r.get("status") == "ok"
+    ]
     if not ours:
         return []
-    peers = sorted({p for r in ours for p in r.get("speedup_vs", {})},
-                   key=lambda p: ("hf", "torch_lce", "liger", "cce").index(p) if p in ("hf", "torch_lce", "liger", "cce") else 9)
-    body = [[r["shape"], f"`{r['provider']}`"] + [_f(r["speedup_vs"].get(p), "{:.2f}x") for p in peers] for r in ours]
-    return ["", f"## Speedup of this package ({MODE_LABEL[mode]} time of the peer / ours; >1 = ours faster)", ""] + \
-        _table(["shape", "ours"] + [f"vs `{p}`" for p in peers], body)
+    peers = sorted(
+        {p for r in ours for p in r.get("speedup_vs", {})},
+        key=lambda p: (
+            ("hf", "torch_lce", "liger", "cce").index(p) if p in ("hf", "torch_lce", "liger", "cce") else 9
+        ),
+    )
+    body = [
+        [r["shape"], f"`{r['provider']}`"] + [_f(r["speedup_vs"].get(p), "{:.2f}x") for p in peers]
+        for r in ours
+    ]
+    return [
+        "",
+        f"## Speedup of this package ({MODE_LABEL[mode]} time of the peer / ours; >1 = ours faster)",
+        "",
+    ] + _table(["shape", "ours"] + [f"vs `{p}`" for p in peers], body)
 
 
 def e2e_table(rows: list[dict]) -> list[str]:
     e = [r for r in rows if r.get("suite_kind") == "e2e"]
     if not e:
         return []
-    body = [[r["family"], f"`{r['provider']}`", r["status"], _ms(r.get("time_ms")), _f(r.get("tokens_per_s"), "{:.0f}"),
-             _f(r.get("peak_mem_mb"), "{:.0f}"), _f(r.get("loss"), "{:.4f}"), r.get("attn_implementation", "")]
-            for r in e]
+    body = [
+        [
+            r["family"],
+            f"`{r['provider']}`",
+            r["status"],
+            _ms(r.get("time_ms")),
+            _f(r.get("tokens_per_s"), "{:.0f}"),
+            _f(r.get("peak_mem_mb"), "{:.0f}"),
+            _f(r.get("loss"), "{:.4f}"),
+            r.get("attn_implementation", ""),
+        ]
+        for r in e
+    ]
     cfg = e[0]
-    return ["", "## End-to-end training step (Qwen2-VL, random init)", "",
+    return [
+        "",
+        "## End-to-end training step (Qwen2-VL, random init)",
+        "",
+        (
             f"batch {cfg['batch']} x seq {cfg['seq']}, {cfg['visual_tokens']} visual tokens per sample, "
             f"V={cfg['V']}, hidden {cfg['D']}, {cfg['layers']} layers, {cfg['dtype']}; step = forward + "
-            "backward + AdamW step.", ""] + _table(
-        ["config", "provider", "status", "step ms", "tokens/s", "peak MB", "loss", "attention"], body)
+            "backward + AdamW step."
+        ),
+        "",
+    ] + _table(["config", "provider", "status", "step ms", "tokens/s", "peak MB", "loss", "attention"], body)
 
 
 def status_table(rows: list[dict]) -> list[str]:
-    groups: "OrderedDict[tuple, list[str]]" = OrderedDict()
+    groups: OrderedDict[tuple, list[str]] = OrderedDict()
     for r in rows:
         if r.get("status") == "ok" or r.get("mode") not in ("fwd_bwd", "train_step"):
             continue
@@ -133,8 +203,15 @@ def status_table(rows: list[dict]) -> list[str]:
         groups.setdefault((r["provider"], r["status"], first), []).append(r["shape"])
     if not groups:
         return []
-    body = [[f"`{p}`", st, (why.replace("|", "\\|") or "–"), f"{len(shapes)} shape(s)" if len(shapes) > 2 else ", ".join(shapes)]
-            for (p, st, why), shapes in groups.items()]
+    body = [
+        [
+            f"`{p}`",
+            st,
+            (why.replace("|", "\\|") or "–"),
+            f"{len(shapes)} shape(s)" if len(shapes) > 2 else ", ".join(shapes),
+        ]
+        for (p, st, why), shapes in groups.items()
+    ]
     return ["", "## Skipped and failed", ""] + _table(["provider", "status", "reason / error", "where"], body)
 
 
@@ -153,12 +230,15 @@ def markdown(rows: list[dict], header: dict) -> str:
         lines += ["", f"Command: `{header['command']}`"]
     if any(r.get("suite_kind") == "op" for r in rows):
         timer = next((r["timer"] for r in rows if r.get("timer")), "")
-        lines += ["", "Median times (" + timer + "). rows = rows the provider projects (n labeled, or all N "
-                  "for providers that do not skip ignored rows). TFLOP/s is effective: 6·n·D·V / time for "
-                  "fwd+bwd (2 for fwd, 4 for bwd), whatever work the provider did. GB/s: compulsory "
-                  "traffic (h at labeled rows and W read, dh and dW written) / time. x floor = time / the "
-                  "same GEMMs alone on the labeled rows, measured in this run. peak MB = extra memory at "
-                  "the peak of fwd+bwd, gradients included."]
+        lines += [
+            "",
+            "Median times (" + timer + "). rows = rows the provider projects (n labeled, or all N "
+            "for providers that do not skip ignored rows). TFLOP/s is effective: 6·n·D·V / time for "
+            "fwd+bwd (2 for fwd, 4 for bwd), whatever work the provider did. GB/s: compulsory "
+            "traffic (h at labeled rows and W read, dh and dW written) / time. x floor = time / the "
+            "same GEMMs alone on the labeled rows, measured in this run. peak MB = extra memory at "
+            "the peak of fwd+bwd, gradients included.",
+        ]
         lines += op_tables(rows)
         lines += speedup_table(rows)
     lines += e2e_table(rows)
@@ -175,8 +255,10 @@ def console(rows: list[dict]) -> str:
     out = []
     for shape, provs in _index(rows).items():
         out.append(f"\n{shape}")
-        out.append(f"  {'provider':<15}{'rows':>7}{'fwd ms':>10}{'bwd ms':>10}{'f+b ms':>10}{'x floor':>9}"
-                   f"{'TFLOP/s':>9}{'peak MB':>9}  status")
+        out.append(
+            f"  {'provider':<15}{'rows':>7}{'fwd ms':>10}{'bwd ms':>10}{'f+b ms':>10}{'x floor':>9}"
+            f"{'TFLOP/s':>9}{'peak MB':>9}  status"
+        )
         for name, modes in provs.items():
             fb = modes.get("fwd_bwd", {})
             if fb.get("status") == "ok":
@@ -194,11 +276,15 @@ def console(rows: list[dict]) -> str:
         out.append("\nend-to-end training step")
         for r in e:
             if r["status"] == "ok":
-                out.append(f"  {r['provider']:<12} {r['family']:<20} step {_ms(r['time_ms'])} ms, "
-                           f"{r['tokens_per_s']:.0f} tokens/s, peak {_f(r['peak_mem_mb'], '{:.0f}')} MB")
+                out.append(
+                    f"  {r['provider']:<12} {r['family']:<20} step {_ms(r['time_ms'])} ms, "
+                    f"{r['tokens_per_s']:.0f} tokens/s, peak {_f(r['peak_mem_mb'], '{:.0f}')} MB"
+                )
             else:
                 why = (r.get("reason") or r.get("error") or "").strip().splitlines()
-                out.append(f"  {r['provider']:<12} {r['family']:<20} {r['status']}: {(why[0] if why else '')[:90]}")
+                out.append(
+                    f"  {r['provider']:<12} {r['family']:<20} {r['status']}: {(why[0] if why else '')[:90]}"
+                )
     return "\n".join(out)
 
 
@@ -219,8 +305,12 @@ def plots(rows: list[dict], out_dir: str, prefix: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     written = []
-    ok = [r for r in rows if r.get("status") == "ok" and r.get("suite_kind") == "op" and r.get("mode") == "fwd_bwd"]
-    groups: "OrderedDict[str, list[dict]]" = OrderedDict()
+    ok = [
+        r
+        for r in rows
+        if r.get("status") == "ok" and r.get("suite_kind") == "op" and r.get("mode") == "fwd_bwd"
+    ]
+    groups: OrderedDict[str, list[dict]] = OrderedDict()
     for r in ok:
         groups.setdefault(r["group"], []).append(r)
     provs = list(OrderedDict.fromkeys(r["provider"] for r in ok))
@@ -234,8 +324,13 @@ def plots(rows: list[dict], out_dir: str, prefix: str) -> list[str]:
             for p in provs:
                 pts = sorted((r["fraction"], r["time_ms"]) for r in rs if r["provider"] == p)
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=p, color=colors[p],
-                            linestyle="--" if p == "floor" else "-")
+                    ax.plot(
+                        *zip(*pts),
+                        marker="o",
+                        label=p,
+                        color=colors[p],
+                        linestyle="--" if p == "floor" else "-",
+                    )
             ax.set_title(g, fontsize=9)
             ax.set_xlabel("labeled fraction")
             ax.set_ylabel("fwd+bwd ms")
@@ -296,7 +391,10 @@ def plots(rows: list[dict], out_dir: str, prefix: str) -> list[str]:
 
 def write_all(rows: list[dict], out_dir: str, prefix: str, header: dict, make_plots: bool = True) -> dict:
     os.makedirs(out_dir, exist_ok=True)
-    paths = {"json": os.path.join(out_dir, f"{prefix}.json"), "markdown": os.path.join(out_dir, f"{prefix}.md")}
+    paths = {
+        "json": os.path.join(out_dir, f"{prefix}.json"),
+        "markdown": os.path.join(out_dir, f"{prefix}.md"),
+    }
     write_json(paths["json"], rows, header)
     with open(paths["markdown"], "w") as f:
         f.write(markdown(rows, header))

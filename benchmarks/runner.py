@@ -57,8 +57,8 @@ def static_skip(cell: dict, device: str, interpret: bool, cache: dict) -> str | 
             if reason is None and not device.startswith("cuda"):
                 # CPU probes are cheap and create no CUDA context; a skip found here costs no process.
                 reason = p.probe(device, interpret)
-        except Exception:
-            reason = None  # let the worker run it and report the failure
+        except Exception:  # noqa: BLE001 - let the worker run it and report the failure as a row
+            reason = None
     else:
         from benchmarks import e2e
 
@@ -67,17 +67,27 @@ def static_skip(cell: dict, device: str, interpret: bool, cache: dict) -> str | 
     return reason
 
 
-def skip_rows(cell: dict, device: str, reason: str, meta: dict, status: str = "skipped", error=None) -> list[dict]:
+def skip_rows(
+    cell: dict, device: str, reason: str, meta: dict, status: str = "skipped", error=None
+) -> list[dict]:
     from benchmarks import worker
 
     if cell["kind"] == "op":
         p = providers.PROVIDERS[cell["provider"]]
-        return worker.op_rows(p, Shape.from_dict(cell["shape"]), device, status, meta=meta,
-                              reason=reason if status == "skipped" else None, error=error)
+        return worker.op_rows(
+            p,
+            Shape.from_dict(cell["shape"]),
+            device,
+            status,
+            meta=meta,
+            reason=reason if status == "skipped" else None,
+            error=error,
+        )
     from benchmarks import e2e
 
-    return e2e.rows_for(cell, device, status, meta=meta, reason=reason if status == "skipped" else None,
-                        error=error)
+    return e2e.rows_for(
+        cell, device, status, meta=meta, reason=reason if status == "skipped" else None, error=error
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,8 +204,11 @@ def _run_subprocess(plan, group, results, deadline, bar, meta):
             out_path = os.path.join(tmp, f"out{attempt}.jsonl")
             log_path = os.path.join(tmp, f"log{attempt}.txt")
             spec = {
-                "device": plan.device, "interpret": plan.interpret, "deadline": deadline,
-                "timing": plan.timing, "cells": [plan.cells[i] for i in pending],
+                "device": plan.device,
+                "interpret": plan.interpret,
+                "deadline": deadline,
+                "timing": plan.timing,
+                "cells": [plan.cells[i] for i in pending],
             }
             with open(spec_path, "w") as f:
                 json.dump(spec, f)
@@ -203,7 +216,10 @@ def _run_subprocess(plan, group, results, deadline, bar, meta):
             with open(log_path, "w") as log:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "benchmarks.worker", spec_path, out_path],
-                    cwd=str(env.REPO_ROOT), env=worker_env(plan.interpret), stdout=log, stderr=subprocess.STDOUT,
+                    cwd=str(env.REPO_ROOT),
+                    env=worker_env(plan.interpret),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
                 )
                 pending = _follow(proc, plan, pending, results, out_path, log_path, deadline, bar, meta)
@@ -238,7 +254,14 @@ def _follow(proc, plan, pending, results, out_path, log_path, deadline, bar, met
                 rows.setdefault(gi, []).append(ev["row"])
             elif ev["event"] == "done":
                 done.add(gi)
-                results[gi] = rows.pop(gi, [])
+                results[gi] = rows.pop(gi, None) or skip_rows(
+                    plan.cells[gi],
+                    plan.device,
+                    None,
+                    meta,
+                    status="failed",
+                    error="the worker produced no rows",
+                )
                 bar.advance()
         if exited:
             break
@@ -259,8 +282,14 @@ def _follow(proc, plan, pending, results, out_path, log_path, deadline, bar, met
     for gi in crashed:
         err = killed_reason or f"worker exited with code {rc} during this cell"
         tail = _tail(log_path)
-        results[gi] = skip_rows(plan.cells[gi], plan.device, None, meta, status="failed",
-                                error=err + (f"\n--- worker output (tail) ---\n{tail}" if tail else ""))
+        results[gi] = skip_rows(
+            plan.cells[gi],
+            plan.device,
+            None,
+            meta,
+            status="failed",
+            error=err + (f"\n--- worker output (tail) ---\n{tail}" if tail else ""),
+        )
         bar.advance()
     not_started = [gi for gi in pending if gi not in started]
     if past_deadline and not_started:
@@ -272,8 +301,14 @@ def _follow(proc, plan, pending, results, out_path, log_path, deadline, bar, met
         # Died before starting anything (import error, ...): don't loop forever.
         tail = _tail(log_path)
         for gi in not_started:
-            results[gi] = skip_rows(plan.cells[gi], plan.device, None, meta, status="failed",
-                                    error=f"worker exited with code {rc} before this cell\n{tail}")
+            results[gi] = skip_rows(
+                plan.cells[gi],
+                plan.device,
+                None,
+                meta,
+                status="failed",
+                error=f"worker exited with code {rc} before this cell\n{tail}",
+            )
             bar.advance()
         return []
     return not_started
@@ -287,7 +322,7 @@ def derive(rows: list[dict]) -> list[dict]:
     """Add x_floor (time / floor time), speedup_vs (peer time / this time, for this package's rows)
     and, for op rows, loss_rel_diff (against the HF reference loss, else the first loss) per shape and
     mode. (e2e losses differ by design: DVLoss normalises the text and vision streams separately.)"""
-    key = lambda r: (r.get("shape"), r.get("dtype"), r.get("D"), r.get("V"), r.get("mode"))  # noqa: E731
+    key = lambda r: (r.get("shape"), r.get("dtype"), r.get("D"), r.get("V"), r.get("mode"))
     ok = [r for r in rows if r.get("status") == "ok" and r.get("time_ms")]
     by_key: dict = {}
     for r in ok:
@@ -309,7 +344,11 @@ def derive(rows: list[dict]) -> list[dict]:
                 if p.get("provider_kind") in ("peer", "reference") and name != r["provider"]
             }
         ref = peers.get("hf")
-        ref_loss = ref.get("loss") if ref else next((p.get("loss") for p in peers.values() if p.get("loss") is not None), None)
+        ref_loss = (
+            ref.get("loss")
+            if ref
+            else next((p.get("loss") for p in peers.values() if p.get("loss") is not None), None)
+        )
         if r.get("suite_kind") == "op" and r.get("loss") is not None and ref_loss:
             r["loss_rel_diff"] = abs(r["loss"] - ref_loss) / abs(ref_loss)
     return rows

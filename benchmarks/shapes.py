@@ -73,7 +73,7 @@ class Shape:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Shape":
+    def from_dict(cls, d: dict) -> Shape:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
 
 
@@ -81,7 +81,9 @@ def _grid(families, rows, fractions, dist, dtype):
     """Rows outermost (largest first), so that a time budget cuts the least informative shapes."""
     return [
         Shape(fam, N, *FAMILIES[fam], f, dist, dtype)
-        for N in sorted(rows, reverse=True) for fam in families for f in fractions
+        for N in sorted(rows, reverse=True)
+        for fam in families
+        for f in fractions
     ]
 
 
@@ -92,7 +94,7 @@ def suite_shapes(suite: str, device_type: str) -> list[Shape]:
     if suite == "gpu":
         grid = _grid(REAL_FAMILIES, GPU_ROWS, GPU_FRACTIONS, "peaked", dtype)
         uniform = Shape("qwen2.5-vl-7b", 16384, *FAMILIES["qwen2.5-vl-7b"], 1.0, "uniform", dtype)
-        return grid[: len(GPU_FRACTIONS)] + [uniform] + grid[len(GPU_FRACTIONS):]
+        return grid[: len(GPU_FRACTIONS)] + [uniform] + grid[len(GPU_FRACTIONS) :]
     if suite == "cpu":
         return [
             Shape("issue2", 4096, *FAMILIES["issue2"], 1.0, "peaked", dtype),
@@ -168,7 +170,7 @@ def make_inputs(shape: Shape, device: str = "cpu", seed: int = 0) -> dict:
 
     N, D, V = shape.N, shape.D, shape.V
     g = torch.Generator(device=device).manual_seed(seed)
-    f32 = dict(device=device, dtype=torch.float32, generator=g)
+    f32 = {"device": device, "dtype": torch.float32, "generator": g}
     if shape.dist == "uniform":
         weight = torch.randn(V, D, **f32) * 0.02
         hidden = torch.randn(N, D, **f32) / math.sqrt(D)

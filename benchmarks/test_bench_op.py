@@ -49,7 +49,12 @@ def test_op(benchmark, provider, mode, shape):
     n_proc = shape.n if PROVIDERS[provider].skips_ignored else shape.N
     median = benchmark.stats.stats.median
     benchmark.extra_info.update(
-        n=shape.n, N=shape.N, D=shape.D, V=shape.V, rows_processed=n_proc, flops=flop,
+        n=shape.n,
+        N=shape.N,
+        D=shape.D,
+        V=shape.V,
+        rows_processed=n_proc,
+        flops=flop,
         gflops_effective=flop / median / 1e9 if median else None,
     )
     runner.close()

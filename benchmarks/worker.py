@@ -20,21 +20,31 @@ import traceback
 if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import costs, env, providers  # noqa: E402
-from benchmarks.shapes import Shape, make_inputs  # noqa: E402
+from benchmarks import costs, env, providers
+from benchmarks.shapes import Shape, make_inputs
 
 
 class Writer:
     def __init__(self, path: str):
-        self.f = open(path, "a", buffering=1)
+        self.f = open(path, "a", buffering=1)  # noqa: SIM115 - held open for the worker's life
 
     def emit(self, obj: dict) -> None:
         self.f.write(json.dumps(obj, default=str) + "\n")
         self.f.flush()
 
 
-def op_rows(provider, shape: Shape, device: str, status: str, *, meta: dict, measurement=None,
-            reason: str | None = None, error: str | None = None, extra: dict | None = None) -> list[dict]:
+def op_rows(
+    provider,
+    shape: Shape,
+    device: str,
+    status: str,
+    *,
+    meta: dict,
+    measurement=None,
+    reason: str | None = None,
+    error: str | None = None,
+    extra: dict | None = None,
+) -> list[dict]:
     """The three rows (fwd, bwd, fwd_bwd) of one provider x shape."""
     rows = []
     n_proc = shape.n if provider.skips_ignored else shape.N
@@ -49,8 +59,13 @@ def op_rows(provider, shape: Shape, device: str, status: str, *, meta: dict, mea
             "shape": shape.id,
             "group": shape.group,
             "family": shape.family,
-            "N": shape.N, "D": shape.D, "V": shape.V, "n": shape.n,
-            "fraction": shape.fraction, "dist": shape.dist, "dtype": shape.dtype,
+            "N": shape.N,
+            "D": shape.D,
+            "V": shape.V,
+            "n": shape.n,
+            "fraction": shape.fraction,
+            "dist": shape.dist,
+            "dtype": shape.dtype,
             "mode": mode,
             "status": status,
             "reason": reason,
@@ -59,9 +74,17 @@ def op_rows(provider, shape: Shape, device: str, status: str, *, meta: dict, mea
             "flops": flop,
             "flops_processed": costs.flops(mode, n_proc, shape.D, shape.V),
             "bytes": nbytes,
-            "time_ms": None, "time_ms_min": None, "time_ms_max": None, "reps": 0, "timer": None,
-            "peak_mem_mb": None, "mem_method": None, "loss": None,
-            "tflops": None, "tflops_processed": None, "gbps": None,
+            "time_ms": None,
+            "time_ms_min": None,
+            "time_ms_max": None,
+            "reps": 0,
+            "timer": None,
+            "peak_mem_mb": None,
+            "mem_method": None,
+            "loss": None,
+            "tflops": None,
+            "tflops_processed": None,
+            "gbps": None,
         }
         if extra:
             row.update(extra)
@@ -125,9 +148,10 @@ class OpCellRunner:
         if provider.name not in self._probed:
             try:
                 self._probed[provider.name] = provider.probe(self.device, self.interpret)
-            except Exception as e:  # a probe that breaks is a failure, not a skip
-                return op_rows(provider, shape, self.device, "failed", meta=meta,
-                               error="probe: " + _format(e))
+            except Exception as e:  # noqa: BLE001 - a probe that breaks is a failure, not a skip
+                return op_rows(
+                    provider, shape, self.device, "failed", meta=meta, error="probe: " + _format(e)
+                )
         reason = self._probed[provider.name]
         if reason:
             return op_rows(provider, shape, self.device, "skipped", meta=meta, reason=reason)
@@ -136,13 +160,15 @@ class OpCellRunner:
             inputs = self.inputs(shape)
             runner = provider.prepare(inputs, shape, self.device)
             if self.device.startswith("cuda"):
-                m = measure.measure_gpu(runner, measure.GpuTiming(**self.timing.get("gpu", {})),
-                                        provider.measures_memory)
+                m = measure.measure_gpu(
+                    runner, measure.GpuTiming(**self.timing.get("gpu", {})), provider.measures_memory
+                )
             else:
-                m = measure.measure_cpu(runner, measure.CpuTiming(**self.timing.get("cpu", {})),
-                                        provider.measures_memory)
+                m = measure.measure_cpu(
+                    runner, measure.CpuTiming(**self.timing.get("cpu", {})), provider.measures_memory
+                )
             return op_rows(provider, shape, self.device, "ok", meta=meta, measurement=m)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - a failing provider is a "failed" row, not a crash
             return op_rows(provider, shape, self.device, "failed", meta=meta, error=_format(e))
         finally:
             if runner is not None:
@@ -171,7 +197,8 @@ def budget_rows(cell: dict, spec: dict, meta: dict) -> list[dict]:
 
 def main(argv=None) -> int:
     argv = argv if argv is not None else sys.argv[1:]
-    spec = json.load(open(argv[0]))
+    with open(argv[0]) as f:
+        spec = json.load(f)
     out = Writer(argv[1])
     op = OpCellRunner(spec)
     deadline = spec.get("deadline")
@@ -185,6 +212,7 @@ def main(argv=None) -> int:
             from benchmarks import e2e
 
             rows = e2e.run_cell(cell, spec, op.meta())
+            op._free()  # the model and optimizer state are gone; give their memory back
         for r in rows:
             out.emit({"event": "row", "index": i, "row": r})
         out.emit({"event": "done", "index": i, "t": time.time()})

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks import costs, e2e, providers, report, runner, shapes, worker  # noqa: E402
+from benchmarks import costs, e2e, providers, report, runner, shapes, worker
 
 TIMING = {"cpu": {"warmup": 1, "min_reps": 1, "max_reps": 1, "min_time_s": 0.0}}
 TINY = shapes.Shape("tiny-test", 48, 24, 263, 0.5)
@@ -36,7 +36,7 @@ def rows_of(rows, provider):
 def _op_importable() -> bool:
     try:
         from dvsft_kernels import linear_cross_entropy  # noqa: F401
-    except Exception:
+    except Exception:  # noqa: BLE001 - any import failure means "not importable"
         return False
     return True
 
@@ -79,8 +79,11 @@ def test_every_provider_produces_rows(all_rows):
 
 
 def test_providers_agree_on_the_loss(all_rows):
-    losses = {r["provider"]: r["loss"] for r in all_rows
-              if r["status"] == "ok" and r["mode"] == "fwd_bwd" and r["loss"] is not None}
+    losses = {
+        r["provider"]: r["loss"]
+        for r in all_rows
+        if r["status"] == "ok" and r["mode"] == "fwd_bwd" and r["loss"] is not None
+    }
     assert "hf" in losses and len(losses) >= 2
     for name, loss in losses.items():
         assert loss == pytest.approx(losses["hf"], rel=1e-4), name
@@ -96,7 +99,8 @@ def test_derived_columns(all_rows):
     ours = [r for r in all_rows if r["provider"] == "dvsft_torch" and r["status"] == "ok"]
     for r in ours:
         assert r["speedup_vs"]["hf"] == pytest.approx(
-            next(h for h in all_rows if h["provider"] == "hf" and h["mode"] == r["mode"])["time_ms"] / r["time_ms"]
+            next(h for h in all_rows if h["provider"] == "hf" and h["mode"] == r["mode"])["time_ms"]
+            / r["time_ms"]
         )
 
 
@@ -118,7 +122,10 @@ def test_flop_and_byte_models_by_hand():
 
     m = Measurement()
     m.times_ms = {"fwd": [40.0], "bwd": [60.0], "fwd_bwd": [100.0]}
-    rows = {r["mode"]: r for r in worker.op_rows(providers.PROVIDERS["hf"], s, "cpu", "ok", meta={}, measurement=m)}
+    rows = {
+        r["mode"]: r
+        for r in worker.op_rows(providers.PROVIDERS["hf"], s, "cpu", "ok", meta={}, measurement=m)
+    }
     assert rows["fwd_bwd"]["flops"] == 40_304_640_000
     assert rows["fwd_bwd"]["tflops"] == pytest.approx(0.4030464)
     assert rows["fwd_bwd"]["rows_processed"] == 4096
@@ -173,8 +180,10 @@ def test_subprocess_memory_failures_and_crashes():
     """In a worker process: a raising provider is a failed row; a provider that kills the process is
     a failed row and the worker restarts for the next cell, a fresh process in which a 200 MB
     allocation shows in VmHWM."""
-    cells = runner.op_cells([shapes.Shape("tiny-test", 8, 8, 16, 1.0)],
-                            [providers.PROVIDERS[n] for n in ("_test_raise", "_test_crash", "_test_alloc200")])
+    cells = runner.op_cells(
+        [shapes.Shape("tiny-test", 8, 8, 16, 1.0)],
+        [providers.PROVIDERS[n] for n in ("_test_raise", "_test_crash", "_test_alloc200")],
+    )
     rows = runner.run(plan(cells, isolate="worker"), progress=False)
     raised, crash, alloc = (rows_of(rows, n) for n in ("_test_raise", "_test_crash", "_test_alloc200"))
     assert [r["status"] for r in raised] == ["failed"] * 3 and "deliberate failure" in raised[0]["error"]
@@ -219,8 +228,11 @@ def test_suites_and_filters():
     assert {s.N for s in gpu} == {4096, 16384} and {s.fraction for s in gpu} == {0.1, 0.3, 0.6, 1.0}
     assert all(s.dtype == "bfloat16" for s in gpu) and sum(s.dist == "uniform" for s in gpu) == 1
     sel = shapes.select(gpu, ["qwen2.5-vl-7b"], [0.5])
-    assert {s.id for s in sel} == {"qwen2.5-vl-7b/N4096/f0.5/peaked", "qwen2.5-vl-7b/N16384/f0.5/peaked",
-                                   "qwen2.5-vl-7b/N16384/f0.5/uniform"}
+    assert {s.id for s in sel} == {
+        "qwen2.5-vl-7b/N4096/f0.5/peaked",
+        "qwen2.5-vl-7b/N16384/f0.5/peaked",
+        "qwen2.5-vl-7b/N16384/f0.5/uniform",
+    }
     assert [s.id for s in shapes.select(cpu, ["100x64x1000"])] == ["custom-64x1000/N100/f1/peaked"]
     assert [p.name for p in providers.select(["dvsft_*"])] == ["dvsft_torch", "dvsft_chunked", "dvsft_fused"]
 
@@ -228,14 +240,29 @@ def test_suites_and_filters():
 def test_cli_writes_results(tmp_path, capsys):
     from benchmarks import run
 
-    rc = run.main(["--providers", "hf,floor", "--shapes", "40x16x300", "--fractions", "0.25,1",
-                   "--isolate", "none", "--no-progress", "--quick", "--out", str(tmp_path)])
+    rc = run.main(
+        [
+            "--providers",
+            "hf,floor",
+            "--shapes",
+            "40x16x300",
+            "--fractions",
+            "0.25,1",
+            "--isolate",
+            "none",
+            "--no-progress",
+            "--quick",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "custom-16x300/N40/f0.25/peaked" in out and "12 rows (12 ok" in out
-    data = json.loads((tmp_path / "cpu-quick.json").read_text())
+    data = json.loads((tmp_path / "cpu-quick-filtered.json").read_text())
     assert {r["fraction"] for r in data["rows"]} == {0.25, 1.0}
-    assert (tmp_path / "cpu-quick.md").exists() and (tmp_path / "cpu-quick-time-vs-fraction.png").exists()
+    assert (tmp_path / "cpu-quick-filtered.md").exists()
+    assert (tmp_path / "cpu-quick-filtered-time-vs-fraction.png").exists()
 
 
 def test_e2e_step_rows():
@@ -250,13 +277,16 @@ def test_e2e_step_rows():
         assert ours[0]["status"] == "ok", ours[0]["error"]
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 from conftest")
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 from conftest"
+)
 def test_triton_providers_glue_under_the_interpreter():
     """--interpret runs the GPU-only providers' call code on CPU (no timing meaning)."""
     s = shapes.Shape("tiny-test", 16, 16, 67, 0.5)
     names = ["liger"] + (["dvsft_chunked"] if _op_importable() else [])
-    rows = runner.run(plan(runner.op_cells([s], [providers.PROVIDERS[n] for n in names]), interpret=True),
-                      progress=False)
+    rows = runner.run(
+        plan(runner.op_cells([s], [providers.PROVIDERS[n] for n in names]), interpret=True), progress=False
+    )
     for r in rows:
         assert r["status"] == "ok", (r["provider"], r["error"], r["reason"])
         assert r["interpreter"] is True
@@ -266,8 +296,13 @@ def test_triton_providers_glue_under_the_interpreter():
 def test_gpu_check_fails_soft_without_cuda(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("CUDA present: the script would run the GPU suite")
-    res = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(tmp_path / "res")],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(tmp_path / "res")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert re.search(r"no CUDA", res.stdout + res.stderr)
     status = json.loads((tmp_path / "res" / "gpu_check.json").read_text())
@@ -309,7 +344,9 @@ def test_gpu_timer_control_flow_with_fake_cuda(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
-    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a, **k: alloc.update(peak=alloc["now"]))
+    monkeypatch.setattr(
+        torch.cuda, "reset_peak_memory_stats", lambda *a, **k: alloc.update(peak=alloc["now"])
+    )
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a, **k: alloc["now"])
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: alloc["peak"] + 5000)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
