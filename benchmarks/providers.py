@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 from collections.abc import Callable
 
@@ -49,7 +50,8 @@ class Runner:
 class Provider:
     name = ""
     label = ""
-    kind = "peer"  # "ours" | "peer" (a library to beat) | "reference" (plain HF) | "floor" | "test"
+    # "ours" | "peer" (a library to beat) | "reference" (plain HF) | "floor" | "sweep" | "test"
+    kind = "peer"
     skips_ignored = False
     note = ""
     hidden = False  # left out of suites unless named (test helpers)
@@ -157,6 +159,56 @@ class Dvsft(Provider):
             inputs["weight"],
             inputs["targets"],
         )
+
+
+class DvsftChunk(Dvsft):
+    """impl="torch" with its logits-chunk byte budget set (a sweep: `run.py --chunk-mb 2,8,32`).
+
+    Sets the module constant `dvsft_kernels.ops.torch_impl.CPU_CHUNK_BYTES` (CUDA_CHUNK_BYTES on a
+    GPU) around each call: private to the op, so a rename turns this into a stated skip."""
+
+    kind = "sweep"
+    hidden = True
+
+    def __init__(self, mb: float):
+        super().__init__("torch")
+        self.mb = mb
+        self.name = f"dvsft_torch@{mb:g}MB"
+        self.label = f"dvsft-kernels impl=torch, chunk budget {mb:g} MB"
+        self.note = "chunk-size sweep of impl='torch'"
+
+    @staticmethod
+    def _attr(device: str) -> str:
+        return "CUDA_CHUNK_BYTES" if device.startswith("cuda") else "CPU_CHUNK_BYTES"
+
+    def static_reason(self, device, interpret=False):
+        reason = super().static_reason(device, interpret)
+        if reason:
+            return reason
+        try:
+            from dvsft_kernels.ops import torch_impl
+        except ImportError as e:
+            return f"dvsft_kernels.ops.torch_impl not importable ({_err(e)})"
+        if not hasattr(torch_impl, self._attr(device)):
+            return (
+                f"dvsft_kernels.ops.torch_impl.{self._attr(device)} not found: the op's chunk sizing changed"
+            )
+        return None
+
+    def prepare(self, inputs, shape, device):
+        from dvsft_kernels.ops import torch_impl
+
+        op, attr, budget = self._op(), self._attr(device), int(self.mb * 2**20)
+
+        def fn(h, w, t):
+            old = getattr(torch_impl, attr)
+            setattr(torch_impl, attr, budget)
+            try:
+                return op(h, w, t, ignore_index=IGNORE_INDEX, reduction="mean", impl="torch")
+            finally:
+                setattr(torch_impl, attr, old)
+
+        return Runner(fn, inputs["hidden"], inputs["weight"], inputs["targets"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,7 +420,8 @@ class Floor(Provider):
         h = inputs["hidden"].detach()[inputs["labeled"]].contiguous()
         w = inputs["weight"].detach()
         g = torch.Generator(device=device).manual_seed(1)
-        grad_z = (torch.randn(h.shape[0], w.shape[0], device=device, generator=g) * 1e-3).to(h.dtype)
+        # Drawn in the working dtype: an n x V float32 temporary would be 17 GB at Gemma's V, N=16384.
+        grad_z = torch.randn(h.shape[0], w.shape[0], device=device, generator=g, dtype=h.dtype).mul_(1e-3)
         return _FloorRunner(h, w, grad_z)
 
 
@@ -453,6 +506,16 @@ def default_names() -> list[str]:
     return [name for name, p in PROVIDERS.items() if not p.hidden]
 
 
+def get(name: str) -> Provider:
+    """A provider by name, including parametric ones: 'dvsft_torch@8MB' (chunk sweep)."""
+    if name in PROVIDERS:
+        return PROVIDERS[name]
+    m = re.fullmatch(r"dvsft_torch@([0-9.]+)MB", name)
+    if m:
+        return PROVIDERS.setdefault(name, DvsftChunk(float(m.group(1))))
+    raise KeyError(name)
+
+
 def select(patterns: list[str] | None) -> list[Provider]:
     """Providers by name or fnmatch pattern ('dvsft_*'); None: all non-hidden ones."""
     import fnmatch
@@ -461,7 +524,10 @@ def select(patterns: list[str] | None) -> list[Provider]:
         return [PROVIDERS[n] for n in default_names()]
     out = []
     for pat in patterns:
-        hits = [p for n, p in PROVIDERS.items() if n == pat or (fnmatch.fnmatch(n, pat) and not p.hidden)]
+        try:
+            hits = [get(pat)]
+        except KeyError:
+            hits = [p for n, p in PROVIDERS.items() if fnmatch.fnmatch(n, pat) and not p.hidden]
         if not hits:
             raise SystemExit(f"unknown provider {pat!r}; known: {', '.join(default_names())}")
         out += [p for p in hits if p not in out]

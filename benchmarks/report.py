@@ -256,21 +256,21 @@ def console(rows: list[dict]) -> str:
     for shape, provs in _index(rows).items():
         out.append(f"\n{shape}")
         out.append(
-            f"  {'provider':<15}{'rows':>7}{'fwd ms':>10}{'bwd ms':>10}{'f+b ms':>10}{'x floor':>9}"
+            f"  {'provider':<19}{'rows':>7}{'fwd ms':>10}{'bwd ms':>10}{'f+b ms':>10}{'x floor':>9}"
             f"{'TFLOP/s':>9}{'peak MB':>9}  status"
         )
         for name, modes in provs.items():
             fb = modes.get("fwd_bwd", {})
             if fb.get("status") == "ok":
                 out.append(
-                    f"  {name:<15}{fb['rows_processed']:>7}{_ms(modes['fwd'].get('time_ms')):>10}"
+                    f"  {name:<19}{fb['rows_processed']:>7}{_ms(modes['fwd'].get('time_ms')):>10}"
                     f"{_ms(modes['bwd'].get('time_ms')):>10}{_ms(fb.get('time_ms')):>10}"
                     f"{_f(fb.get('x_floor'), '{:.2f}'):>9}{_f(fb.get('tflops'), '{:.3g}'):>9}"
                     f"{_f(fb.get('peak_mem_mb'), '{:.0f}'):>9}  ok"
                 )
             else:
                 why = (fb.get("reason") or fb.get("error") or "").strip().splitlines()
-                out.append(f"  {name:<15}{'':>57}  {fb.get('status')}: {(why[0] if why else '')[:90]}")
+                out.append(f"  {name:<19}{'':>57}  {fb.get('status')}: {(why[0] if why else '')[:90]}")
     e = [r for r in rows if r.get("suite_kind") == "e2e"]
     if e:
         out.append("\nend-to-end training step")

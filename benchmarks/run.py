@@ -47,6 +47,7 @@ def parse_args(argv=None):
         "('*N4096*'), or NxDxV for a custom shape",
     )
     ap.add_argument("--fractions", help="comma list of labeled fractions; sets them for every shape group")
+    ap.add_argument("--chunk-mb", help="add impl='torch' runs with these logits-chunk budgets (MB): a sweep")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="override the suite's dtype")
     ap.add_argument("--out", help="output directory (default benchmarks/results/<date>-<device>/)")
     ap.add_argument(
@@ -89,12 +90,19 @@ def build_plan(args) -> tuple[runner.Plan, str]:
         raise SystemExit("--interpret is for CPU runs")
     suite = args.suite or ("gpu" if device == "cuda" else "cpu")
     quick = args.quick or suite == "quick"
+    if suite == "gpu" and device == "cpu" and not (quick or args.shapes or args.list):
+        raise SystemExit(
+            "--suite gpu on CPU means real LM heads at N=16384 in float32: hours. "
+            "Add --quick, or pick shapes with --shapes."
+        )
     from benchmarks import e2e
 
     names = _csv(args.providers)
     e2e_names = [n for n in names or [] if n in e2e.E2E_PROVIDERS]
     op_names = [n for n in names or [] if n not in e2e.E2E_PROVIDERS]
     prov = providers.select(op_names) if op_names else ([] if names else providers.select(None))
+    for mb in _csv(args.chunk_mb) or []:
+        prov.append(providers.get(f"dvsft_torch@{float(mb):g}MB"))
     e2e_names = e2e_names if e2e_names or names else list(e2e.E2E_PROVIDERS)
 
     cells: list[dict] = []
@@ -121,7 +129,7 @@ def build_plan(args) -> tuple[runner.Plan, str]:
         timing["gpu"] = (
             {"warmup_ms": 5.0, "rep_ms": 20.0, "min_reps": 3, "bwd_reps": 3}
             if quick
-            else {"warmup_ms": 10.0, "rep_ms": 50.0, "min_reps": 3, "bwd_reps": 5}
+            else {"warmup_ms": 10.0, "rep_ms": 50.0, "min_reps": 3, "bwd_reps": 3}
         )
     isolate = args.isolate or ("worker" if device == "cuda" else "cell")
     plan = runner.Plan(
@@ -137,7 +145,7 @@ def build_plan(args) -> tuple[runner.Plan, str]:
     prefix = (
         suite + ("-quick" if quick and suite != "quick" else "") + ("-interpret" if args.interpret else "")
     )
-    if any((args.providers, args.shapes, args.fractions, args.dtype)):
+    if any((args.providers, args.shapes, args.fractions, args.dtype, args.chunk_mb)):
         prefix += "-filtered"
     return plan, prefix
 

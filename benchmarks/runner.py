@@ -51,7 +51,7 @@ def static_skip(cell: dict, device: str, interpret: bool, cache: dict) -> str | 
         return cache[key]
     reason = None
     if cell["kind"] == "op":
-        p = providers.PROVIDERS[cell["provider"]]
+        p = providers.get(cell["provider"])
         try:
             reason = p.static_reason(device, interpret)
             if reason is None and not device.startswith("cuda"):
@@ -73,7 +73,7 @@ def skip_rows(
     from benchmarks import worker
 
     if cell["kind"] == "op":
-        p = providers.PROVIDERS[cell["provider"]]
+        p = providers.get(cell["provider"])
         return worker.op_rows(
             p,
             Shape.from_dict(cell["shape"]),
@@ -162,7 +162,7 @@ def _run_inprocess(plan, todo, results, deadline, bar):
         if deadline is not None and time.time() > deadline:
             results[i] = worker.budget_rows(cell, spec, op.meta())
         elif cell["kind"] == "op":
-            results[i] = op.run(providers.PROVIDERS[cell["provider"]], Shape.from_dict(cell["shape"]))
+            results[i] = op.run(providers.get(cell["provider"]), Shape.from_dict(cell["shape"]))
         else:
             from benchmarks import e2e
 

@@ -188,7 +188,7 @@ def _format(e: BaseException) -> str:
 def budget_rows(cell: dict, spec: dict, meta: dict) -> list[dict]:
     reason = "time budget (--budget-s) exhausted before this cell"
     if cell["kind"] == "op":
-        p = providers.PROVIDERS[cell["provider"]]
+        p = providers.get(cell["provider"])
         return op_rows(p, Shape.from_dict(cell["shape"]), spec["device"], "skipped", meta=meta, reason=reason)
     from benchmarks import e2e
 
@@ -207,7 +207,7 @@ def main(argv=None) -> int:
         if deadline is not None and time.time() > deadline:
             rows = budget_rows(cell, spec, op.meta())
         elif cell["kind"] == "op":
-            rows = op.run(providers.PROVIDERS[cell["provider"]], Shape.from_dict(cell["shape"]))
+            rows = op.run(providers.get(cell["provider"]), Shape.from_dict(cell["shape"]))
         else:
             from benchmarks import e2e
 

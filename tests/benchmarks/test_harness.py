@@ -197,6 +197,19 @@ def test_subprocess_memory_failures_and_crashes():
     assert "subprocess" in alloc[0]["mem_method"]
 
 
+@pytest.mark.skipif(not _op_importable(), reason="dvsft_kernels op not importable")
+def test_chunk_sweep_provider_sets_and_restores_the_budget():
+    from dvsft_kernels.ops import torch_impl
+
+    before = torch_impl.CPU_CHUNK_BYTES
+    p = providers.get("dvsft_torch@0.25MB")
+    assert p is providers.get("dvsft_torch@0.25MB") and p.kind == "sweep"
+    assert [q.name for q in providers.select(["dvsft_torch@0.25MB"])] == ["dvsft_torch@0.25MB"]
+    rows = runner.run(plan(runner.op_cells([TINY], [p])), progress=False)
+    assert all(r["status"] == "ok" for r in rows), rows[0]["error"]
+    assert torch_impl.CPU_CHUNK_BYTES == before
+
+
 def test_budget_exhausted_cells_are_skipped_rows():
     cells = runner.op_cells([TINY], [providers.PROVIDERS["floor"]])
     p = plan(cells)
