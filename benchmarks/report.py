@@ -175,6 +175,7 @@ def e2e_table(rows: list[dict]) -> list[str]:
             _f(r.get("tokens_per_s"), "{:.0f}"),
             _f(r.get("peak_mem_mb"), "{:.0f}"),
             _f(r.get("loss"), "{:.4f}"),
+            _f((r.get("speedup_vs") or {}).get("e2e_hf"), "{:.2f}x"),
             r.get("attn_implementation", ""),
         ]
         for r in e
@@ -187,10 +188,24 @@ def e2e_table(rows: list[dict]) -> list[str]:
         (
             f"batch {cfg['batch']} x seq {cfg['seq']}, {cfg['visual_tokens']} visual tokens per sample, "
             f"V={cfg['V']}, hidden {cfg['D']}, {cfg['layers']} layers, {cfg['dtype']}; step = forward + "
-            "backward + AdamW step."
+            "backward + AdamW step. The losses differ by design: the HF loss averages over both streams "
+            "together, DVLoss adds the text and vision means."
         ),
         "",
-    ] + _table(["config", "provider", "status", "step ms", "tokens/s", "peak MB", "loss", "attention"], body)
+    ] + _table(
+        [
+            "config",
+            "provider",
+            "status",
+            "step ms",
+            "tokens/s",
+            "peak MB",
+            "loss",
+            "speedup vs HF",
+            "attention",
+        ],
+        body,
+    )
 
 
 def status_table(rows: list[dict]) -> list[str]:
