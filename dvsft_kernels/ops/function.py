@@ -1,10 +1,16 @@
 """Autograd Function and impl dispatch for `linear_cross_entropy` (DESIGN.md section 4.1).
 
-Labeled rows are compacted first (one host sync: the row count sizes the work), so ignored rows
-are never projected. For "mean" and "sum" the gradients are computed in the forward, chunk by
-chunk, with each row's gradient scale known in advance (w_i / n or w_i); backward only multiplies
-by the incoming scalar. For "none" the per-row upstream gradient is known only in backward, so
-backward recomputes the logits (8 n D V FLOPs in all instead of 6).
+"torch" and "chunked" compact the labeled rows first (one host sync: the row count sizes the
+work), so ignored rows are never projected. For "mean" and "sum" the gradients are computed in the
+forward, chunk by chunk, with each row's gradient scale known in advance (w_i / n or w_i); backward
+only multiplies by the incoming scalar. For "none" the per-row upstream gradient is known only in
+backward, so backward recomputes the logits (8 n D V FLOPs in all instead of 6).
+
+"fused" (ops/fused.py) indexes the labeled rows on the device instead and never synchronises; it
+recomputes the logits in backward for every reduction.
+
+Under torch.compile the op runs as the custom op of ops/custom_op.py (same forward and backward
+code, registered with torch.library), so `torch.compile(fullgraph=True)` traces through it.
 """
 
 from __future__ import annotations
@@ -38,19 +44,35 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _no_host_sync_allowed() -> bool:
+    """A CUDA graph is being captured, or torch.compile is tracing (its CUDA-graph modes capture
+    the compiled step): an implementation that waits on the device cannot run there."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def resolve_impl(impl: str, device: torch.device) -> str:
+    """The implementation for `impl` on `device`.
+
+    "auto" (provisional rule, README "Implementations"; GPU measurements pending): CPU or no
+    Triton: "torch". CUDA: "fused" when no host synchronisation is allowed (stream capture,
+    torch.compile), since "chunked" syncs once per call to size its work; otherwise "chunked",
+    which the byte and FLOP models of kernels/README.md put ahead of "fused" (6 n D V GEMM FLOPs
+    on cuBLAS against 8 n D V and float32 atomics in Triton).
+    """
     if impl not in _IMPLS:
         raise ValueError(f"impl: expected one of {_IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "chunked" if device.type == "cuda" and _triton_available() else "torch"
-    if impl == "fused":
-        raise ValueError("impl: 'fused' is not available in this version; use 'chunked' or 'torch'")
-    if impl == "chunked":
+        if device.type == "cuda" and _triton_available():
+            return "fused" if _no_host_sync_allowed() else "chunked"
+        return "torch"
+    if impl in ("chunked", "fused"):
         if not _triton_available():
-            raise ValueError("impl: 'chunked' needs the triton package (pip install triton)")
+            raise ValueError(f"impl: {impl!r} needs the triton package (pip install triton)")
         if device.type != "cuda" and not _interpreting():
             raise ValueError(
-                "impl: 'chunked' runs Triton kernels and needs CUDA tensors "
+                f"impl: {impl!r} runs Triton kernels and needs CUDA tensors "
                 "(or TRITON_INTERPRET=1 for testing); use impl='torch' on CPU"
             )
     return impl
@@ -124,94 +146,139 @@ def _validate(hidden, weight, targets, bias, ignore_index, reduction, token_weig
         raise ValueError(f"ignore_index: expected an int, got {ignore_index!r}")
 
 
+_COMPACT_OPTS = ("label_smoothing", "z_loss", "softcap", "chunk_rows")
+
+
 def _run_impl(impl, h, weight, bias, t, scale, opts, grad_h, grad_w, grad_b):
+    kw = {k: opts[k] for k in _COMPACT_OPTS if k in opts}
     if impl == "chunked":
         from dvsft_kernels.ops.chunked import lce_chunked
 
-        return lce_chunked(h, weight, bias, t, scale, **opts, grad_h=grad_h, grad_w=grad_w, grad_b=grad_b)
-    return lce_torch(h, weight, bias, t, scale, **opts, grad_h=grad_h, grad_w=grad_w, grad_b=grad_b)
+        return lce_chunked(h, weight, bias, t, scale, **kw, grad_h=grad_h, grad_w=grad_w, grad_b=grad_b)
+    return lce_torch(h, weight, bias, t, scale, **kw, grad_h=grad_h, grad_w=grad_w, grad_b=grad_b)
+
+
+def _compact_rows(hidden, targets, token_weights, ignore_index, V):
+    """(idx, t, h, w): positions of the labeled targets (a host sync sizes them), their targets
+    (int64, range-checked), hidden rows and float32 token weights (or None)."""
+    D = hidden.shape[-1]
+    flat_t = targets.reshape(-1)
+    idx = (flat_t != ignore_index).nonzero().squeeze(1)
+    t = flat_t.index_select(0, idx).long()
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= V):
+        raise ValueError(f"targets: values must lie in [0, {V}) or equal ignore_index={ignore_index}")
+    h = hidden.reshape(-1, D).index_select(0, idx)
+    w = token_weights.reshape(-1).index_select(0, idx).float() if token_weights is not None else None
+    return idx, t, h, w
+
+
+def _compact_forward(hidden, weight, bias, targets, token_weights, num_items, ignore_index, reduction, opts, impl,
+                     grads):
+    """Forward of "torch" / "chunked": (out, row_loss, lse, correct) shaped as the op returns them,
+    and the tensors `_compact_backward` needs."""
+    shape = targets.shape
+    idx, t, h, w = _compact_rows(hidden, targets, token_weights, ignore_index, weight.shape[0])
+    n = t.numel()
+    N = targets.numel()
+
+    if reduction == "mean":
+        denom = torch.as_tensor(n if num_items is None else num_items, device=hidden.device,
+                                dtype=torch.float32)
+        # n == 0 (or num_items == 0): loss 0 and zero gradients, never NaN
+        inv = torch.where(denom > 0, 1.0 / denom.clamp_min(1e-30), torch.zeros_like(denom))
+        scale = inv.expand(n) if w is None else w * inv
+    else:
+        scale = w if w is not None else torch.ones(n, device=hidden.device, dtype=torch.float32)
+
+    grad_h, grad_w, grad_b = grads
+    precompute = reduction != "none" and (grad_h or grad_w or grad_b)
+    row_loss, lse, correct, dh, dW, db = _run_impl(
+        impl, h, weight, bias, t, scale, opts,
+        grad_h and precompute, grad_w and precompute, grad_b and precompute,
+    )
+
+    def scatter(v, fill_dtype):
+        out = torch.zeros(N, dtype=fill_dtype, device=hidden.device)
+        return out.index_copy_(0, idx, v.to(fill_dtype)).reshape(shape)
+
+    row_loss_full = scatter(row_loss, torch.float32)
+    weighted = row_loss * scale if reduction != "none" else (row_loss * w if w is not None else row_loss)
+    if reduction == "none":
+        out = scatter(weighted, torch.float32)
+    else:
+        out = weighted.sum()
+    lse_full = scatter(lse, torch.float32)
+    correct_full = scatter(correct, torch.bool)
+    saved = (idx, h, t, w, weight, bias) if reduction == "none" else (idx, dh, dW, db)
+    return out, row_loss_full, lse_full, correct_full, saved
+
+
+def _compact_backward(saved, g, reduction, impl, opts, grads, hidden_shape, dtypes):
+    grad_h, grad_w, grad_b = grads
+    hdtype, wdtype, bdtype = dtypes
+    if reduction == "none":
+        idx, h, t, w, weight, bias = saved
+        gs = g.reshape(-1).index_select(0, idx).float()
+        scale = gs * w if w is not None else gs
+        _, _, _, dh, dW, db = _run_impl(impl, h, weight, bias, t, scale, opts, grad_h, grad_w, grad_b)
+    else:
+        idx, dh, dW, db = saved
+        g = g.float()
+        dh = dh * g if dh is not None else None
+        dW = dW * g if dW is not None else None
+        db = db * g if db is not None else None
+    d_hidden = d_weight = d_bias = None
+    if grad_h:
+        D = hidden_shape[-1]
+        d_hidden = torch.zeros(math.prod(hidden_shape[:-1]), D, dtype=hdtype, device=dh.device)
+        d_hidden.index_copy_(0, idx, dh.to(hdtype))
+        d_hidden = d_hidden.reshape(hidden_shape)
+    if grad_w:
+        d_weight = dW.to(wdtype)
+    if grad_b:
+        d_bias = db.to(bdtype)
+    return d_hidden, d_weight, d_bias
+
+
+def _forward_core(hidden, weight, bias, targets, token_weights, num_items, ignore_index, reduction, opts, impl,
+                  grads):
+    if impl == "fused":
+        from dvsft_kernels.ops import fused
+
+        return fused.forward_core(hidden, weight, bias, targets, token_weights, num_items, ignore_index,
+                                  reduction, opts)
+    return _compact_forward(hidden, weight, bias, targets, token_weights, num_items, ignore_index, reduction, opts,
+                            impl, grads)
+
+
+def _backward_core(saved, g, reduction, impl, opts, grads, hidden_shape, dtypes):
+    if impl == "fused":
+        from dvsft_kernels.ops import fused
+
+        return fused.backward_core(saved, g, reduction, opts, grads, hidden_shape, dtypes)
+    return _compact_backward(saved, g, reduction, impl, opts, grads, hidden_shape, dtypes)
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, token_weights, num_items, ignore_index, reduction, opts, impl):
-        D = hidden.shape[-1]
-        V = weight.shape[0]
-        shape = targets.shape
-        flat_t = targets.reshape(-1)
-        idx = (flat_t != ignore_index).nonzero().squeeze(1)
-        t = flat_t.index_select(0, idx).long()
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= V):
-            raise ValueError(f"targets: values must lie in [0, {V}) or equal ignore_index={ignore_index}")
-        h = hidden.reshape(-1, D).index_select(0, idx)
-        n = t.numel()
-        w = token_weights.reshape(-1).index_select(0, idx).float() if token_weights is not None else None
-
-        if reduction == "mean":
-            denom = torch.as_tensor(n if num_items is None else num_items, device=hidden.device,
-                                    dtype=torch.float32)
-            # n == 0 (or num_items == 0): loss 0 and zero gradients, never NaN
-            inv = torch.where(denom > 0, 1.0 / denom.clamp_min(1e-30), torch.zeros_like(denom))
-            scale = inv.expand(n) if w is None else w * inv
-        else:
-            scale = w if w is not None else torch.ones(n, device=hidden.device, dtype=torch.float32)
-
         need = ctx.needs_input_grad
-        grad_h, grad_w, grad_b = bool(need[0]), bool(need[1]), bool(bias is not None and need[2])
-        precompute = reduction != "none" and (grad_h or grad_w or grad_b)
-        row_loss, lse, correct, dh, dW, db = _run_impl(
-            impl, h, weight, bias, t, scale, opts,
-            grad_h and precompute, grad_w and precompute, grad_b and precompute,
-        )
-
-        def scatter(v, fill_dtype):
-            out = torch.zeros(flat_t.numel(), dtype=fill_dtype, device=hidden.device)
-            return out.index_copy_(0, idx, v.to(fill_dtype)).reshape(shape)
-
-        row_loss_full = scatter(row_loss, torch.float32)
-        weighted = row_loss * scale if reduction != "none" else (row_loss * w if w is not None else row_loss)
-        if reduction == "none":
-            out = scatter(weighted, torch.float32)
-        else:
-            out = weighted.sum()
-        lse_full = scatter(lse, torch.float32)
-        correct_full = scatter(correct, torch.bool)
-
+        grads = (bool(need[0]), bool(need[1]), bool(bias is not None and need[2]))
+        out, row_loss, lse, correct, saved = _forward_core(
+            hidden, weight, bias, targets, token_weights, num_items, ignore_index, reduction, opts, impl, grads)
         ctx.reduction = reduction
-        ctx.meta = (hidden.shape, hidden.dtype, weight.dtype, None if bias is None else bias.dtype, impl, opts)
-        ctx.grads = (grad_h, grad_w, grad_b)
-        if reduction == "none":
-            ctx.save_for_backward(idx, h, t, w, weight, bias)
-        else:
-            ctx.save_for_backward(idx, dh, dW, db)
-        ctx.mark_non_differentiable(row_loss_full, lse_full, correct_full)
-        return out, row_loss_full, lse_full, correct_full
+        ctx.meta = (hidden.shape, (hidden.dtype, weight.dtype, None if bias is None else bias.dtype), impl, opts)
+        ctx.grads = grads
+        if any(grads):
+            ctx.save_for_backward(*saved)
+        ctx.mark_non_differentiable(row_loss, lse, correct)
+        return out, row_loss, lse, correct
 
     @staticmethod
     def backward(ctx, g, _g_row, _g_lse, _g_correct):
-        hshape, hdtype, wdtype, bdtype, impl, opts = ctx.meta
-        grad_h, grad_w, grad_b = ctx.grads
-        if ctx.reduction == "none":
-            idx, h, t, w, weight, bias = ctx.saved_tensors
-            gs = g.reshape(-1).index_select(0, idx).float()
-            scale = gs * w if w is not None else gs
-            _, _, _, dh, dW, db = _run_impl(impl, h, weight, bias, t, scale, opts, grad_h, grad_w, grad_b)
-        else:
-            idx, dh, dW, db = ctx.saved_tensors
-            g = g.float()
-            dh = dh * g if dh is not None else None
-            dW = dW * g if dW is not None else None
-            db = db * g if db is not None else None
-        d_hidden = d_weight = d_bias = None
-        if grad_h:
-            D = hshape[-1]
-            d_hidden = torch.zeros(math.prod(hshape[:-1]), D, dtype=hdtype, device=dh.device)
-            d_hidden.index_copy_(0, idx, dh.to(hdtype))
-            d_hidden = d_hidden.reshape(hshape)
-        if grad_w:
-            d_weight = dW.to(wdtype)
-        if grad_b:
-            d_bias = db.to(bdtype)
+        hshape, dtypes, impl, opts = ctx.meta
+        d_hidden, d_weight, d_bias = _backward_core(ctx.saved_tensors, g, ctx.reduction, impl, opts, ctx.grads,
+                                                    hshape, dtypes)
         return d_hidden, d_weight, d_bias, None, None, None, None, None, None, None
 
 
@@ -230,20 +297,41 @@ def linear_cross_entropy_with_stats(
     num_items: int | torch.Tensor | None = None,
     impl: str = "auto",
     chunk_rows: int | None = None,
+    deterministic: bool | None = None,
+    grad_filter: bool = False,
 ) -> LCEOutput:
-    """`linear_cross_entropy` plus the per-position statistics of the same pass (for DVLoss)."""
+    """`linear_cross_entropy` plus the per-position statistics of the same pass (for DVLoss).
+
+    Options of the Triton implementations: `chunk_rows` ("torch", "chunked": rows per logits
+    chunk); `deterministic` ("fused": bitwise repeatable gradients; None follows
+    `torch.are_deterministic_algorithms_enabled()`); `grad_filter` ("fused": skip gradient tiles
+    below the output dtype's resolution, error bound in kernels/README.md; a ValueError with
+    impl="torch" or "chunked", and ignored when "auto" picks one of them)."""
     _validate(hidden, weight, targets, bias, ignore_index, reduction, token_weights, label_smoothing,
               z_loss, softcap, num_items)
+    if deterministic is not None and not isinstance(deterministic, bool):
+        raise ValueError(f"deterministic: expected None or a bool, got {deterministic!r}")
+    if not isinstance(grad_filter, bool):
+        raise ValueError(f"grad_filter: expected a bool, got {grad_filter!r}")
+    if grad_filter and impl in ("torch", "chunked"):
+        raise ValueError(f"grad_filter: only impl='fused' filters gradient tiles, got impl={impl!r}")
     impl = resolve_impl(impl, hidden.device)
     if token_weights is not None:
         token_weights = token_weights.detach()
     if isinstance(num_items, torch.Tensor):
         num_items = num_items.detach()
     opts = dict(label_smoothing=float(label_smoothing), z_loss=float(z_loss),
-                softcap=None if softcap is None else float(softcap), chunk_rows=chunk_rows)
-    loss, row_loss, lse, correct = LinearCrossEntropyFunction.apply(
-        hidden, weight, bias, targets, token_weights, num_items, ignore_index, reduction, opts, impl
-    )
+                softcap=None if softcap is None else float(softcap), chunk_rows=chunk_rows,
+                deterministic=deterministic, grad_filter=grad_filter)
+    if torch.compiler.is_compiling():
+        from dvsft_kernels.ops.custom_op import lce_custom_op
+
+        loss, row_loss, lse, correct = lce_custom_op(
+            hidden, weight, bias, targets, token_weights, num_items, ignore_index, reduction, opts, impl)
+    else:
+        loss, row_loss, lse, correct = LinearCrossEntropyFunction.apply(
+            hidden, weight, bias, targets, token_weights, num_items, ignore_index, reduction, opts, impl
+        )
     return LCEOutput(loss, row_loss, lse, correct)
 
 

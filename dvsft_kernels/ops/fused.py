@@ -1,0 +1,302 @@
+"""`impl="fused"`: no logits in device memory and no host synchronisation.
+
+Labeled rows are indexed on the device (`build_index`: a cumulative sum and a scatter into a
+buffer sized by the static number of positions N, plus the count as a device scalar), and the
+Triton kernels gather hidden rows through that index, so hidden states are never copied. The
+forward (`kernels/lce_fused_fwd.py`) keeps per-row max, sum-exp, target logit, argmax and the
+smoothing sum over vocabulary splits and merges them; the backward (`kernels/lce_fused_bwd.py`)
+recomputes each logit tile from the saved row max and log-sum-exp and accumulates dh (at the
+rows' original positions) and dW in float32.
+
+Gradients are formed in the autograd backward for every reduction: the logits are recomputed there
+in any case, so forming them in the forward (as the compacting implementations do) would save no
+FLOPs and would hold float32 dh and dW from the forward to the backward.
+
+Extra memory (beyond inputs, outputs and the float32 gradient accumulators dh (N, D), dW (V, D)):
+the index and per-row statistics, O(N), and the forward partials, O(N x S_MIN + rows in flight).
+
+Differences from the compacting implementations, both so that nothing waits on the device:
+- a target outside [0, V) (and not ignore_index) is not a ValueError: that row's loss and lse are
+  NaN and it gets no gradient;
+- the gradient of the weight is accumulated with float32 atomics unless `deterministic` (default:
+  `torch.are_deterministic_algorithms_enabled()`), see kernels/README.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from dvsft_kernels.ops.kernels import lce_fused_bwd as _bwd
+from dvsft_kernels.ops.kernels import lce_fused_fwd as _fwd
+from dvsft_kernels.ops.launch import _interpreting
+
+# Filtering threshold per output dtype: its unit roundoff (half the spacing of floats in [1, 2)).
+FILTER_TAU = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Block sizes and launch options of one kernel. BM: labeled rows, BV: vocabulary entries,
+    BK: hidden dimension per step of the logit GEMM, BD: hidden dimension per step of the
+    gradient GEMMs. All powers of two >= 16 (tl.dot)."""
+
+    BM: int
+    BV: int
+    BK: int
+    BD: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+    GROUP: int = 8
+
+
+@dataclass(frozen=True)
+class FusedConfig:
+    fwd: Tiles
+    bwd: Tiles  # the atomic backward
+    dh: Tiles  # deterministic dh
+    dw: Tiles  # deterministic dW / db
+    s_min: int = 16  # vocabulary splits at least (README: programs running together share row tiles)
+    s_max: int = 256
+    target_programs: int | None = None  # None: 2 per SM on CUDA, 4 in the interpreter
+
+
+def _cuda_config(width: str) -> FusedConfig:
+    return FusedConfig(fwd=Tiles(**_fwd.FWD_TILES[width]), bwd=Tiles(**_bwd.BWD_TILES[width]),
+                       dh=Tiles(**_bwd.DH_TILES[width]), dw=Tiles(**_bwd.DW_TILES[width]))
+
+
+# sm_90 choices (kernels/README.md) for 16-bit and float32 operands: the same tiles as the kernels'
+# STATIC_CONFIGS, which the static report compiles and checks for spills and HGMMA.
+CUDA_CONFIGS = {"half": _cuda_config("half"), "fp32": _cuda_config("fp32")}
+# The interpreter runs every program in NumPy: small tiles keep masked work low on test shapes.
+INTERPRETER_CONFIG = FusedConfig(
+    fwd=Tiles(BM=16, BV=64, BK=32, GROUP=2),
+    bwd=Tiles(BM=16, BV=64, BK=32, BD=32, GROUP=2),
+    dh=Tiles(BM=16, BV=64, BK=32, BD=32),
+    dw=Tiles(BM=16, BV=64, BK=32, BD=32),
+    s_min=2,
+    s_max=8,
+    target_programs=4,
+)
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def default_config(device: torch.device, dtype: torch.dtype) -> FusedConfig:
+    if device.type != "cuda":
+        return INTERPRETER_CONFIG
+    return CUDA_CONFIGS["fp32" if dtype == torch.float32 else "half"]
+
+
+def _target_programs(cfg: FusedConfig, device: torch.device) -> int:
+    if cfg.target_programs is not None:
+        return cfg.target_programs
+    if device.type != "cuda":
+        return 4
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SM_COUNT:
+        _SM_COUNT[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return 2 * _SM_COUNT[i]
+
+
+def _dot_options(dtype: torch.dtype) -> tuple[bool, str]:
+    """(DOT_F32, PRECISION): upcast tiles to float32 in the interpreter (its bf16 dot is wrong);
+    float32 weights on a GPU use three TF32 products (about float32 accuracy on tensor cores)."""
+    if _interpreting():
+        return True, "ieee"
+    return False, "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def check_device(device: torch.device) -> None:
+    if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
+        raise ValueError(f"impl: 'fused' runs Triton kernels and needs CUDA tensors (or TRITON_INTERPRET=1), "
+                         f"got {device}")
+
+
+def build_index(flat_t: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(idx, count): idx[j] (int32, j < count) is the position of the j-th labeled target, in order;
+    count a 1-element int32 device tensor. No host synchronisation: slots past count hold 0."""
+    N = flat_t.numel()
+    valid = flat_t != ignore_index
+    pos = torch.cumsum(valid, 0, dtype=torch.int32) - 1
+    # unlabeled positions all land in the dump slot N, cut off below
+    dest = torch.where(valid, pos, N).long()
+    idx = torch.zeros(N + 1, dtype=torch.int32, device=flat_t.device)
+    idx.scatter_(0, dest, torch.arange(N, dtype=torch.int32, device=flat_t.device))
+    count = valid.sum(dtype=torch.int32).reshape(1)
+    return idx[:N], count
+
+
+def _strides(h2: torch.Tensor, weight: torch.Tensor):
+    return h2.stride(0), h2.stride(1), weight.stride(0), weight.stride(1)
+
+
+def partial_entries(N: int, V: int, cfg: FusedConfig, target: int) -> tuple[int, int, int]:
+    """(entries of the partial buffers, forward grid size, BLOCK_S): upper bounds over every count
+    in [0, N] of count x S(count) and n_row_tiles x S(count) (the device picks S from count)."""
+    t = cfg.fwd
+    cap = max(1, min(cfg.s_max, triton.cdiv(V, t.BV)))
+    s_lo = min(cfg.s_min, cap)
+    n_rt = triton.cdiv(N, t.BM)
+    entries = min(N * cap, N * s_lo + t.BM * (target + n_rt + 1))
+    grid = min(n_rt * cap, n_rt * s_lo + target + n_rt)
+    return max(entries, 1), max(grid, 1), triton.next_power_of_2(cap)
+
+
+def fused_forward(h2, weight, bias, flat_t, idx, count, *, label_smoothing=0.0, z_loss=0.0, softcap=None,
+                  config: FusedConfig | None = None):
+    """Per-position row_loss (float32, 0 where unlabeled), lse, correct (bool), and the per-slot
+    statistics (2, N) float32 [row max; log sum-exp - max] the backward reads."""
+    N, D = h2.shape
+    V = weight.shape[0]
+    dev = h2.device
+    cfg = config or default_config(dev, weight.dtype)
+    t = cfg.fwd
+    target = _target_programs(cfg, dev)
+    entries, grid, block_s = partial_entries(N, V, cfg, target)
+    dot_f32, precision = _dot_options(weight.dtype)
+    has_smoothing = label_smoothing > 0
+
+    row_loss = torch.zeros(N, dtype=torch.float32, device=dev)
+    lse = torch.zeros(N, dtype=torch.float32, device=dev)
+    correct = torch.zeros(N, dtype=torch.int8, device=dev)
+    stat = torch.empty(2, N, dtype=torch.float32, device=dev)
+    if N == 0:
+        return row_loss, lse, correct.view(torch.bool), stat
+    pm = torch.empty(entries, dtype=torch.float32, device=dev)
+    pse = torch.empty(entries, dtype=torch.float32, device=dev)
+    yt = torch.empty(N, dtype=torch.float32, device=dev)
+    psy = torch.empty(entries, dtype=torch.float32, device=dev) if has_smoothing else pm
+    parg = torch.empty(entries, dtype=torch.int32, device=dev)
+    b = bias if bias is not None else pm  # dummy pointer when unused
+
+    _fwd._lce_fwd_kernel[(grid,)](
+        h2, weight, b, flat_t, idx, count, pm, pse, psy, parg, yt,
+        V, D, *_strides(h2, weight),
+        float(softcap) if softcap is not None else 1.0, target,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=has_smoothing,
+        BM=t.BM, BV=t.BV, BK=t.BK, GROUP=t.GROUP, S_MIN=cfg.s_min, S_MAX=cfg.s_max,
+        EVEN_K=D % t.BK == 0, DOT_F32=dot_f32, PRECISION=precision,
+        num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    block_r = max(1, min(128, 2048 // block_s))
+    _fwd._lce_fwd_combine_kernel[(triton.cdiv(N, block_r),)](
+        flat_t, idx, count, pm, pse, psy, parg, yt, stat, row_loss, lse, correct,
+        N, V, target, float(label_smoothing), float(z_loss),
+        HAS_SMOOTHING=has_smoothing, BM=t.BM, BV=t.BV, S_MIN=cfg.s_min, S_MAX=cfg.s_max,
+        BLOCK_R=block_r, BLOCK_S=block_s, num_warps=4,
+    )
+    return row_loss, lse, correct.view(torch.bool), stat
+
+
+def fused_backward(h2, weight, bias, flat_t, idx, count, stat, scale, *, label_smoothing=0.0, z_loss=0.0,
+                   softcap=None, grad_h=True, grad_w=True, grad_b=False, deterministic=False, grad_filter=False,
+                   config: FusedConfig | None = None):
+    """Float32 dh (N, D) by position (zero where unlabeled), dW (V, D), db (V,) (None where not
+    requested) for the row gradient scales `scale` (N,) float32 by position."""
+    N, D = h2.shape
+    V = weight.shape[0]
+    dev = h2.device
+    cfg = config or default_config(dev, weight.dtype)
+    dot_f32, precision = _dot_options(weight.dtype)
+    dh = torch.zeros(N, D, dtype=torch.float32, device=dev) if grad_h else None
+    dW = torch.zeros(V, D, dtype=torch.float32, device=dev) if grad_w else None
+    db = torch.zeros(V, dtype=torch.float32, device=dev) if grad_b else None
+    if N == 0 or not (grad_h or grad_w or grad_b):
+        return dh, dW, db
+    dummy = stat
+    common = (h2, weight, bias if bias is not None else dummy, flat_t, idx, count, stat, scale.float().contiguous())
+    scalars = (N, V, D, *_strides(h2, weight), float(label_smoothing), float(z_loss),
+               float(softcap) if softcap is not None else 1.0, FILTER_TAU[weight.dtype])
+    flags = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=label_smoothing > 0,
+                 FILTER=bool(grad_filter), DOT_F32=dot_f32, PRECISION=precision)
+
+    def tile_args(t: Tiles):
+        return dict(BM=t.BM, BV=t.BV, BK=t.BK, BD=t.BD, EVEN_K=D % t.BK == 0, EVEN_D=D % t.BD == 0,
+                    num_warps=t.num_warps, num_stages=t.num_stages)
+
+    if not deterministic:
+        t = cfg.bwd
+        grid = triton.cdiv(N, t.BM) * triton.cdiv(V, t.BV)
+        _bwd._lce_bwd_kernel[(grid,)](
+            *common, dh if grad_h else dummy, dW if grad_w else dummy, db if grad_b else dummy, *scalars,
+            COMPUTE_DH=grad_h, COMPUTE_DW=grad_w, COMPUTE_DB=grad_b, GROUP=t.GROUP, **flags, **tile_args(t),
+        )
+        return dh, dW, db
+    if grad_h:
+        t = cfg.dh
+        _bwd._lce_bwd_dh_kernel[(triton.cdiv(N, t.BM),)](*common, dh, *scalars, **flags, **tile_args(t))
+    if grad_w or grad_b:
+        t = cfg.dw
+        _bwd._lce_bwd_dw_kernel[(triton.cdiv(V, t.BV),)](
+            *common, dW if grad_w else dummy, db if grad_b else dummy, *scalars,
+            COMPUTE_DW=grad_w, COMPUTE_DB=grad_b, **flags, **tile_args(t),
+        )
+    return dh, dW, db
+
+
+# ------------------------------------------------------------------ the op on full positions
+def forward_core(hidden, weight, bias, targets, token_weights, num_items, ignore_index, reduction, opts):
+    """The op's forward without autograd: (out, row_loss, lse, correct shaped like targets) and
+    what backward_core needs (a tuple of tensors / None)."""
+    D = hidden.shape[-1]
+    h2 = hidden.reshape(-1, D)
+    flat_t = targets.reshape(-1).contiguous()
+    dev = hidden.device
+    check_device(dev)
+    idx, count = build_index(flat_t, ignore_index)
+    eps, zl, cap = opts["label_smoothing"], opts["z_loss"], opts["softcap"]
+    row_loss, lse, correct, stat = fused_forward(h2, weight, bias, flat_t, idx, count, label_smoothing=eps,
+                                                 z_loss=zl, softcap=cap, config=opts.get("fused_config"))
+    tw = token_weights.reshape(-1).float() if token_weights is not None else None
+    if reduction == "mean":
+        if num_items is None:
+            denom = count.reshape(()).float()
+        elif isinstance(num_items, torch.Tensor):
+            denom = num_items.to(device=dev, dtype=torch.float32)
+        else:
+            denom = torch.full((), float(num_items), device=dev, dtype=torch.float32)
+        # n == 0 (or num_items == 0): loss 0 and zero gradients, never NaN
+        inv = torch.where(denom > 0, 1.0 / denom.clamp_min(1e-30), torch.zeros_like(denom))
+        scale = tw * inv if tw is not None else inv.expand(flat_t.numel())
+    elif reduction == "sum":
+        scale = tw
+    else:
+        scale = tw
+    if reduction == "none":
+        out = row_loss * tw if tw is not None else row_loss.clone()
+        out = out.reshape(targets.shape)
+    else:
+        out = (row_loss * scale).sum() if scale is not None else row_loss.sum()
+    shape = targets.shape
+    saved = (h2, weight, bias, flat_t, idx, count, stat, scale)
+    return out, row_loss.reshape(shape), lse.reshape(shape), correct.reshape(shape), saved
+
+
+def backward_core(saved, g, reduction, opts, grads, hidden_shape, dtypes):
+    """Gradients for the upstream gradient g of the op's first output (a scalar for mean / sum,
+    shaped like targets for none)."""
+    h2, weight, bias, flat_t, idx, count, stat, scale = saved
+    grad_h, grad_w, grad_b = grads
+    hdtype, wdtype, bdtype = dtypes
+    g = g.float()
+    if reduction == "none":
+        g = g.reshape(-1)
+        scale = g * scale if scale is not None else g
+    else:
+        scale = scale * g if scale is not None else g.expand(flat_t.numel())
+    det = opts.get("deterministic")
+    dh, dW, db = fused_backward(
+        h2, weight, bias, flat_t, idx, count, stat, scale,
+        label_smoothing=opts["label_smoothing"], z_loss=opts["z_loss"], softcap=opts["softcap"],
+        grad_h=grad_h, grad_w=grad_w, grad_b=grad_b,
+        deterministic=torch.are_deterministic_algorithms_enabled() if det is None else bool(det),
+        grad_filter=bool(opts.get("grad_filter", False)), config=opts.get("fused_config"),
+    )
+    d_hidden = dh.to(hdtype).reshape(hidden_shape) if grad_h else None
+    d_weight = dW.to(wdtype) if grad_w else None
+    d_bias = db.to(bdtype) if grad_b else None
+    return d_hidden, d_weight, d_bias

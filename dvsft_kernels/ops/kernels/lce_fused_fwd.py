@@ -1,0 +1,310 @@
+"""Fused forward of the linear cross-entropy: logit tiles by `tl.dot`, never stored.
+
+Labeled row j (slot j of the device-built index, j < count) is hidden row idx[j]. For a tile of BM
+slots and a tile of BV vocabulary entries, z = h W^T (+ b) lives in registers; per row the kernel
+keeps, over the vocabulary tiles of its split,
+
+    y  = softcap * tanh(z / softcap)              (HAS_SOFTCAP)   else y = z
+    m  = max_j y_j,  se = sum_j exp(y_j - m)      (online: se rescaled when m grows)
+    arg = first j with y_j == m,  yt = y_t,  sy = sum_j y_j (HAS_SMOOTHING)
+
+and writes them as one partial per (slot, split). The combine kernel merges a row's S partials:
+M = max m, S = sum se exp(m - M), lse = M + log S,
+
+    loss = (1 - eps) (M - yt + log S) + eps (M - sy / V + log S) + zl lse^2,
+    correct = (first argmax == t).
+
+No host synchronisation: count (labeled rows) is read on the device; the grid is sized for the
+static upper bound and programs past the real work return at once. The number of vocabulary splits
+S is chosen on the device from count (`_num_splits`), so a few rows still fill the GPU. Design,
+tile choice and the byte model: README.md beside this file.
+"""
+
+import triton
+import triton.language as tl
+
+from dvsft_kernels.ops.kernels.ce_chunk import _softcap
+
+# sm_90 tiles of the forward by operand width (README.md): a 128 x 128 float32 logit tile is 64
+# registers per thread at 8 warps, leaving room for the online-softmax epilogue (~190 registers in
+# all, no spills); 3 stages of BK 64 (16-bit) or 32 (float32, three TF32 products) = 96 KB of
+# operands. GROUP: row tiles that programs running together share (README.md).
+FWD_TILES = {
+    "half": dict(BM=128, BV=128, BK=64, num_warps=8, num_stages=3, GROUP=8),
+    "fp32": dict(BM=128, BV=128, BK=32, num_warps=8, num_stages=3, GROUP=8),
+}
+
+
+@triton.jit
+def _num_splits(count, V, TARGET, BM: tl.constexpr, BV: tl.constexpr, S_MIN: tl.constexpr,
+                S_MAX: tl.constexpr):
+    """Vocabulary splits for `count` rows: enough (row tile, split) programs to reach TARGET, at
+    least S_MIN (so that programs running together share row tiles, README.md), at most S_MAX and
+    one vocabulary tile per split."""
+    n_rt = tl.maximum(tl.cdiv(count, BM), 1)
+    s = tl.maximum(tl.cdiv(TARGET, n_rt), S_MIN)
+    return tl.maximum(tl.minimum(tl.minimum(s, S_MAX), tl.cdiv(V, BV)), 1)
+
+
+@triton.jit
+def _target32(b_t, V):
+    """Targets as int32 (tile compares stay 32-bit), -1 for any value outside [0, V)."""
+    return tl.where((b_t >= 0) & (b_t < V), b_t, -1).to(tl.int32)
+
+
+@triton.jit
+def _grouped(pid, n_a, n_b, GROUP: tl.constexpr):
+    """pid -> (a, b) over an n_a x n_b grid, GROUP consecutive a per group and a fastest inside a
+    group: programs that run together share GROUP row tiles (a) and read n_programs / GROUP
+    different vocabulary tiles (b)."""
+    per_group = GROUP * n_b
+    g = pid // per_group
+    a0 = g * GROUP
+    rows = tl.minimum(n_a - a0, GROUP)
+    r = pid % per_group
+    return a0 + r % rows, r // rows
+
+
+@triton.jit
+def _logit_tile(h_ptr, w_ptr, b_ptr, o_pos, m_rows, o_v, m_v, D, stride_hn, stride_hd, stride_wv, stride_wd,
+                HAS_BIAS: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
+                EVEN_K: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+    """z = h[o_pos] W[o_v]^T (+ b[o_v]) as a float32 [BM, BV] tile. o_pos: int64 indices of the
+    gathered hidden rows (masked rows read 0); masked vocabulary entries read 0."""
+    # pointers rebuilt from per-row / per-column bases at every step: loop-carried [BM, BK] and
+    # [BK, BV] pointer tensors would hold 64-bit addresses in registers for the whole loop
+    o_k = tl.arange(0, BK)
+    o_hrow = o_pos * stride_hn  # [BM] int64
+    o_wcol = o_v.to(tl.int64) * stride_wv  # [BV] int64
+    b_z = tl.zeros([BM, BV], dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        o_kk = k0 + o_k
+        p_h = h_ptr + o_hrow[:, None] + o_kk[None, :] * stride_hd  # [BM, BK]
+        p_w = w_ptr + o_wcol[None, :] + o_kk[:, None] * stride_wd  # [BK, BV] = W^T tile
+        if EVEN_K:
+            b_h = tl.load(p_h, mask=m_rows[:, None], other=0.0)
+            b_w = tl.load(p_w, mask=m_v[None, :], other=0.0)
+        else:
+            m_k = o_kk < D
+            b_h = tl.load(p_h, mask=m_rows[:, None] & m_k[None, :], other=0.0)
+            b_w = tl.load(p_w, mask=m_v[None, :] & m_k[:, None], other=0.0)
+        if DOT_F32:  # interpreter: bf16 dots are wrong there (TRITON_ON_CPU.md)
+            b_h = b_h.to(tl.float32)
+            b_w = b_w.to(tl.float32)
+        b_z = tl.dot(b_h, b_w, b_z, input_precision=PRECISION)
+    if HAS_BIAS:
+        b_z += tl.load(b_ptr + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
+    return b_z
+
+
+@triton.jit
+def _target_logit(h_ptr, w_ptr, b_ptr, o_pos, m_rows, b_t, D, stride_hn, stride_hd, stride_wv, stride_wd,
+                  HAS_BIAS: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
+    """z_t = h . W[t] (+ b[t]) per row, float32 products and sums ([BM] float32; 0 where the row
+    is masked or t is -1)."""
+    m_t = m_rows & (b_t >= 0)
+    o_hrow = o_pos * stride_hn
+    o_wrow = tl.where(m_t, b_t, 0).to(tl.int64) * stride_wv
+    o_k = tl.arange(0, BK)
+    b_acc = tl.zeros([BM, BK], dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        o_kk = k0 + o_k
+        if EVEN_K:
+            m = m_t[:, None]
+        else:
+            m = m_t[:, None] & (o_kk < D)[None, :]
+        b_h = tl.load(h_ptr + o_hrow[:, None] + o_kk[None, :] * stride_hd, mask=m, other=0.0)
+        b_w = tl.load(w_ptr + o_wrow[:, None] + o_kk[None, :] * stride_wd, mask=m, other=0.0)
+        b_acc += b_h.to(tl.float32) * b_w.to(tl.float32)
+    b_zt = tl.sum(b_acc, axis=1)
+    if HAS_BIAS:
+        b_zt += tl.load(b_ptr + tl.where(m_t, b_t, 0), mask=m_t, other=0.0).to(tl.float32)
+    return b_zt
+
+
+@triton.jit
+def _lce_fwd_kernel(
+    h_ptr,  # [N, D] hidden states (all positions; labeled rows gathered through idx)
+    w_ptr,  # [V, D] weight
+    b_ptr,  # [V] bias (read only if HAS_BIAS)
+    t_ptr,  # [N] int targets, by position
+    idx_ptr,  # [N] int32: slot -> position; slots >= count are never read
+    cnt_ptr,  # [1] int32: count of labeled rows
+    pm_ptr, pse_ptr, psy_ptr,  # [P] float32 partials, entry slot * S + split
+    parg_ptr,  # [P] int32 partial first argmax
+    yt_ptr,  # [N] float32 y_t by slot (split 0 writes it)
+    V, D,
+    stride_hn, stride_hd, stride_wv, stride_wd,
+    softcap,  # > 0; ignored (pass 1.0) unless HAS_SOFTCAP
+    TARGET,  # programs wanted in flight (a few per SM)
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+    S_MIN: tl.constexpr, S_MAX: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    count = tl.load(cnt_ptr)
+    n_rt = tl.cdiv(count, BM)
+    S = _num_splits(count, V, TARGET, BM, BV, S_MIN, S_MAX)
+    if pid >= n_rt * S:
+        return
+    i_r, i_s = _grouped(pid, n_rt, S, GROUP)
+    n_vt = tl.cdiv(V, BV)
+    vt0 = i_s * n_vt // S
+    vt1 = (i_s + 1) * n_vt // S
+
+    o_j = i_r * BM + tl.arange(0, BM)
+    m_j = o_j < count
+    o_pos = tl.load(idx_ptr + o_j, mask=m_j, other=0).to(tl.int64)
+    b_t = _target32(tl.load(t_ptr + o_pos, mask=m_j, other=0), V)
+    inv_cap = 1.0 / softcap
+
+    b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
+    b_se = tl.zeros([BM], dtype=tl.float32)
+    b_sy = tl.zeros([BM], dtype=tl.float32)
+    b_arg = tl.zeros([BM], dtype=tl.int32)
+    if i_s == 0:
+        # y_t as its own dot product (BM x D, next to BM x V x D of the tiles): picking it out of
+        # every tile costs ~90 registers of target compares in the loop (README.md)
+        b_zt = _target_logit(h_ptr, w_ptr, b_ptr, o_pos, m_j, b_t, D, stride_hn, stride_hd, stride_wv, stride_wd,
+                             HAS_BIAS, BM, BK, EVEN_K)
+        if HAS_SOFTCAP:
+            b_zt, _ = _softcap(b_zt, softcap, inv_cap)
+        tl.store(yt_ptr + o_j, b_zt, mask=m_j)
+    for vt in range(vt0, vt1):
+        o_v = vt * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        b_z = _logit_tile(h_ptr, w_ptr, b_ptr, o_pos, m_j, o_v, m_v, D,
+                          stride_hn, stride_hd, stride_wv, stride_wd,
+                          HAS_BIAS, BM, BV, BK, EVEN_K, DOT_F32, PRECISION)  # [BM, BV]
+        if HAS_SOFTCAP:
+            b_y, _ = _softcap(b_z, softcap, inv_cap)
+        else:
+            b_y = b_z
+        b_y = tl.where(m_v[None, :], b_y, float("-inf"))
+        # tile max and its first index; tiles come in increasing v, so a strict ">" keeps the first
+        b_tm, b_ta = tl.max(b_y, axis=1, return_indices=True, return_indices_tie_break_left=True)  # [BM]
+        b_arg = tl.where(b_tm > b_m, b_ta + vt * BV, b_arg)
+        b_mn = tl.maximum(b_m, b_tm)
+        b_ref = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+        b_se = b_se * tl.exp(b_m - b_ref) + tl.sum(tl.exp(b_y - b_ref[:, None]), axis=1)
+        b_m = b_mn
+        if HAS_SMOOTHING:
+            b_sy += tl.sum(tl.where(m_v[None, :], b_y, 0.0), axis=1)
+
+    o_p = o_j * S + i_s
+    tl.store(pm_ptr + o_p, b_m, mask=m_j)
+    tl.store(pse_ptr + o_p, b_se, mask=m_j)
+    tl.store(parg_ptr + o_p, b_arg, mask=m_j)
+    if HAS_SMOOTHING:
+        tl.store(psy_ptr + o_p, b_sy, mask=m_j)
+
+
+@triton.jit
+def _lce_fwd_combine_kernel(
+    t_ptr, idx_ptr, cnt_ptr,
+    pm_ptr, pse_ptr, psy_ptr, parg_ptr, yt_ptr,  # partials of _lce_fwd_kernel
+    stat_ptr,  # [2, N] float32 out, by slot: row max M and log S (what the backward reads)
+    loss_ptr, lse_ptr, correct_ptr,  # [N] by position (float32, float32, int8); only labeled ones written
+    N, V, TARGET,
+    eps, zl,
+    HAS_SMOOTHING: tl.constexpr,
+    BM: tl.constexpr, BV: tl.constexpr, S_MIN: tl.constexpr, S_MAX: tl.constexpr,  # the forward's
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,  # BLOCK_S: power of two >= S_MAX
+):
+    """Merge each row's S partials; loss, lse and correct at the row's position. A target outside
+    [0, V) (not checked on the host: that would synchronise) gives NaN loss and lse; the backward
+    gives that row a zero gradient."""
+    pid = tl.program_id(0)
+    count = tl.load(cnt_ptr)
+    if pid * BLOCK_R >= count:
+        return
+    S = _num_splits(count, V, TARGET, BM, BV, S_MIN, S_MAX)
+    o_j = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_j = o_j < count
+    o_s = tl.arange(0, BLOCK_S)
+    m_p = m_j[:, None] & (o_s < S)[None, :]
+    o_p = o_j[:, None] * S + o_s[None, :]  # [BR, BS]
+    b_m = tl.load(pm_ptr + o_p, mask=m_p, other=float("-inf"))
+    b_mx = tl.where(m_j, tl.max(b_m, axis=1), 0.0)  # [BR]; padded rows computed on 0 / 1
+    b_sum = tl.sum(tl.load(pse_ptr + o_p, mask=m_p, other=0.0) * tl.exp(b_m - b_mx[:, None]), axis=1)
+    b_sum = tl.where(m_j, b_sum, 1.0)
+    b_yt = tl.load(yt_ptr + o_j, mask=m_j, other=0.0)
+    # splits are in vocabulary order and each holds its first argmax: the first split at the max wins
+    b_arg = tl.min(tl.where(m_p & (b_m == b_mx[:, None]), tl.load(parg_ptr + o_p, mask=m_p, other=0), V), axis=1)
+    b_logs = tl.log(b_sum)
+    b_lse = b_mx + b_logs
+    b_loss = (b_mx - b_yt) + b_logs
+    if HAS_SMOOTHING:
+        b_sy = tl.sum(tl.load(psy_ptr + o_p, mask=m_p, other=0.0), axis=1)
+        b_loss = (1.0 - eps) * b_loss + eps * ((b_mx - b_sy / V) + b_logs)
+    b_loss += zl * b_lse * b_lse
+
+    o_pos = tl.load(idx_ptr + o_j, mask=m_j, other=0).to(tl.int64)
+    b_t = _target32(tl.load(t_ptr + o_pos, mask=m_j, other=0), V)
+    bad = b_t < 0
+    tl.store(stat_ptr + o_j, b_mx, mask=m_j)
+    tl.store(stat_ptr + N + o_j, b_logs, mask=m_j)
+    tl.store(loss_ptr + o_pos, tl.where(bad, float("nan"), b_loss), mask=m_j)
+    tl.store(lse_ptr + o_pos, tl.where(bad, float("nan"), b_lse), mask=m_j)
+    tl.store(correct_ptr + o_pos, ((b_arg == b_t) & ~bad).to(tl.int8), mask=m_j)
+
+
+def _static_fwd(name, dtype, has_softcap, has_smoothing=True, tiles=None):
+    """One sm_90 compile of `_lce_fwd_kernel` for scripts/kernel_report.py, typed as the launcher
+    specialises a real call: aligned pointers, 16-divisible V, D and row strides (':16'), unit
+    inner strides (constexpr 1)."""
+    t = dict(FWD_TILES["fp32" if dtype == "fp32" else "half"], **(tiles or {}))
+    prec = "tf32x3" if dtype == "fp32" else "tf32"
+    return {
+        "name": name,
+        "kernel": _lce_fwd_kernel,
+        "signature": {
+            "h_ptr": f"*{dtype}:16", "w_ptr": f"*{dtype}:16", "b_ptr": f"*{dtype}:16", "t_ptr": "*i64:16",
+            "idx_ptr": "*i32:16", "cnt_ptr": "*i32:16", "pm_ptr": "*fp32:16", "pse_ptr": "*fp32:16",
+            "psy_ptr": "*fp32:16", "parg_ptr": "*i32:16", "yt_ptr": "*fp32:16",
+            "V": "i32:16", "D": "i32:16", "stride_hn": "i32:16", "stride_wv": "i32:16",
+            "softcap": "fp32", "TARGET": "i32",
+        },
+        "constexprs": {
+            "stride_hd": 1, "stride_wd": 1,
+            "HAS_BIAS": True, "HAS_SOFTCAP": has_softcap, "HAS_SMOOTHING": has_smoothing,
+            "BM": t["BM"], "BV": t["BV"], "BK": t["BK"], "GROUP": t["GROUP"], "S_MIN": 16, "S_MAX": 256,
+            "EVEN_K": True, "DOT_F32": False, "PRECISION": prec,
+        },
+        "num_warps": t["num_warps"],
+        "num_stages": t["num_stages"],
+        "matmul": True,
+    }
+
+
+def _static_combine(name, block_s=256):
+    return {
+        "name": name,
+        "kernel": _lce_fwd_combine_kernel,
+        "signature": {
+            "t_ptr": "*i64:16", "idx_ptr": "*i32:16", "cnt_ptr": "*i32:16", "pm_ptr": "*fp32:16",
+            "pse_ptr": "*fp32:16", "psy_ptr": "*fp32:16", "parg_ptr": "*i32:16", "yt_ptr": "*fp32:16",
+            "stat_ptr": "*fp32:16", "loss_ptr": "*fp32:16", "lse_ptr": "*fp32:16", "correct_ptr": "*i8:16",
+            "N": "i32", "V": "i32:16", "TARGET": "i32", "eps": "fp32", "zl": "fp32",
+        },
+        "constexprs": {
+            "HAS_SMOOTHING": True, "BM": FWD_TILES["half"]["BM"], "BV": FWD_TILES["half"]["BV"], "S_MIN": 16,
+            "S_MAX": 256,
+            "BLOCK_R": max(1, 2048 // block_s), "BLOCK_S": block_s,
+        },
+        "num_warps": 4,
+        "num_stages": 1,
+        "matmul": False,
+    }
+
+
+# What ops/fused.py launches on sm_90: each dtype and the switch that changes the epilogue most
+# (softcap); the combine at the largest split count.
+STATIC_CONFIGS = [
+    _static_fwd("lce_fused_fwd/bf16", "bf16", False),
+    _static_fwd("lce_fused_fwd/bf16_softcap", "bf16", True),
+    _static_fwd("lce_fused_fwd/fp16_softcap", "fp16", True),
+    _static_fwd("lce_fused_fwd/fp32_softcap", "fp32", True),
+    _static_combine("lce_fused_fwd/combine_s256"),
+]
