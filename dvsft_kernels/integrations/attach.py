@@ -143,7 +143,8 @@ class AttachHandle:
     """Returned by `attach()`. `remove()` (or leaving a `with` block) detaches; `last_output` is the
     DVLossOutput of the latest call (detached), `last_metrics` its figures as floats."""
 
-    def __init__(self, model: nn.Module, loss: DVLoss, *, skip_logits: bool | str, verify: bool):
+    def __init__(self, model: nn.Module, loss: DVLoss, *, skip_logits: bool | str, verify: bool,
+                 logit_transforms: tuple[float, float | None] | None = None):
         if skip_logits not in ("auto", True, False):
             raise ValueError(f"skip_logits: expected 'auto', True or False, got {skip_logits!r}")
         hf = unwrap_model(model)
@@ -164,7 +165,17 @@ class AttachHandle:
             raise AttachError(f"{type(hf).__name__}: get_decoder() returns no decoder module distinct from the "
                               "model, so there is no hidden state to capture")
         head = _resolve_head(hf)
-        self.scale, cfg_softcap = post_head_transforms(getattr(hf, "config", None))
+        if logit_transforms is None:
+            self.scale, cfg_softcap = post_head_transforms(getattr(hf, "config", None))
+        else:
+            try:
+                scale, cfg_softcap = logit_transforms
+                self.scale = float(scale)
+                cfg_softcap = None if cfg_softcap is None else float(cfg_softcap)
+            except (TypeError, ValueError):
+                raise ValueError(f"logit_transforms: expected (scale, softcap or None), got {logit_transforms!r}") from None
+            if cfg_softcap is not None and not (math.isfinite(cfg_softcap) and cfg_softcap > 0):
+                raise ValueError(f"logit_transforms: softcap must be a finite number > 0, got {cfg_softcap}")
         if self.scale != 1.0 and getattr(head, "bias", None) is not None:
             raise AttachError("a logit scale together with a head bias is not supported")
         if not math.isfinite(self.scale) or self.scale <= 0:
@@ -350,7 +361,7 @@ class AttachHandle:
 
 
 def attach(model: nn.Module, loss: DVLoss | None = None, *, skip_logits: bool | str = "auto",
-           verify: bool = True) -> AttachHandle:
+           verify: bool = True, logit_transforms: tuple[float, float | None] | None = None) -> AttachHandle:
     """Make `model(**batch)` return the DV-SFT loss (DESIGN.md section 4.3).
 
     The batch may carry `labels`, `vision_labels`, `num_items_in_batch` (text-target divisor) and
@@ -358,6 +369,8 @@ def attach(model: nn.Module, loss: DVLoss | None = None, *, skip_logits: bool | 
     `logits_to_keep=1` when it is in training mode and the call has targets (in eval mode the model's
     own full logits are returned, for metrics; the loss never uses them); True always, False never.
     `verify` checks the head against the model's own last-position logits on the first call.
+    `logit_transforms=(scale, softcap)` overrides what is read from the config (`post_head_transforms`),
+    for a model whose forward does not do what its config says.
     Works on PEFT-wrapped models (pass the PeftModel) and tied heads.
     """
     if not isinstance(model, nn.Module):
@@ -366,7 +379,7 @@ def attach(model: nn.Module, loss: DVLoss | None = None, *, skip_logits: bool | 
         raise AttachError("model: already attached; remove() the first handle before attaching again")
     if loss is None:
         loss = DVLoss()
-    return AttachHandle(model, loss, skip_logits=skip_logits, verify=verify)
+    return AttachHandle(model, loss, skip_logits=skip_logits, verify=verify, logit_transforms=logit_transforms)
 
 
 def get_handle(model: nn.Module) -> AttachHandle | None:

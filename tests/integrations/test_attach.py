@@ -237,6 +237,12 @@ def test_config_declares_a_transform_the_forward_does_not_apply():
         with pytest.raises(RuntimeError, match="does not reproduce the model's own logits"):
             model(**batch, labels=labels)
         assert len(model.get_decoder()._forward_hooks) == 0 and not h._stack
+    with attach(model, logit_transforms=(1.0, None)):  # the override: what the forward really does
+        out = model(**batch, labels=labels)
+    torch.testing.assert_close(out.loss.double(), reference_loss(model(**batch).logits.double(), labels, None),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="logit_transforms"):
+        attach(model, logit_transforms=(1.0, -2.0))
 
 
 def test_softcap_conflict_with_loss_option():
