@@ -148,6 +148,27 @@ def test_split_choices_agree(s_min, target, bv):
     assert torch.equal(correct.cpu(), ref_correct)
 
 
+@MASKED_LANES
+def test_strided_inputs_and_frozen_weight():
+    """Transposed storage for hidden and weight (the kernels take both strides), strided
+    targets; then a frozen head: no weight gradient work."""
+    case = make_case(lead=(2, 3, 11), D=24, V=97, options={"bias": True, "token_weights": True})
+    ref = reference(case)
+    h = case.hidden.float().transpose(0, 1).contiguous().transpose(0, 1).to(DEVICE).requires_grad_()
+    w = case.weight.float().T.contiguous().T.to(DEVICE).requires_grad_()
+    assert not h.is_contiguous() and w.stride() == (1, 97)
+    t = torch.stack([case.targets, case.targets], -1).to(DEVICE)[..., 0]
+    b = case.bias.float().to(DEVICE).requires_grad_()
+    tw = case.token_weights.float().to(DEVICE)
+    loss = linear_cross_entropy(h, w, t, b, token_weights=tw, impl="fused")
+    loss.backward()
+    for got, key in ((loss, "loss"), (h.grad, "hidden"), (w.grad, "weight"), (b.grad, "bias")):
+        torch.testing.assert_close(got.cpu().double(), ref[key], rtol=1e-4, atol=1e-6)
+    h.grad = None
+    linear_cross_entropy(h, w.detach(), t, token_weights=tw, impl="fused").backward()
+    assert h.grad is not None
+
+
 def test_build_index_order_and_count():
     t = torch.tensor([5, -100, 2, -100, -100, 7, 0, -100]).to(DEVICE)
     idx, count = fused.build_index(t, -100)

@@ -36,6 +36,20 @@ def test_configs_are_listed(report):
     assert any(r["module"] == "ce_chunk" for r in report), "the CE chunk kernel lists no STATIC_CONFIGS"
 
 
+def test_fused_kernels_are_listed(report):
+    modules = {r["module"] for r in report}
+    assert {"lce_fused_fwd", "lce_fused_bwd"} <= modules, modules
+    fused_matmul = [r["name"] for r in report if r["module"].startswith("lce_fused") and r["matmul"]]
+    assert len(fused_matmul) >= 10, fused_matmul
+
+
+def test_no_spills(report):
+    # ptxas places register spills in the stack frame (STACK), not in LOCAL; none of these kernels
+    # has a call stack of its own, so any stack means spills
+    spilled = [f"{r['name']}: {r['stack']} B stack, {r['registers']} registers" for r in report if r["stack"]]
+    assert not spilled, "register spills:\n" + "\n".join(spilled)
+
+
 def test_no_local_memory(report):
     spilled = [f"{r['name']}: {r['local']} B local, {r['registers']} registers" for r in report if r["local"]]
     assert not spilled, "local-memory spills:\n" + "\n".join(spilled)

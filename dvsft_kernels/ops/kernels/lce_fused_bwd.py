@@ -28,12 +28,13 @@ import triton.language as tl
 from dvsft_kernels.ops.kernels.ce_chunk import _softcap
 from dvsft_kernels.ops.kernels.lce_fused_fwd import _grouped, _logit_tile, _target32
 
-# sm_90 tiles by operand width (README.md), each the largest that compiles without spills: a
-# 128 x 128 logit / gradient tile (64 float32 per thread at 8 warps) with the gradient products in
-# 32-wide slices of D; the deterministic dW kernel carries its vocabulary tile's indices and mask
-# across the row loop and fits with BV 64; float32 operands (three TF32 products) take BV 64, BK 32.
+# sm_90 tiles by operand width (README.md), each the largest that compiles without spills (the
+# static report): a 128 x 128 logit / gradient tile (64 float32 per thread at 8 warps), gradient
+# products in 64-wide (atomic) or 32-wide (deterministic dh) slices of D; the deterministic dW
+# kernel carries its vocabulary tile's indices and mask across the row loop and fits with BV 64;
+# float32 operands (three TF32 products) take BV 64, BK 32.
 BWD_TILES = {
-    "half": dict(BM=128, BV=128, BK=64, BD=32, num_warps=8, num_stages=3, GROUP=8),
+    "half": dict(BM=128, BV=128, BK=64, BD=64, num_warps=8, num_stages=3, GROUP=8),
     "fp32": dict(BM=128, BV=64, BK=32, BD=32, num_warps=8, num_stages=3, GROUP=8),
 }
 DH_TILES = {
@@ -66,7 +67,10 @@ def _grad_tile(b_z, o_v, m_v, m_r, b_t, b_mx, b_logs, b_s, V, eps, zl, softcap, 
     """G (float32 [BM, BV]) from the logit tile; exactly 0 outside valid rows and columns (a
     padded row's logits are its bias, whose exp may overflow)."""
     if HAS_SOFTCAP:
-        b_y, b_dy = _softcap(b_z, softcap, inv_cap)
+        # keep tanh only (y = softcap t, dy/dz = 1 - t^2): one float32 tile fewer in registers than
+        # ce_chunk's sech^2 form; 1 - t^2 is exact to 2^-24 absolute, all G needs
+        b_th, _ = _softcap(b_z, 1.0, inv_cap)
+        b_y = softcap * b_th
     else:
         b_y = b_z
     b_a = b_s * (1.0 + 2.0 * zl * (b_mx + b_logs))  # [BM]
@@ -75,7 +79,7 @@ def _grad_tile(b_z, o_v, m_v, m_r, b_t, b_mx, b_logs, b_s, V, eps, zl, softcap, 
         b_g -= (b_s * (eps / V))[:, None]
     b_g = tl.where(o_v[None, :] == b_t[:, None], b_g - (b_s * (1.0 - eps))[:, None], b_g)
     if HAS_SOFTCAP:
-        b_g *= b_dy
+        b_g *= 1.0 - b_th * b_th
     return tl.where(m_r[:, None] & m_v[None, :], b_g, 0.0)
 
 
