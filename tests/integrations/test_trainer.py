@@ -211,3 +211,30 @@ def test_trl_sft_trainer(setup, tmp_path):
     _close(deltas[(1, 2)], deltas[(2, 1)], "TRL 2 x 1 vs 1 x 2")
     ref, _ = _full_batch_reference(model0, data, DVLoss(vision_weight=0.5))
     _close({n: deltas[(2, 1)][n] for n in ref}, ref, "TRL vs reference")
+
+
+def test_two_processes_match_one_batch(setup, tmp_path):
+    """2 ranks x 1 sample (gloo, CPU) give the step of 1 process x 2 samples: both streams are
+    normalised by the counts of all ranks, and the per-stream logs are global."""
+    import os
+    import pathlib
+    import socket
+    import subprocess
+    import sys
+
+    model0, data = setup
+    root = pathlib.Path(__file__).resolve().parents[2]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "--master_addr=127.0.0.1", str(root / "tests" / "integrations" / "ddp_worker.py"), str(tmp_path), str(root)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    got = torch.load(tmp_path / "rank0.pt")
+    m_one, t_one = _train(model0, data, tmp_path / "one", bs=2, ga=1, loss=DVLoss(vision_weight=0.5))
+    _close(got["delta"], _delta(model0, m_one), "2 ranks x 1 vs 1 x 2")
+    log_one = next(x for x in t_one.state.log_history if "loss" in x)
+    for k in ("loss", "text_loss", "vision_loss", "text_tokens", "vision_tokens", "vision_accuracy"):
+        assert got["log"][k] == pytest.approx(log_one[k], rel=1e-4), k
