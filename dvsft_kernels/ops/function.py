@@ -151,6 +151,13 @@ _COMPACT_OPTS = ("label_smoothing", "z_loss", "softcap", "chunk_rows")
 
 def _run_impl(impl, h, weight, bias, t, scale, opts, grad_h, grad_w, grad_b):
     kw = {k: opts[k] for k in _COMPACT_OPTS if k in opts}
+    vp = opts.get("vocab_parallel")
+    if vp is not None:
+        from dvsft_kernels.ops.vocab_parallel import lce_torch_vocab_parallel
+
+        coll, start, total = vp
+        return lce_torch_vocab_parallel(h, weight, bias, t, scale, coll=coll, vocab_start=start, vocab_total=total,
+                                        **kw, grad_h=grad_h, grad_w=grad_w, grad_b=grad_b)
     if impl == "chunked":
         from dvsft_kernels.ops.chunked import lce_chunked
 
@@ -177,7 +184,9 @@ def _compact_forward(hidden, weight, bias, targets, token_weights, num_items, ig
     """Forward of "torch" / "chunked": (out, row_loss, lse, correct) shaped as the op returns them,
     and the tensors `_compact_backward` needs."""
     shape = targets.shape
-    idx, t, h, w = _compact_rows(hidden, targets, token_weights, ignore_index, weight.shape[0])
+    vp = opts.get("vocab_parallel")
+    V = vp[2] if vp is not None else weight.shape[0]
+    idx, t, h, w = _compact_rows(hidden, targets, token_weights, ignore_index, V)
     n = t.numel()
     N = targets.numel()
 
@@ -242,7 +251,7 @@ def _compact_backward(saved, g, reduction, impl, opts, grads, hidden_shape, dtyp
 
 def _forward_core(hidden, weight, bias, targets, token_weights, num_items, ignore_index, reduction, opts, impl,
                   grads):
-    if impl == "fused":
+    if impl == "fused" and opts.get("vocab_parallel") is None:
         from dvsft_kernels.ops import fused
 
         return fused.forward_core(hidden, weight, bias, targets, token_weights, num_items, ignore_index,
@@ -252,7 +261,7 @@ def _forward_core(hidden, weight, bias, targets, token_weights, num_items, ignor
 
 
 def _backward_core(saved, g, reduction, impl, opts, grads, hidden_shape, dtypes):
-    if impl == "fused":
+    if impl == "fused" and opts.get("vocab_parallel") is None:
         from dvsft_kernels.ops import fused
 
         return fused.backward_core(saved, g, reduction, opts, grads, hidden_shape, dtypes)
@@ -299,6 +308,7 @@ def linear_cross_entropy_with_stats(
     chunk_rows: int | None = None,
     deterministic: bool | None = None,
     grad_filter: bool = False,
+    process_group=None,
 ) -> LCEOutput:
     """`linear_cross_entropy` plus the per-position statistics of the same pass (for DVLoss).
 
@@ -306,7 +316,12 @@ def linear_cross_entropy_with_stats(
     chunk); `deterministic` ("fused": bitwise repeatable gradients; None follows
     `torch.are_deterministic_algorithms_enabled()`); `grad_filter` ("fused": skip gradient tiles
     below the output dtype's resolution, error bound in kernels/README.md; a ValueError with
-    impl="torch" or "chunked", and ignored when "auto" picks one of them)."""
+    impl="torch" or "chunked", and ignored when "auto" picks one of them).
+
+    `process_group`: vocabulary-parallel LM head (ops/vocab_parallel.py): each rank passes the same
+    hidden, targets and options and its own contiguous slice of the head's rows; targets are
+    global ids. A weight that is a DTensor sharded on dim 0 implies its mesh's group."""
+    weight, bias, process_group = _unwrap_vocab_sharded(weight, bias, process_group)
     _validate(hidden, weight, targets, bias, ignore_index, reduction, token_weights, label_smoothing,
               z_loss, softcap, num_items)
     if deterministic is not None and not isinstance(deterministic, bool):
@@ -323,6 +338,11 @@ def linear_cross_entropy_with_stats(
     opts = dict(label_smoothing=float(label_smoothing), z_loss=float(z_loss),
                 softcap=None if softcap is None else float(softcap), chunk_rows=chunk_rows,
                 deterministic=deterministic, grad_filter=grad_filter)
+    if process_group is not None:
+        if torch.compiler.is_compiling():
+            raise ValueError("process_group: the vocabulary-parallel op is not traceable by torch.compile")
+        opts["vocab_parallel"] = _vocab_parallel_setup(process_group, hidden, weight, bias, targets, ignore_index,
+                                                       reduction, opts)
     if torch.compiler.is_compiling():
         from dvsft_kernels.ops.custom_op import lce_custom_op
 
@@ -349,14 +369,57 @@ def linear_cross_entropy(
     softcap: float | None = None,
     num_items: int | torch.Tensor | None = None,
     impl: str = "auto",
+    process_group=None,
 ) -> torch.Tensor:
     """Cross-entropy of `hidden @ weight.T + bias` against `targets`, computed only at labeled
     positions and without materialising the logits. See ../shared/DESIGN.md section 4.1.
 
     Returns float32: a scalar for "mean" / "sum", a tensor shaped like `targets` for "none".
+    With `process_group`, `weight` (and `bias`) are this rank's slice of a vocabulary-parallel head
+    (see `linear_cross_entropy_with_stats`).
     """
     return linear_cross_entropy_with_stats(
         hidden, weight, targets, bias, ignore_index=ignore_index, reduction=reduction,
         token_weights=token_weights, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-        num_items=num_items, impl=impl,
+        num_items=num_items, impl=impl, process_group=process_group,
     ).loss
+
+
+def _unwrap_vocab_sharded(weight, bias, process_group):
+    """A DTensor head sharded on the vocabulary dimension becomes its local slice (autograd-aware:
+    the gradient comes back as a DTensor with the same placements) and its mesh's group."""
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # pragma: no cover - torch without distributed
+        return weight, bias, process_group
+    if not isinstance(weight, DTensor):
+        if isinstance(bias, DTensor):
+            raise ValueError("bias: a DTensor bias needs a DTensor weight")
+        return weight, bias, process_group
+    if weight.device_mesh.ndim != 1 or len(weight.placements) != 1 or weight.placements[0] != Shard(0):
+        raise ValueError(f"weight: a DTensor head must be sharded as [Shard(0)] on a 1-D mesh, got "
+                         f"{weight.placements} on a {weight.device_mesh.ndim}-D mesh; call .full_tensor() first")
+    group = weight.device_mesh.get_group()
+    if process_group is not None and process_group != group:
+        raise ValueError("process_group: differs from the group of the DTensor weight's mesh")
+    if isinstance(bias, DTensor):
+        if bias.placements != weight.placements:
+            raise ValueError(f"bias: placements {bias.placements} differ from the weight's {weight.placements}")
+        bias = bias.to_local()
+    return weight.to_local(), bias, group
+
+
+def _vocab_parallel_setup(group, hidden, weight, bias, targets, ignore_index, reduction, opts):
+    from dvsft_kernels.ops.vocab_parallel import Collectives, vocab_layout
+
+    grad_on = torch.is_grad_enabled()
+    flags = (
+        int(grad_on and hidden.requires_grad), int(grad_on and weight.requires_grad),
+        int(bias is not None), int(bias is not None and grad_on and bias.requires_grad),
+        _REDUCTIONS.index(reduction), int(opts["softcap"] is not None), int(opts["label_smoothing"] > 0),
+        int(opts["z_loss"] > 0), int(opts["chunk_rows"] or 0),
+    )
+    labeled = targets.reshape(-1)[targets.reshape(-1) != ignore_index]
+    start, total = vocab_layout(group, weight.shape[0], labeled.numel(), hidden.shape[-1], labeled,
+                                hidden.device, flags)
+    return Collectives(group), start, total
