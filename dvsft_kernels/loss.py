@@ -54,8 +54,10 @@ def _shifted(labels: torch.Tensor, shift: bool, ignore_index: int) -> torch.Tens
 class DVLoss(nn.Module):
     def __init__(self, vision_weight: float = 1.0, *, text_weight: float = 1.0, ignore_index: int = -100,
                  shift: bool = True, vision_shift: bool | None = None, label_smoothing: float = 0.0,
-                 z_loss: float = 0.0, softcap: float | None = None, impl: str = "auto"):
+                 z_loss: float = 0.0, softcap: float | None = None, impl: str = "auto", process_group=None):
         super().__init__()
+        # vocabulary-parallel head: `weight` is this rank's slice (ops/vocab_parallel.py)
+        self.process_group = process_group
         self.vision_weight = _check_weight("vision_weight", vision_weight)
         self.text_weight = _check_weight("text_weight", text_weight)
         if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
@@ -94,7 +96,9 @@ class DVLoss(nn.Module):
                 raise ValueError(f"{name}: on {lab.device}, hidden on {hidden.device}")
             lab = lab.long()
             valid = lab[lab != ign]
-            if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= weight.shape[0]):
+            # with a process group the local weight holds a slice: the op checks the global range
+            if self.process_group is None and valid.numel() and (
+                    int(valid.min()) < 0 or int(valid.max()) >= weight.shape[0]):
                 raise ValueError(f"{name}: ids must lie in [0, {weight.shape[0]}) or equal ignore_index={ign}")
             streams.append(_shifted(lab, shift, ign))
         tt, vt = streams
@@ -119,6 +123,7 @@ class DVLoss(nn.Module):
         out = linear_cross_entropy_with_stats(
             hidden, weight, targets, bias, ignore_index=ign, reduction="sum", token_weights=token_weights,
             label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap, impl=self.impl,
+            process_group=self.process_group,
         )
         rows = out.row_loss
         text_loss = (rows * text_mask).sum() * inv_text

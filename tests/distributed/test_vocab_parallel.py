@@ -108,3 +108,24 @@ def _check_mismatch(rank, world):
 
 def test_mismatched_inputs_fail_on_every_rank_without_hanging():
     run_ranks(2, _check_mismatch)
+
+
+def _check_dvloss(rank, world):
+    from dvsft_kernels import DVLoss
+
+    V, lo, hi = 40, (0, 25)[rank], (25, 40)[rank]
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(2, 11, 16, generator=g)
+    w = torch.randn(V, 16, generator=g) * 0.5
+    labels = torch.full((2, 11), -100)
+    labels[:, 8:] = torch.randint(0, V, (2, 3), generator=g)
+    vision = torch.full((2, 11), -100)
+    vision[:, 1:6] = torch.randint(0, V, (2, 5), generator=g)
+    ref = DVLoss(0.5, impl="torch")(h, w, labels, vision)
+    got = DVLoss(0.5, impl="torch", process_group=dist.group.WORLD)(h, w[lo:hi], labels, vision)
+    for k in ("loss", "text_loss", "vision_loss", "text_accuracy", "vision_accuracy"):
+        torch.testing.assert_close(getattr(got, k), getattr(ref, k), rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_dvloss_with_process_group():
+    run_ranks(2, _check_dvloss)
