@@ -29,6 +29,9 @@ def main():
         log = next(x for x in trainer.state.log_history if "loss" in x)
         torch.save({"delta": {n: p.detach() - before[n] for n, p in tiny.model.named_parameters()}, "log": log},
                    f"{out}/rank0.pt")
+    if torch.distributed.is_initialized():  # neither rank tears gloo down while the other still talks to it
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -381,3 +381,39 @@ def test_under_bf16_autocast():
             out = model(**batch, labels=labels, vision_labels=vision)
     assert h._verified and torch.isfinite(out.loss)
     torch.testing.assert_close(out.loss.double(), plain, rtol=2e-2, atol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_fsdp2_sharded_head(family, tmp_path):
+    """FSDP2 (2 CPU processes, gloo, same batch on both): the loss and every gradient equal the
+    unsharded model's; llama's head is its own FSDP unit, resharded after its forward, so attach()
+    must gather the DTensor weight (.full_tensor()); gemma3's tied head lives in the root unit."""
+    import os
+    import pathlib
+    import socket
+    import subprocess
+    import sys
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed unavailable")
+    root = pathlib.Path(__file__).resolve().parents[2]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "--master_addr=127.0.0.1", str(root / "tests" / "integrations" / "fsdp_worker.py"), family,
+           str(tmp_path), str(root)]
+    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    got = torch.load(tmp_path / "fsdp.pt")
+    tiny = ALL_FAMILIES[family]()
+    model = tiny.model.train()
+    batch = tiny.batch(2)
+    labels, vision = make_targets(batch)
+    with attach(model):
+        out, g = attached_run(model, batch, labels, vision)
+    torch.testing.assert_close(got["loss"], out.loss.detach(), rtol=1e-6, atol=1e-6)
+    assert got["grads"].keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for n, grad in got["grads"].items():
+        torch.testing.assert_close(grad.double(), g[n], rtol=1e-5, atol=1e-7 * (1 + g[n].abs().max().item()))
