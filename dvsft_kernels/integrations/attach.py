@@ -230,8 +230,8 @@ class AttachHandle:
                                  "n_vis": n_vis, "hidden": None}
 
         def capture(_mod, _args, out):
-            h = getattr(out, "last_hidden_state", None)
-            if h is None and isinstance(out, (tuple, list)):
+            h = out if isinstance(out, torch.Tensor) else getattr(out, "last_hidden_state", None)
+            if h is None and isinstance(out, (tuple, list)) and out:
                 h = out[0]
             state["hidden"] = h
 
@@ -259,6 +259,11 @@ class AttachHandle:
             raise RuntimeError(f"attach: the decoder ({type(self.decoder).__name__}) did not run during the call")
         head = _resolve_head(self.hf)
         weight, bias = _full(head.weight), _full(getattr(head, "bias", None))
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[-1] != weight.shape[1]:
+            got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+            raise RuntimeError(f"attach: the decoder ({type(self.decoder).__name__}) returned {got}, not the (B, T, "
+                               f"{weight.shape[1]}) hidden state the head projects; get_decoder() of "
+                               f"{type(self.hf).__name__} is not the module that feeds its head")
         if weight.dtype != hidden.dtype:  # as autocast would: project in the activations' dtype
             weight = weight.to(hidden.dtype)
             bias = bias.to(hidden.dtype) if bias is not None else None

@@ -417,3 +417,22 @@ def test_fsdp2_sharded_head(family, tmp_path):
     assert got["grads"].keys() == {n for n, p in model.named_parameters() if p.grad is not None}
     for n, grad in got["grads"].items():
         torch.testing.assert_close(grad.double(), g[n], rtol=1e-5, atol=1e-7 * (1 + g[n].abs().max().item()))
+
+
+def test_wrong_decoder_is_caught():
+    """A get_decoder() that does not feed the head: a wrong shape, or the right shape with other values
+    (caught by the first-call check against the model's own logits)."""
+    tiny = llama_causal()
+    model = tiny.model.train()
+    batch = tiny.batch(2)
+    labels, _ = make_targets(batch)
+    for wrong, match in ((model.model.rotary_emb, "not the module that feeds its head"),
+                         (model.model.layers[0], "does not reproduce the model's own logits")):
+        model.get_decoder = lambda w=wrong: w  # instance attribute, removed below
+        try:
+            with attach(model) as h:
+                with pytest.raises(RuntimeError, match=match):
+                    model(**batch, labels=labels)
+                assert not h._stack and len(wrong._forward_hooks) == 0
+        finally:
+            del model.get_decoder
