@@ -42,10 +42,12 @@ def lce_chunked(
     lse = torch.empty(n, dtype=torch.float32, device=dev)
     correct = torch.empty(n, dtype=torch.bool, device=dev)
     dh = torch.empty(n, D, dtype=torch.float32, device=dev) if grad_h else None
-    dW = torch.zeros(V, D, dtype=torch.float32, device=dev) if grad_w else None
     db = torch.zeros(V, dtype=torch.float32, device=dev) if grad_b else None
     if n == 0:
+        dW = torch.zeros(V, D, dtype=torch.float32, device=dev) if grad_w else None
         return loss, lse, correct, dh, dW, db
+    # written by the first chunk's GEMM, accumulated into by the others: no zero-fill pass
+    dW = torch.empty(V, D, dtype=torch.float32, device=dev) if grad_w else None
 
     m_max = chunk_rows or chunk_rows_for(n, V, dev)
     xbuf = torch.empty(m_max, V, dtype=torch.float32, device=dev)
@@ -74,7 +76,7 @@ def lce_chunked(
         if grad_h:
             mm_f32(g, W, out=dh[s0:s1])
         if grad_w:
-            _accum_f32(dW, g.T, hc)
+            _accum_f32(dW, g.T, hc, first=s0 == 0)
         if grad_b:
             db.add_(g.sum(0, dtype=torch.float32))
     return loss, lse, correct, dh, dW, db

@@ -233,9 +233,12 @@ def _compact_backward(saved, g, reduction, impl, opts, grads, hidden_shape, dtyp
     else:
         idx, dh, dW, db = saved
         g = g.float()
-        dh = dh * g if dh is not None else None
-        dW = dW * g if dW is not None else None
-        db = db * g if db is not None else None
+        # the usual upstream gradient of a loss is exactly 1 (checked for free on CPU): then the
+        # saved gradients are the answer; otherwise scale them in place (no weight-sized copy)
+        if not (g.device.type == "cpu" and g.item() == 1.0):
+            dh = dh.mul_(g) if dh is not None else None
+            dW = dW.mul_(g) if dW is not None else None
+            db = db.mul_(g) if db is not None else None
     d_hidden = d_weight = d_bias = None
     if grad_h:
         D = hidden_shape[-1]
@@ -286,6 +289,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, _g_row, _g_lse, _g_correct):
         hshape, dtypes, impl, opts = ctx.meta
+        if ctx.reduction != "none" and impl != "fused":
+            # the saved gradients are scaled in place: a second backward would see them scaled
+            if getattr(ctx, "consumed", False):
+                raise RuntimeError("linear_cross_entropy: backward through the same graph twice is not "
+                                   "supported for reduction='mean'/'sum'; run the forward again")
+            ctx.consumed = True
         d_hidden, d_weight, d_bias = _backward_core(ctx.saved_tensors, g, ctx.reduction, impl, opts, ctx.grads,
                                                     hshape, dtypes)
         return d_hidden, d_weight, d_bias, None, None, None, None, None, None, None

@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import torch
 
-# The chunk should stay in the last-level cache between the projection GEMM and the passes that
-# follow it (KERNEL_NOTES.md, CPU). Measured on 2 AVX-512 cores (N 4096, D 512, V 32000):
-# see benchmarks/README.md for the sweep behind this figure.
-CPU_CHUNK_BYTES = 8 * 2**20
+# CPU chunk budget. A cache-sized chunk (a few MB: ~64 rows at V = 32000) keeps the elementwise
+# passes in cache but starves the GEMMs (small M) and re-reads and re-writes the whole float32 dW
+# once per chunk (8 V D bytes per chunk against 6 m D V FLOPs: 11 % of the time at m = 128 on
+# 2 cores). Measured on 2 AVX-512 cores (N 4096, D 512, V 32000, all labeled; min of 3, loaded
+# machine): 128 rows 1.8x the floor, 256 1.35x, 512 1.2x, 1024 1.1x, 2048 1.1x. 128 MiB gives
+# ~1000 rows at V = 32000 and ~220 at V = 152k; benchmarks/README.md has the sweep command.
+CPU_CHUNK_BYTES = 128 * 2**20
 # On a GPU the chunk only bounds memory (traffic is the same for any size, KERNEL_NOTES.md);
 # large enough to keep the GEMMs efficient.
 CUDA_CHUNK_BYTES = 1 * 2**30
@@ -100,10 +103,12 @@ def lce_torch(
     lse = torch.empty(n, dtype=torch.float32, device=dev)
     correct = torch.empty(n, dtype=torch.bool, device=dev)
     dh = torch.empty(n, D, dtype=torch.float32, device=dev) if grad_h else None
-    dW = torch.zeros(V, D, dtype=torch.float32, device=dev) if grad_w else None
     db = torch.zeros(V, dtype=torch.float32, device=dev) if grad_b else None
     if n == 0:
+        dW = torch.zeros(V, D, dtype=torch.float32, device=dev) if grad_w else None
         return loss, lse, correct, dh, dW, db
+    # written by the first chunk's GEMM, accumulated into by the others: no zero-fill pass
+    dW = torch.empty(V, D, dtype=torch.float32, device=dev) if grad_w else None
 
     m_max = chunk_rows or chunk_rows_for(n, V, dev)
     buf = torch.empty(m_max, V, dtype=torch.float32, device=dev)
@@ -171,7 +176,7 @@ def lce_torch(
             if grad_h:
                 mm_f32(gW, W, out=dh[s0:s1])
             if grad_w:
-                _accum_f32(dW, gW.T, hc)
+                _accum_f32(dW, gW.T, hc, first=s0 == 0)
             if grad_b:
                 db.add_(g.sum(0))
             continue
@@ -186,7 +191,7 @@ def lce_torch(
                 dhc.sub_(c2[:, None] * w_sum)
         if grad_w:
             ah = a[:, None] * hc.float()
-            _accum_f32(dW, eW.T, ah if ah.dtype == W.dtype else ah.to(W.dtype))
+            _accum_f32(dW, eW.T, ah if ah.dtype == W.dtype else ah.to(W.dtype), first=s0 == 0)
             if eps:
                 c2h_total.add_(c2 @ hc.float())
         if grad_b:
@@ -201,9 +206,12 @@ def lce_torch(
     return loss, lse, correct, dh, dW, db
 
 
-def _accum_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (float32) += a @ b, accumulating in float32."""
-    if a.dtype == torch.float32:
+def _accum_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool = False) -> None:
+    """acc (float32) += a @ b, accumulating in float32; with `first`, acc = a @ b (acc may hold
+    garbage)."""
+    if first:
+        mm_f32(a, b, out=acc)
+    elif a.dtype == torch.float32:
         torch.addmm(acc, a, b, out=acc)  # not addmm_: FLOP counters see the out= overload
     elif a.is_cuda and hasattr(torch.ops.aten.addmm, "dtype"):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)

@@ -323,3 +323,21 @@ def test_z_loss_with_negative_lse_takes_the_explicit_gradient_path(reduction):
     case = make_case(lead=(31,), options={"bias": True, "z_loss": 0.5}, reduction=reduction)
     case.bias = case.bias - 12.0
     check_against_spec(case, torch.float32, torch_impl(chunk_rows=8))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_upstream_gradient_other_than_one(reduction):
+    case = make_case(options={"bias": True}, reduction=reduction)
+    got = run(lambda *a, **k: 2.5 * linear_cross_entropy(*a, **k, impl="torch"), case, torch.float32)
+    ref = run(lambda *a, **k: 2.5 * naive_linear_cross_entropy(*a, **k), case, torch.float64)
+    for key in ("hidden", "weight", "bias"):
+        torch.testing.assert_close(got[key].double(), ref[key], rtol=1e-4, atol=1e-6)
+
+
+def test_second_backward_is_a_clear_error():
+    h = torch.randn(5, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    loss = linear_cross_entropy(h, w, torch.arange(5), impl="torch") * 2
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        loss.backward()
