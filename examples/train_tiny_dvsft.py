@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
+import sys
 import time
 import warnings
-
-import sys
 
 import torch
 
@@ -36,19 +34,31 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 FONT_DIR = "/usr/share/fonts/truetype/dejavu"
 FONTS = ["DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf"]
-WORDS = ("apple river stone cloud green house light table water north paper smile tiger piano"
-         " candle forest bridge garden silver rocket window yellow dragon mirror").split()
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-            "<|image_pad|>", "<|video_pad|>"]
+WORDS = (
+    "apple river stone cloud green house light table water north paper smile tiger piano"
+    " candle forest bridge garden silver rocket window yellow dragon mirror"
+).split()
+SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
-    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
     "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 PAGE = (224, 112)  # (W, H): 16 x 8 patches of 14 px -> 8 x 4 = 32 visual tokens of 28 px cells
 
 
 # ---- processor and model -----------------------------------------------------------------------------------
+
 
 def build_processor():
     import transformers as tf
@@ -57,8 +67,13 @@ def build_processor():
     vocab = {w: i for i, w in enumerate(["[UNK]", "user", "assistant", "Read", "the", "text", "."] + WORDS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="<|endoftext|>",
-                                           eos_token="<|im_end|>", additional_special_tokens=SPECIALS[1:])
+    tokenizer = tf.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=SPECIALS[1:],
+    )
 
     # Without torchvision, Qwen2VLProcessor's type check refuses video_processor=None (it looks the class up
     # in torchvision's video registry); skip only that check, images and text go through the real class.
@@ -70,8 +85,13 @@ def build_processor():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        image_processor = tf.Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=PAGE[0] * PAGE[1], patch_size=14,
-                                                   merge_size=2, temporal_patch_size=2)
+        image_processor = tf.Qwen2VLImageProcessor(
+            min_pixels=56 * 56,
+            max_pixels=PAGE[0] * PAGE[1],
+            patch_size=14,
+            merge_size=2,
+            temporal_patch_size=2,
+        )
     return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=TEMPLATE)
 
 
@@ -81,20 +101,46 @@ def build_model(processor, hidden=96, layers=2, vision_depth=2):
     tok = processor.tokenizer
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIALS}
     head_dim = hidden // 4
-    text = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                 "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8]},
-                pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"])
-    vision = dict(depth=vision_depth, embed_dim=hidden, hidden_size=hidden, num_heads=4, patch_size=14,
-                  spatial_merge_size=2, temporal_patch_size=2, mlp_ratio=2)
-    cfg = tf.Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                           vision_end_token_id=ids["<|vision_end|>"])
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8],
+        },
+        pad_token_id=ids["<|endoftext|>"],
+        bos_token_id=ids["<|im_start|>"],
+        eos_token_id=ids["<|im_end|>"],
+    )
+    vision = dict(
+        depth=vision_depth,
+        embed_dim=hidden,
+        hidden_size=hidden,
+        num_heads=4,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        mlp_ratio=2,
+    )
+    cfg = tf.Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
     return tf.Qwen2VLForConditionalGeneration(cfg)
 
 
 # ---- synthetic OCR pages ------------------------------------------------------------------------------------
+
 
 def render_page(rng: random.Random, fonts):
     """4 random words on two lines; returns (image, OCR words, answer text).
@@ -139,13 +185,24 @@ def make_dataset(n: int, seed: int):
     out = []
     for _ in range(n):
         img, words, answer = render_page(rng, fonts)
-        out.append({"image": img, "words": words, "messages": [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Read the text ."}]},
-            {"role": "assistant", "content": answer}]})
+        out.append(
+            {
+                "image": img,
+                "words": words,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image"}, {"type": "text", "text": "Read the text ."}],
+                    },
+                    {"role": "assistant", "content": answer},
+                ],
+            }
+        )
     return out
 
 
 # ---- run --------------------------------------------------------------------------------------------------
+
 
 def plot(history, path):
     import matplotlib
@@ -172,9 +229,12 @@ def _printer(tf):
     class Printer(tf.TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "vision_loss" in logs and "loss" in logs:
-                print(f"step {state.global_step:4d}  loss {logs['loss']:.3f}  text {logs['text_loss']:.3f}  "
-                      f"vision {logs['vision_loss']:.3f}  vision acc {logs['vision_accuracy']:.3f}  "
-                      f"text acc {logs['text_accuracy']:.3f}", flush=True)
+                print(
+                    f"step {state.global_step:4d}  loss {logs['loss']:.3f}  text {logs['text_loss']:.3f}  "
+                    f"vision {logs['vision_loss']:.3f}  vision acc {logs['vision_accuracy']:.3f}  "
+                    f"text acc {logs['text_accuracy']:.3f}",
+                    flush=True,
+                )
 
     return Printer()
 
@@ -187,9 +247,13 @@ def main(argv=None):
     p.add_argument("--train-pages", type=int, default=1024)
     p.add_argument("--eval-pages", type=int, default=64)
     p.add_argument("--vision-weight", type=float, default=1.0)
-    p.add_argument("--vision-shift", choices=("same", "none"), default="same",
-                   help="'same': hidden[t-1] predicts the word at visual token t, like text (DVLoss default); "
-                        "'none': each visual token's own hidden state predicts its word")
+    p.add_argument(
+        "--vision-shift",
+        choices=("same", "none"),
+        default="same",
+        help="'same': hidden[t-1] predicts the word at visual token t, like text (DVLoss default); "
+        "'none': each visual token's own hidden state predicts its word",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="dvsft_tiny_out")
@@ -210,19 +274,39 @@ def main(argv=None):
     train, held_out = make_dataset(args.train_pages, args.seed), make_dataset(args.eval_pages, args.seed + 1)
     collator = DVSFTCollator(processor, mode="first", min_coverage=0.25)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: tiny Qwen2-VL, {n_params / 1e6:.2f} M parameters, vocab {len(processor.tokenizer)}; "
-          f"{len(train)} train / {len(held_out)} held-out pages of {PAGE[0]}x{PAGE[1]} px (32 visual tokens)")
+    print(
+        f"model: tiny Qwen2-VL, {n_params / 1e6:.2f} M parameters, vocab {len(processor.tokenizer)}; "
+        f"{len(train)} train / {len(held_out)} held-out pages of {PAGE[0]}x{PAGE[1]} px (32 visual tokens)"
+    )
 
     targs = tf.TrainingArguments(
-        output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=16, learning_rate=args.lr, warmup_steps=20,
-        lr_scheduler_type="constant_with_warmup", weight_decay=0.0, max_grad_norm=1.0, logging_steps=min(20, max(1, args.steps // 2)),
-        save_strategy="no", report_to=[], use_cpu=True, seed=args.seed, dataloader_num_workers=0,
-        disable_tqdm=True)
-    trainer = DVSFTTrainer(model=model, args=targs, train_dataset=train, eval_dataset=held_out,
-                           data_collator=collator,
-                           loss=DVLoss(vision_weight=args.vision_weight,
-                                       vision_shift=None if args.vision_shift == "same" else False))
+        output_dir=args.out,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=16,
+        learning_rate=args.lr,
+        warmup_steps=20,
+        lr_scheduler_type="constant_with_warmup",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=min(20, max(1, args.steps // 2)),
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=args.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = DVSFTTrainer(
+        model=model,
+        args=targs,
+        train_dataset=train,
+        eval_dataset=held_out,
+        data_collator=collator,
+        loss=DVLoss(
+            vision_weight=args.vision_weight, vision_shift=None if args.vision_shift == "same" else False
+        ),
+    )
     trainer.remove_callback(tf.PrinterCallback)
     before = trainer.evaluate()
     trainer.add_callback(_printer(tf))
@@ -236,21 +320,30 @@ def main(argv=None):
     plot(trainer.state.log_history, png)
     chance = 1 / len(WORDS)
     summary = {
-        "steps": args.steps, "seconds": round(elapsed, 1), "chance_vision_accuracy": round(chance, 4),
+        "steps": args.steps,
+        "seconds": round(elapsed, 1),
+        "chance_vision_accuracy": round(chance, 4),
         "first_train_window": {k: history[0][k] for k in ("text_loss", "vision_loss", "vision_accuracy")},
-        "last_train_window": {k: history[-1][k] for k in ("text_loss", "vision_loss", "vision_accuracy",
-                                                            "text_accuracy")},
-        "held_out_before": {k: round(before[f"eval_{k}"], 4) for k in ("text_loss", "vision_loss", "vision_accuracy")},
-        "held_out_after": {k: round(after[f"eval_{k}"], 4) for k in ("text_loss", "vision_loss", "vision_accuracy",
-                                                                      "text_accuracy")},
+        "last_train_window": {
+            k: history[-1][k] for k in ("text_loss", "vision_loss", "vision_accuracy", "text_accuracy")
+        },
+        "held_out_before": {
+            k: round(before[f"eval_{k}"], 4) for k in ("text_loss", "vision_loss", "vision_accuracy")
+        },
+        "held_out_after": {
+            k: round(after[f"eval_{k}"], 4)
+            for k in ("text_loss", "vision_loss", "vision_accuracy", "text_accuracy")
+        },
     }
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(json.dumps(summary, indent=2))
     print(f"curves: {png}")
     acc = after["eval_vision_accuracy"]
-    print(f"held-out vision-token accuracy {acc:.3f} vs chance {chance:.3f} ({acc / chance:.1f}x); "
-          f"{elapsed:.0f} s on {args.threads} threads")
+    print(
+        f"held-out vision-token accuracy {acc:.3f} vs chance {chance:.3f} ({acc / chance:.1f}x); "
+        f"{elapsed:.0f} s on {args.threads} threads"
+    )
     return summary
 
 

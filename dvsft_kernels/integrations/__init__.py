@@ -21,5 +21,13 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["AttachError", "AttachHandle", "DVSFTCollator", "DVSFTTrainer", "attach", "get_handle",
-           "patch_trainer", "unpatch_trainer"]
+__all__ = [
+    "AttachError",
+    "AttachHandle",
+    "DVSFTCollator",
+    "DVSFTTrainer",
+    "attach",
+    "get_handle",
+    "patch_trainer",
+    "unpatch_trainer",
+]

@@ -38,7 +38,14 @@ from torch import nn
 from dvsft_kernels.loss import DVLoss, DVLossOutput
 
 _OUR_KEYS = ("labels", "vision_labels", "num_items_in_batch", "num_vision_items_in_batch")
-_METRIC_NAMES = ("text_loss", "vision_loss", "text_tokens", "vision_tokens", "text_accuracy", "vision_accuracy")
+_METRIC_NAMES = (
+    "text_loss",
+    "vision_loss",
+    "text_tokens",
+    "vision_tokens",
+    "text_accuracy",
+    "vision_accuracy",
+)
 
 # model -> handle, so a model is never attached twice; weak, so attach() keeps nothing alive
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, AttachHandle]" = weakref.WeakKeyDictionary()
@@ -57,8 +64,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model.get_base_model()
         elif isinstance(model, nn.Module) and isinstance(getattr(model, "_orig_mod", None), nn.Module):
             model = model._orig_mod
-        elif type(model).__name__ in ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel") \
-                and isinstance(getattr(model, "module", None), nn.Module):
+        elif type(model).__name__ in (
+            "DistributedDataParallel",
+            "DataParallel",
+            "FullyShardedDataParallel",
+        ) and isinstance(getattr(model, "module", None), nn.Module):
             model = model.module
     return model
 
@@ -109,7 +119,9 @@ def _full(t: torch.Tensor | None) -> torch.Tensor | None:
 def _resolve_head(hf: nn.Module) -> nn.Module:
     head = hf.get_output_embeddings() if callable(getattr(hf, "get_output_embeddings", None)) else None
     if head is None:
-        raise AttachError(f"{type(hf).__name__}: get_output_embeddings() returns no LM head; attach() needs one")
+        raise AttachError(
+            f"{type(hf).__name__}: get_output_embeddings() returns no LM head; attach() needs one"
+        )
     if isinstance(head, nn.Linear) or type(head).__name__ == "ModulesToSaveWrapper":
         # a ModulesToSaveWrapper forwards .weight / .bias to the active trainable copy
         return head
@@ -143,27 +155,39 @@ class AttachHandle:
     """Returned by `attach()`. `remove()` (or leaving a `with` block) detaches; `last_output` is the
     DVLossOutput of the latest call (detached), `last_metrics` its figures as floats."""
 
-    def __init__(self, model: nn.Module, loss: DVLoss, *, skip_logits: bool | str, verify: bool,
-                 logit_transforms: tuple[float, float | None] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: DVLoss,
+        *,
+        skip_logits: bool | str,
+        verify: bool,
+        logit_transforms: tuple[float, float | None] | None = None,
+    ):
         if skip_logits not in ("auto", True, False):
             raise ValueError(f"skip_logits: expected 'auto', True or False, got {skip_logits!r}")
         hf = unwrap_model(model)
         if getattr(getattr(hf, "config", None), "is_encoder_decoder", False):
-            raise AttachError(f"{type(hf).__name__} is an encoder-decoder model; attach() supports decoder-only "
-                              "(causal) language models and VLMs")
+            raise AttachError(
+                f"{type(hf).__name__} is an encoder-decoder model; attach() supports decoder-only "
+                "(causal) language models and VLMs"
+            )
         fwd_params = inspect.signature(hf.forward).parameters
         if "logits_to_keep" not in fwd_params:
             raise AttachError(
                 f"{type(hf).__name__}.forward has no `logits_to_keep` argument, so the model would compute "
                 "full [B, T, V] logits on every training call; attach() refuses rather than doing that "
                 "silently. Use a model class whose forward accepts logits_to_keep (every *ForCausalLM / "
-                "*ForConditionalGeneration of transformers >= 4.50), or call DVLoss yourself on the hidden states."
+                "*ForConditionalGeneration of transformers >= 4.50), or call DVLoss yourself on the hidden "
+                "states."
             )
         get_decoder = getattr(hf, "get_decoder", None)
         decoder = get_decoder() if callable(get_decoder) else None
         if not isinstance(decoder, nn.Module) or decoder is hf:
-            raise AttachError(f"{type(hf).__name__}: get_decoder() returns no decoder module distinct from the "
-                              "model, so there is no hidden state to capture")
+            raise AttachError(
+                f"{type(hf).__name__}: get_decoder() returns no decoder module distinct from the "
+                "model, so there is no hidden state to capture"
+            )
         head = _resolve_head(hf)
         if logit_transforms is None:
             self.scale, cfg_softcap = post_head_transforms(getattr(hf, "config", None))
@@ -173,18 +197,24 @@ class AttachHandle:
                 self.scale = float(scale)
                 cfg_softcap = None if cfg_softcap is None else float(cfg_softcap)
             except (TypeError, ValueError):
-                raise ValueError(f"logit_transforms: expected (scale, softcap or None), got {logit_transforms!r}") from None
+                raise ValueError(
+                    f"logit_transforms: expected (scale, softcap or None), got {logit_transforms!r}"
+                ) from None
             if cfg_softcap is not None and not (math.isfinite(cfg_softcap) and cfg_softcap > 0):
                 raise ValueError(f"logit_transforms: softcap must be a finite number > 0, got {cfg_softcap}")
         if self.scale != 1.0 and getattr(head, "bias", None) is not None:
             raise AttachError("a logit scale together with a head bias is not supported")
         if not math.isfinite(self.scale) or self.scale <= 0:
-            raise AttachError(f"logit scale from the config is {self.scale}; expected a finite positive number")
+            raise AttachError(
+                f"logit scale from the config is {self.scale}; expected a finite positive number"
+            )
         self.user_loss = loss
         user_cap = getattr(loss, "softcap", None)
         if cfg_softcap is not None and user_cap is not None and float(user_cap) != cfg_softcap:
-            raise ValueError(f"loss: softcap={user_cap} but the model's config declares final_logit_softcapping="
-                             f"{cfg_softcap}; leave DVLoss.softcap unset to take the config's value")
+            raise ValueError(
+                f"loss: softcap={user_cap} but the model's config declares final_logit_softcapping="
+                f"{cfg_softcap}; leave DVLoss.softcap unset to take the config's value"
+            )
         if cfg_softcap is not None and user_cap is None:
             loss = copy.copy(loss)  # the caller's module is left as it was
             loss.softcap = cfg_softcap
@@ -213,7 +243,7 @@ class AttachHandle:
         labels = kwargs.pop("labels", None)
         if labels is None and self._labels_pos is not None and len(args) > self._labels_pos:
             labels = args[self._labels_pos]
-            args = args[: self._labels_pos] + (None,) + args[self._labels_pos + 1:]
+            args = args[: self._labels_pos] + (None,) + args[self._labels_pos + 1 :]
         vision_labels = kwargs.pop("vision_labels", None)
         n_text = kwargs.pop("num_items_in_batch", None)
         n_vis = kwargs.pop("num_vision_items_in_batch", None)
@@ -226,8 +256,13 @@ class AttachHandle:
         skip = self.skip_logits is True or (self.skip_logits == "auto" and module.training)
         if skip and "logits_to_keep" not in kwargs:
             kwargs["logits_to_keep"] = 1
-        state: dict[str, Any] = {"labels": labels, "vision_labels": vision_labels, "n_text": n_text,
-                                 "n_vis": n_vis, "hidden": None}
+        state: dict[str, Any] = {
+            "labels": labels,
+            "vision_labels": vision_labels,
+            "n_text": n_text,
+            "n_vis": n_vis,
+            "hidden": None,
+        }
 
         def capture(_mod, _args, out):
             h = out if isinstance(out, torch.Tensor) else getattr(out, "last_hidden_state", None)
@@ -240,8 +275,8 @@ class AttachHandle:
         if vision_labels is not None and n_text is not None and n_vis is None and not self._warned_counts:
             self._warned_counts = True
             warnings.warn(
-                "attach: num_items_in_batch was given without num_vision_items_in_batch, so the vision loss is "
-                "normalised per call while the text loss is normalised over the accumulation window; use "
+                "attach: num_items_in_batch was given without num_vision_items_in_batch, so the vision loss "
+                "is normalised per call while the text loss is normalised over the accumulation window; use "
                 "dvsft_kernels.integrations.patch_trainer / DVSFTTrainer for gradient accumulation",
                 stacklevel=3,
             )
@@ -256,14 +291,18 @@ class AttachHandle:
         if output is None:  # the forward raised: cleaned up, let the exception through
             return None
         if hidden is None:
-            raise RuntimeError(f"attach: the decoder ({type(self.decoder).__name__}) did not run during the call")
+            raise RuntimeError(
+                f"attach: the decoder ({type(self.decoder).__name__}) did not run during the call"
+            )
         head = _resolve_head(self.hf)
         weight, bias = _full(head.weight), _full(getattr(head, "bias", None))
         if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[-1] != weight.shape[1]:
             got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
-            raise RuntimeError(f"attach: the decoder ({type(self.decoder).__name__}) returned {got}, not the (B, T, "
-                               f"{weight.shape[1]}) hidden state the head projects; get_decoder() of "
-                               f"{type(self.hf).__name__} is not the module that feeds its head")
+            raise RuntimeError(
+                f"attach: the decoder ({type(self.decoder).__name__}) returned {got}, not the (B, T, "
+                f"{weight.shape[1]}) hidden state the head projects; get_decoder() of "
+                f"{type(self.hf).__name__} is not the module that feeds its head"
+            )
         if weight.dtype != hidden.dtype:  # as autocast would: project in the activations' dtype
             weight = weight.to(hidden.dtype)
             bias = bias.to(hidden.dtype) if bias is not None else None
@@ -273,8 +312,15 @@ class AttachHandle:
         with contextlib.ExitStack() as stack:
             if torch.is_autocast_enabled(h.device.type):
                 stack.enter_context(torch.autocast(h.device.type, enabled=False))
-            res = self.loss(h, weight, state["labels"], state["vision_labels"], bias=bias,
-                            num_text_items=state["n_text"], num_vision_items=state["n_vis"])
+            res = self.loss(
+                h,
+                weight,
+                state["labels"],
+                state["vision_labels"],
+                bias=bias,
+                num_text_items=state["n_text"],
+                num_vision_items=state["n_vis"],
+            )
         metrics = {k: getattr(res, k).detach() for k in _METRIC_NAMES}
         self.last_output = DVLossOutput(loss=res.loss.detach(), **metrics)
         return self._with_loss(output, res.loss, metrics)
@@ -304,7 +350,9 @@ class AttachHandle:
             if not isinstance(lab, torch.Tensor) or lab.dim() != 2:
                 raise ValueError(f"{name}: expected a (B, T) integer tensor aligned with input_ids")
             if ref is not None and tuple(lab.shape) != tuple(ref.shape[:2]):
-                raise ValueError(f"{name}: shape {tuple(lab.shape)} does not match input_ids {tuple(ref.shape[:2])}")
+                raise ValueError(
+                    f"{name}: shape {tuple(lab.shape)} does not match input_ids {tuple(ref.shape[:2])}"
+                )
 
     @torch.no_grad()
     def _check_head(self, hidden, weight, bias, output, logits_to_keep):
@@ -361,12 +409,20 @@ class AttachHandle:
 
     def __repr__(self) -> str:
         state = "removed" if self._removed else "attached"
-        return (f"AttachHandle({type(self.hf).__name__}, {state}, scale={self.scale}, softcap={self.softcap}, "
-                f"skip_logits={self.skip_logits!r})")
+        return (
+            f"AttachHandle({type(self.hf).__name__}, {state}, scale={self.scale}, softcap={self.softcap}, "
+            f"skip_logits={self.skip_logits!r})"
+        )
 
 
-def attach(model: nn.Module, loss: DVLoss | None = None, *, skip_logits: bool | str = "auto",
-           verify: bool = True, logit_transforms: tuple[float, float | None] | None = None) -> AttachHandle:
+def attach(
+    model: nn.Module,
+    loss: DVLoss | None = None,
+    *,
+    skip_logits: bool | str = "auto",
+    verify: bool = True,
+    logit_transforms: tuple[float, float | None] | None = None,
+) -> AttachHandle:
     """Make `model(**batch)` return the DV-SFT loss (DESIGN.md section 4.3).
 
     The batch may carry `labels`, `vision_labels`, `num_items_in_batch` (text-target divisor) and
@@ -384,7 +440,9 @@ def attach(model: nn.Module, loss: DVLoss | None = None, *, skip_logits: bool | 
         raise AttachError("model: already attached; remove() the first handle before attaching again")
     if loss is None:
         loss = DVLoss()
-    return AttachHandle(model, loss, skip_logits=skip_logits, verify=verify, logit_transforms=logit_transforms)
+    return AttachHandle(
+        model, loss, skip_logits=skip_logits, verify=verify, logit_transforms=logit_transforms
+    )
 
 
 def get_handle(model: nn.Module) -> AttachHandle | None:

@@ -57,9 +57,19 @@ class DVSFTCollator:
     #: raw sample keys a Trainer must not drop before collation (read by the DV-SFT trainer mixin)
     dvsft_input_columns = ("image", "images", "words", "messages")
 
-    def __init__(self, processor, *, train_on: str = "assistant", mode: str = "first", min_coverage: float = 0.25,
-                 image_token_id: int | None = None, ignore_index: int = -100, max_length: int | None = None,
-                 processor_kwargs: Mapping[str, Any] | None = None, label_kwargs: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        processor,
+        *,
+        train_on: str = "assistant",
+        mode: str = "first",
+        min_coverage: float = 0.25,
+        image_token_id: int | None = None,
+        ignore_index: int = -100,
+        max_length: int | None = None,
+        processor_kwargs: Mapping[str, Any] | None = None,
+        label_kwargs: Mapping[str, Any] | None = None,
+    ):
         if train_on not in ("assistant", "last"):
             raise ValueError(f"train_on: expected 'assistant' or 'last', got {train_on!r}")
         tok = getattr(processor, "tokenizer", None)
@@ -77,7 +87,9 @@ class DVSFTCollator:
 
     def _sample(self, s: Mapping, i: int):
         if not isinstance(s, Mapping) or "messages" not in s:
-            raise ValueError(f"sample {i}: expected a mapping with 'messages' (and 'image' / 'images', 'words')")
+            raise ValueError(
+                f"sample {i}: expected a mapping with 'messages' (and 'image' / 'images', 'words')"
+            )
         images = _listify(s.get("images")) or _listify(s.get("image"))
         words = s.get("words")
         if len(images) <= 1:
@@ -122,9 +134,10 @@ class DVSFTCollator:
             upto = self._render(messages[: k + 1])
             if not (upto.startswith(prefix) and text.startswith(upto)):
                 raise ValueError(
-                    f"sample {i}: the chat template is not prefix-stable (rendering the conversation up to turn {k} "
-                    "is not a prefix of the whole), so the answer tokens cannot be located; use a template that "
-                    "renders earlier turns identically")
+                    f"sample {i}: the chat template is not prefix-stable (rendering the conversation up to "
+                    f"turn {k} is not a prefix of the whole), so the answer tokens cannot be located; use a "
+                    "template that renders earlier turns identically"
+                )
             spans.append((len(prefix), len(upto)))
         return spans
 
@@ -143,8 +156,13 @@ class DVSFTCollator:
             spans.append(self._answer_spans(messages, text, i))
         images = [p[0] for p in parsed]
         any_image = any(images)
-        kwargs = {"padding": True, "return_tensors": "pt", "return_offsets_mapping": True,
-                  "return_text_replacement_offsets": True, **self.processor_kwargs}
+        kwargs = {
+            "padding": True,
+            "return_tensors": "pt",
+            "return_offsets_mapping": True,
+            "return_text_replacement_offsets": True,
+            **self.processor_kwargs,
+        }
         if any_image:
             if not all(images):
                 raise ValueError("samples: a batch mixes samples with and without images; keep them apart")
@@ -153,8 +171,10 @@ class DVSFTCollator:
             out = self.processor(text=texts, **kwargs)
         input_ids = out["input_ids"]
         if self.max_length is not None and input_ids.shape[1] > self.max_length:
-            raise ValueError(f"batch length {input_ids.shape[1]} > max_length={self.max_length}; truncating would cut "
-                             "image placeholder runs, so shorten the text or raise max_length")
+            raise ValueError(
+                f"batch length {input_ids.shape[1]} > max_length={self.max_length}; truncating would cut "
+                "image placeholder runs, so shorten the text or raise max_length"
+            )
 
         labels = self._labels(out, spans, any_image)
         batch = {k: v for k, v in out.items() if k not in _DROP}
@@ -162,8 +182,14 @@ class DVSFTCollator:
         if any_image:
             words = [p[1] for p in parsed]
             vision = build_vision_labels_from_processor(
-                self.processor, images, out, words, image_token_id=self.image_token_id,
-                ignore_index=self.ignore_index, **self.label_kwargs)
+                self.processor,
+                images,
+                out,
+                words,
+                image_token_id=self.image_token_id,
+                ignore_index=self.ignore_index,
+                **self.label_kwargs,
+            )
             batch["vision_labels"] = vision.to(input_ids.device)
         return dict(batch)
 
@@ -173,16 +199,24 @@ class DVSFTCollator:
         offsets = out["offset_mapping"]
         reps = out.get("text_replacement_offsets")
         if reps is None and any_image:
-            raise ValueError("processor: did not return text_replacement_offsets; cannot map the answer spans past "
-                             "the expanded image placeholders (transformers >= 5.x processors do)")
+            raise ValueError(
+                "processor: did not return text_replacement_offsets; cannot map the answer spans past "
+                "the expanded image placeholders (transformers >= 5.x processors do)"
+            )
         ids = out["input_ids"]
         mask = out.get("attention_mask", torch.ones_like(ids))
         labels = torch.full_like(ids, self.ignore_index)
         for b, sample_spans in enumerate(spans):
             if not sample_spans:
                 continue
-            shifts = [] if reps is None else [(r["span"][1], (r["new_span"][1] - r["new_span"][0])
-                                               - (r["span"][1] - r["span"][0])) for r in reps[b]]
+            shifts = (
+                []
+                if reps is None
+                else [
+                    (r["span"][1], (r["new_span"][1] - r["new_span"][0]) - (r["span"][1] - r["span"][0]))
+                    for r in reps[b]
+                ]
+            )
 
             def expanded(p):
                 return p + sum(d for end, d in shifts if end <= p)

@@ -44,11 +44,15 @@ class DVSFTTrainerMixin:
 
     def _dvsft_setup(self, loss: DVLoss | None) -> None:
         if self.args.n_gpu > 1:
-            raise ValueError("DV-SFT trainer: torch.nn.DataParallel (several GPUs in one process) is not supported; "
-                             "launch one process per GPU (torchrun / accelerate launch)")
+            raise ValueError(
+                "DV-SFT trainer: torch.nn.DataParallel (several GPUs in one process) is not supported; "
+                "launch one process per GPU (torchrun / accelerate launch)"
+            )
         if getattr(self, "label_smoother", None) is not None:
-            raise ValueError("DV-SFT trainer: args.label_smoothing_factor computes a loss from full logits; set it to "
-                             "0 and use DVLoss(label_smoothing=...)")
+            raise ValueError(
+                "DV-SFT trainer: args.label_smoothing_factor computes a loss from full logits; set it to "
+                "0 and use DVLoss(label_smoothing=...)"
+            )
         if getattr(self, "compute_loss_func", None) is not None:
             raise ValueError("DV-SFT trainer: compute_loss_func needs full logits; the loss is DVLoss's")
         handle = get_handle(self.model)
@@ -60,8 +64,9 @@ class DVSFTTrainerMixin:
                 raise ValueError("DV-SFT trainer: the model is already attached with another loss")
             self._dvsft_owns_handle = False
         self._dvsft_handle = handle
-        self._dvsft_saved = {k: self.__dict__.get(k, _MISSING) for k in
-                             ("model_accepts_loss_kwargs", "loss_is_scaled_for_ga")}
+        self._dvsft_saved = {
+            k: self.__dict__.get(k, _MISSING) for k in ("model_accepts_loss_kwargs", "loss_is_scaled_for_ga")
+        }
         # attach() consumes the loss kwargs, and the loss is normalised over the window by the counts below
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
@@ -82,8 +87,11 @@ class DVSFTTrainerMixin:
         if not self.args.remove_unused_columns:
             return
         if not hasattr(self, "_set_signature_columns_if_needed") or not hasattr(self, "_signature_columns"):
-            warnings.warn("DV-SFT trainer: this Trainer version has no signature-columns hook; setting "
-                          "args.remove_unused_columns=False so vision_labels reach the model", stacklevel=3)
+            warnings.warn(
+                "DV-SFT trainer: this Trainer version has no signature-columns hook; setting "
+                "args.remove_unused_columns=False so vision_labels reach the model",
+                stacklevel=3,
+            )
             self.args.remove_unused_columns = False
             return
         if self._signature_columns is not None:  # already computed: extend in place
@@ -152,16 +160,26 @@ class DVSFTTrainerMixin:
         handle.last_output = None
         if _is_trl_sft(type(self)):
             # TRL's SFTTrainer computes its own loss through its fused head; DV-SFT's comes from outputs.loss
-            result = transformers.Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            result = transformers.Trainer.compute_loss(
+                self, model, inputs, return_outputs, num_items_in_batch
+            )
         else:
-            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                          num_items_in_batch=num_items_in_batch)
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         out = handle.last_output
         if out is not None:
             mode = "train" if model.training else "eval"
-            row = torch.stack([out.text_loss.float(), out.vision_loss.float(), out.text_tokens.float(),
-                               out.vision_tokens.float(), out.text_accuracy.float() * out.text_tokens.float(),
-                               out.vision_accuracy.float() * out.vision_tokens.float()])
+            row = torch.stack(
+                [
+                    out.text_loss.float(),
+                    out.vision_loss.float(),
+                    out.text_tokens.float(),
+                    out.vision_tokens.float(),
+                    out.text_accuracy.float() * out.text_tokens.float(),
+                    out.vision_accuracy.float() * out.vision_tokens.float(),
+                ]
+            )
             acc = self._dvsft_acc[mode]
             self._dvsft_acc[mode] = row if acc is None else acc + row.to(acc.device)
             if mode == "eval":
@@ -183,15 +201,25 @@ class DVSFTTrainerMixin:
     def _dvsft_figures(self, acc: torch.Tensor, steps: int, prefix: str) -> dict[str, float]:
         """Gather the window sums of every rank; losses per optimizer step (eval: per batch)."""
         world = self.args.world_size
-        rows = self.accelerator.gather(acc.unsqueeze(0)).view(-1, _N_ACC) if world > 1 else acc.view(1, _N_ACC)
+        rows = (
+            self.accelerator.gather(acc.unsqueeze(0)).view(-1, _N_ACC) if world > 1 else acc.view(1, _N_ACC)
+        )
         total = rows.sum(0)
         # the per-rank losses are normalised by global counts when Trainer averages tokens across devices
         # (they add up over ranks), else by local counts (DDP averages them)
         global_norm = self.args.average_tokens_across_devices and world > 1
         losses = total[:2] if global_norm else rows[:, :2].mean(0)
-        vals = torch.cat([losses / max(steps, 1), total[2:4] / max(steps, 1),
-                          total[4:6] / total[2:4].clamp_min(1)]).tolist()
-        names = ("text_loss", "vision_loss", "text_tokens", "vision_tokens", "text_accuracy", "vision_accuracy")
+        vals = torch.cat(
+            [losses / max(steps, 1), total[2:4] / max(steps, 1), total[4:6] / total[2:4].clamp_min(1)]
+        ).tolist()
+        names = (
+            "text_loss",
+            "vision_loss",
+            "text_tokens",
+            "vision_tokens",
+            "text_accuracy",
+            "vision_accuracy",
+        )
         return {prefix + k: round(v, 6) for k, v in zip(names, vals)}
 
     def log(self, logs, *args, **kwargs):
@@ -202,11 +230,17 @@ class DVSFTTrainerMixin:
             self._dvsft_windows = 0
         return super().log(logs, *args, **kwargs)
 
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
-                        metric_key_prefix="eval"):
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
         self._dvsft_acc["eval"], self._dvsft_eval_batches = None, 0
-        output = super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
-                                         ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        output = super().evaluation_loop(
+            dataloader,
+            description,
+            prediction_loss_only=prediction_loss_only,
+            ignore_keys=ignore_keys,
+            metric_key_prefix=metric_key_prefix,
+        )
         acc = self._dvsft_acc["eval"]
         if acc is not None and output.metrics is not None:
             output.metrics.update(self._dvsft_figures(acc, self._dvsft_eval_batches, f"{metric_key_prefix}_"))
@@ -219,7 +253,7 @@ _PATCHED_CLASSES: dict[type, type] = {}
 
 
 class DVSFTTrainer(DVSFTTrainerMixin, transformers.Trainer):
-    """`transformers.Trainer` that trains with the DV-SFT loss: `DVSFTTrainer(model, args, ..., loss=DVLoss(...))`.
+    """`transformers.Trainer` training with the DV-SFT loss: `DVSFTTrainer(model, args, ..., loss=DVLoss())`.
 
     The model is attached (`attach(model, loss)`) unless it already is. Batches carry `labels` and/or
     `vision_labels` (e.g. from `DVSFTCollator`).
@@ -243,8 +277,11 @@ def patch_trainer(trainer: transformers.Trainer, loss: DVLoss | None = None) -> 
     base = type(trainer)
     cls = _PATCHED_CLASSES.get(base)
     if cls is None:
-        cls = type(f"DVSFT{base.__name__}", (DVSFTTrainerMixin, base), {"__module__": __name__,
-                                                                      "_dvsft_base_class": base})
+        cls = type(
+            f"DVSFT{base.__name__}",
+            (DVSFTTrainerMixin, base),
+            {"__module__": __name__, "_dvsft_base_class": base},
+        )
         _PATCHED_CLASSES[base] = cls
     trainer.__class__ = cls
     try:

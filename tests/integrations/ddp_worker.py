@@ -4,14 +4,13 @@ one optimizer step of DVSFTTrainer with one sample per rank; rank 0 saves the pa
 import sys
 
 import torch
-import transformers
 
 sys.path.insert(0, sys.argv[2])
 
-from dvsft_kernels import DVLoss  # noqa: E402
-from dvsft_kernels.integrations import DVSFTTrainer  # noqa: E402
-from tests.integrations.test_trainer import _args, _samples, collate  # noqa: E402
-from tests.integrations.tiny_models import qwen2_vl  # noqa: E402
+from dvsft_kernels import DVLoss
+from dvsft_kernels.integrations import DVSFTTrainer
+from tests.integrations.test_trainer import _args, _samples, collate
+from tests.integrations.tiny_models import qwen2_vl
 
 
 def main():
@@ -21,14 +20,21 @@ def main():
     before = {n: p.detach().clone() for n, p in tiny.model.named_parameters()}
     data = _samples(tiny)
     args = _args(out, 1, 1, ddp_backend="gloo", logging_steps=1)
-    trainer = DVSFTTrainer(model=tiny.model.train(), args=args, train_dataset=data, data_collator=collate,
-                           loss=DVLoss(vision_weight=0.5))
+    trainer = DVSFTTrainer(
+        model=tiny.model.train(),
+        args=args,
+        train_dataset=data,
+        data_collator=collate,
+        loss=DVLoss(vision_weight=0.5),
+    )
     assert args.world_size == 2
     trainer.train()
     if args.process_index == 0:
         log = next(x for x in trainer.state.log_history if "loss" in x)
-        torch.save({"delta": {n: p.detach() - before[n] for n, p in tiny.model.named_parameters()}, "log": log},
-                   f"{out}/rank0.pt")
+        torch.save(
+            {"delta": {n: p.detach() - before[n] for n, p in tiny.model.named_parameters()}, "log": log},
+            f"{out}/rank0.pt",
+        )
     if torch.distributed.is_initialized():  # neither rank tears gloo down while the other still talks to it
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

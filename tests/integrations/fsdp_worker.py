@@ -8,11 +8,11 @@ import torch.distributed as dist
 
 sys.path.insert(0, sys.argv[3])
 
-from torch.distributed.fsdp import fully_shard  # noqa: E402
+from torch.distributed.fsdp import fully_shard
 
-from dvsft_kernels import attach  # noqa: E402
-from tests.integrations.helpers import make_targets  # noqa: E402
-from tests.integrations.tiny_models import ALL_FAMILIES  # noqa: E402
+from dvsft_kernels import attach
+from tests.integrations.helpers import make_targets
+from tests.integrations.tiny_models import ALL_FAMILIES
 
 
 def main():

@@ -28,8 +28,9 @@ def make_targets(batch: dict, n_text: int = 10, vision_frac: float = 0.4, seed: 
     return labels, vision
 
 
-def reference_loss(logits, labels, vision_labels, *, text_weight=1.0, vision_weight=1.0, num_text=None,
-                   num_vision=None):
+def reference_loss(
+    logits, labels, vision_labels, *, text_weight=1.0, vision_weight=1.0, num_text=None, num_vision=None
+):
     """DESIGN.md 4.2 with shift=True, from full logits: logits[:, t-1] predicts both streams at t."""
     V = logits.shape[-1]
     z = logits[:, :-1].reshape(-1, V)
@@ -47,7 +48,10 @@ def reference_loss(logits, labels, vision_labels, *, text_weight=1.0, vision_wei
 
 
 def to_double(batch: dict) -> dict:
-    return {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in batch.items()}
+    return {
+        k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+        for k, v in batch.items()
+    }
 
 
 def grads(model) -> dict[str, torch.Tensor]:
@@ -55,7 +59,11 @@ def grads(model) -> dict[str, torch.Tensor]:
     out = {}
     for n, p in model.named_parameters():
         if p.requires_grad:
-            out[n] = p.grad.detach().double().clone() if p.grad is not None else torch.zeros_like(p, dtype=torch.float64)
+            out[n] = (
+                p.grad.detach().double().clone()
+                if p.grad is not None
+                else torch.zeros_like(p, dtype=torch.float64)
+            )
     return out
 
 
@@ -81,7 +89,9 @@ def assert_error_rule(name, got, plain, ref, floor=2e-6):
     e_got = (got.double() - ref).abs().max().item()
     e_plain = (plain.double() - ref).abs().max().item()
     scale = ref.abs().max().item() + 1e-12
-    assert e_got <= 2 * e_plain + floor * scale, f"{name}: error {e_got:.3g} vs plain {e_plain:.3g} (scale {scale:.3g})"
+    assert e_got <= 2 * e_plain + floor * scale, (
+        f"{name}: error {e_got:.3g} vs plain {e_plain:.3g} (scale {scale:.3g})"
+    )
 
 
 def compare_to_reference(make_model, batch, labels, vision, *, prepare=None, **attach_kw):

@@ -12,17 +12,32 @@ import torch
 from dvsft_kernels import DVLoss, attach
 from dvsft_kernels.integrations import AttachError, get_handle
 from tests.integrations.helpers import (
-    IGN, AllocRecorder, attached_run, compare_to_reference, grads, make_targets, plain_run, reference_loss,
+    IGN,
+    AllocRecorder,
+    attached_run,
+    compare_to_reference,
+    grads,
+    make_targets,
+    plain_run,
+    reference_loss,
 )
-from tests.integrations.tiny_models import ALL_FAMILIES, IMG, V, VLM_FAMILIES, gemma3, llama_causal, qwen2_vl
+from tests.integrations.tiny_models import ALL_FAMILIES, VLM_FAMILIES, V, gemma3, llama_causal, qwen2_vl
 
 torch.set_num_threads(1)  # the CI box is shared; tiny models gain nothing from threads
 
 
 def _hook_state(model):
-    names = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-             "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
-             "_load_state_dict_pre_hooks")
+    names = (
+        "_forward_hooks",
+        "_forward_pre_hooks",
+        "_forward_hooks_with_kwargs",
+        "_forward_hooks_always_called",
+        "_forward_pre_hooks_with_kwargs",
+        "_backward_hooks",
+        "_backward_pre_hooks",
+        "_state_dict_hooks",
+        "_load_state_dict_pre_hooks",
+    )
     return {(mn, a): tuple(getattr(m, a, {}).keys()) for mn, m in model.named_modules() for a in names}
 
 
@@ -114,7 +129,9 @@ def test_hook_only_inside_loss_calls_generate_untouched():
             plain = model(**batch)  # eval call without labels: untouched
         seen.clear()
         with torch.no_grad():
-            out = model(**batch, labels=labels, vision_labels=vision)  # eval with labels: full logits, DV loss
+            out = model(
+                **batch, labels=labels, vision_labels=vision
+            )  # eval with labels: full logits, DV loss
         assert seen == [1]
         assert out.logits.shape == plain.logits.shape
         ref_loss = reference_loss(plain.logits.double(), labels, vision)
@@ -145,10 +162,22 @@ def test_weights_and_num_items_are_applied():
     model = tiny.model.train()
     loss = DVLoss(vision_weight=0.3, text_weight=2.0)
     with attach(model, loss):
-        out = model(**batch, labels=labels, vision_labels=vision, num_items_in_batch=torch.tensor(40),
-                    num_vision_items_in_batch=torch.tensor(30))
-    ref = reference_loss(model(**batch).logits.double(), labels, vision, text_weight=2.0, vision_weight=0.3,
-                         num_text=40, num_vision=30)
+        out = model(
+            **batch,
+            labels=labels,
+            vision_labels=vision,
+            num_items_in_batch=torch.tensor(40),
+            num_vision_items_in_batch=torch.tensor(30),
+        )
+    ref = reference_loss(
+        model(**batch).logits.double(),
+        labels,
+        vision,
+        text_weight=2.0,
+        vision_weight=0.3,
+        num_text=40,
+        num_vision=30,
+    )
     torch.testing.assert_close(out.loss.double(), ref, rtol=1e-5, atol=1e-6)
 
 
@@ -160,8 +189,9 @@ def test_peft_lora(family):
     labels, vision = make_targets(batch)
 
     def make():
-        cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
-                              init_lora_weights=False)  # B != 0, so LoRA gradients are informative
+        cfg = peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False
+        )  # B != 0, so LoRA gradients are informative
         return peft.get_peft_model(copy.deepcopy(tiny.model), cfg).train()
 
     out, handle = compare_to_reference(make, batch, labels, vision)
@@ -172,7 +202,9 @@ def test_peft_lora(family):
 def test_peft_lora_on_head_is_refused_and_modules_to_save_works():
     peft = pytest.importorskip("peft")
     tiny = llama_causal()
-    lora_head = peft.get_peft_model(copy.deepcopy(tiny.model), peft.LoraConfig(r=2, target_modules=["lm_head"]))
+    lora_head = peft.get_peft_model(
+        copy.deepcopy(tiny.model), peft.LoraConfig(r=2, target_modules=["lm_head"])
+    )
     with pytest.raises(AttachError, match="adapter"):
         attach(lora_head)
     batch = tiny.batch(2)
@@ -220,8 +252,13 @@ def test_gradient_checkpointing_reentrant_with_peft():
 def test_post_head_transforms_read_from_config():
     from dvsft_kernels.integrations.attach import post_head_transforms
 
-    for family, want in (("gemma2", (1.0, 0.5)), ("cohere", (0.25, None)), ("granite", (0.25, None)),
-                         ("llama", (1.0, None)), ("gemma3", (1.0, None))):
+    for family, want in (
+        ("gemma2", (1.0, 0.5)),
+        ("cohere", (0.25, None)),
+        ("granite", (0.25, None)),
+        ("llama", (1.0, None)),
+        ("gemma3", (1.0, None)),
+    ):
         assert post_head_transforms(ALL_FAMILIES[family]().model.config) == want, family
     g = gemma3(final_logit_softcapping=30.0)  # declared in the text config of a VLM
     assert post_head_transforms(g.model.config) == (1.0, 30.0)
@@ -239,8 +276,9 @@ def test_config_declares_a_transform_the_forward_does_not_apply():
         assert len(model.get_decoder()._forward_hooks) == 0 and not h._stack
     with attach(model, logit_transforms=(1.0, None)):  # the override: what the forward really does
         out = model(**batch, labels=labels)
-    torch.testing.assert_close(out.loss.double(), reference_loss(model(**batch).logits.double(), labels, None),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        out.loss.double(), reference_loss(model(**batch).logits.double(), labels, None), rtol=1e-5, atol=1e-6
+    )
     with pytest.raises(ValueError, match="logit_transforms"):
         attach(model, logit_transforms=(1.0, -2.0))
 
@@ -255,6 +293,7 @@ def test_softcap_conflict_with_loss_option():
 
 
 # ---- bad input -------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def qwen():
@@ -324,8 +363,9 @@ def test_no_vision_targets_and_no_targets_at_all(qwen):
 def test_models_that_cannot_be_attached():
     import transformers as tf
 
-    t5 = tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1,
-                                                   num_heads=2))
+    t5 = tf.T5ForConditionalGeneration(
+        tf.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
+    )
     with pytest.raises(AttachError, match="encoder-decoder"):
         attach(t5)
 
@@ -340,8 +380,16 @@ def test_models_that_cannot_be_attached():
 
     with pytest.raises(AttachError, match="logits_to_keep"):
         attach(NoKeep())
-    vit = tf.ViTModel(tf.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                   intermediate_size=32, image_size=8, patch_size=4))
+    vit = tf.ViTModel(
+        tf.ViTConfig(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            image_size=8,
+            patch_size=4,
+        )
+    )
     with pytest.raises(AttachError):
         attach(vit)
     with pytest.raises(AttachError):
@@ -349,8 +397,19 @@ def test_models_that_cannot_be_attached():
 
 
 def test_vlm_family_list_is_complete():
-    want = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "llava_onevision", "internvl",
-            "idefics3", "smolvlm", "gemma3", "mistral3"}
+    want = {
+        "qwen2_vl",
+        "qwen2_5_vl",
+        "qwen3_vl",
+        "llava",
+        "llava_next",
+        "llava_onevision",
+        "internvl",
+        "idefics3",
+        "smolvlm",
+        "gemma3",
+        "mistral3",
+    }
     assert set(VLM_FAMILIES) == want
     g = gemma3().model
     assert g.get_output_embeddings().weight is g.get_input_embeddings().weight  # the tied case is covered
@@ -400,11 +459,21 @@ def test_fsdp2_sharded_head(family, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           "--master_addr=127.0.0.1", str(root / "tests" / "integrations" / "fsdp_worker.py"), family,
-           str(tmp_path), str(root)]
-    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                         timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={port}",
+        "--master_addr=127.0.0.1",
+        str(root / "tests" / "integrations" / "fsdp_worker.py"),
+        family,
+        str(tmp_path),
+        str(root),
+    ]
+    res = subprocess.run(
+        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     got = torch.load(tmp_path / "fsdp.pt")
     tiny = ALL_FAMILIES[family]()
@@ -426,8 +495,10 @@ def test_wrong_decoder_is_caught():
     model = tiny.model.train()
     batch = tiny.batch(2)
     labels, _ = make_targets(batch)
-    for wrong, match in ((model.model.rotary_emb, "not the module that feeds its head"),
-                         (model.model.layers[0], "does not reproduce the model's own logits")):
+    for wrong, match in (
+        (model.model.rotary_emb, "not the module that feeds its head"),
+        (model.model.layers[0], "does not reproduce the model's own logits"),
+    ):
         model.get_decoder = lambda w=wrong: w  # instance attribute, removed below
         try:
             with attach(model) as h:

@@ -39,9 +39,14 @@ def render(words, size=(224, 112), seed=0):
 
 def sample(words, answer=None, seed=0):
     img, ocr = render(words, seed=seed)
-    return {"image": img, "words": ocr,
-            "messages": [{"role": "user", "content": [{"type": "text", "text": "Read the text ."}]},
-                         {"role": "assistant", "content": answer if answer is not None else " ".join(words)}]}
+    return {
+        "image": img,
+        "words": ocr,
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Read the text ."}]},
+            {"role": "assistant", "content": answer if answer is not None else " ".join(words)},
+        ],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +62,15 @@ def test_batch_keys_labels_and_vision_labels(proc):
     tok = proc.tokenizer
     coll = DVSFTCollator(proc)
     batch = coll([sample(["alpha", "beta", "gamma"]), sample(["delta", "omega"], seed=1)])
-    assert {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids", "labels",
-            "vision_labels"} <= set(batch)
+    assert {
+        "input_ids",
+        "attention_mask",
+        "pixel_values",
+        "image_grid_thw",
+        "mm_token_type_ids",
+        "labels",
+        "vision_labels",
+    } <= set(batch)
     assert "offset_mapping" not in batch and "text_replacement_offsets" not in batch
     ids, labels, vision = batch["input_ids"], batch["labels"], batch["vision_labels"]
     assert labels.shape == vision.shape == ids.shape
@@ -97,16 +109,24 @@ def test_word_geometry_first_row_left_to_right(proc):
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padding_sides(side):
     proc = qwen2_vl_processor(WORDS, padding_side=side)
-    batch = DVSFTCollator(proc)([sample(["alpha"]), sample(["beta", "gamma", "delta", "omega", "sigma"], seed=1)])
+    batch = DVSFTCollator(proc)(
+        [sample(["alpha"]), sample(["beta", "gamma", "delta", "omega", "sigma"], seed=1)]
+    )
     pad = batch["attention_mask"] == 0
-    assert pad.any() and bool((batch["labels"][pad] == IGN).all()) and bool((batch["vision_labels"][pad] == IGN).all())
+    assert (
+        pad.any()
+        and bool((batch["labels"][pad] == IGN).all())
+        and bool((batch["vision_labels"][pad] == IGN).all())
+    )
     assert _decode(proc.tokenizer, batch["labels"][0][batch["labels"][0] != IGN]) == ["alpha", "<|im_end|>"]
 
 
 def test_multi_turn_and_train_on_last(proc):
     s = sample(["alpha", "beta"])
-    s["messages"] += [{"role": "user", "content": "Read the text ."},
-                      {"role": "assistant", "content": "gamma delta"}]
+    s["messages"] += [
+        {"role": "user", "content": "Read the text ."},
+        {"role": "assistant", "content": "gamma delta"},
+    ]
     tok = proc.tokenizer
     both = DVSFTCollator(proc)([s])["labels"][0]
     last = DVSFTCollator(proc, train_on="last")([s])["labels"][0]
@@ -128,7 +148,7 @@ def test_samples_without_words_and_bad_samples(proc):
 
 
 def test_end_to_end_attach_and_trainer(proc, tmp_path):
-    data = [sample(WORDS[i:i + 3], seed=i) for i in range(4)]
+    data = [sample(WORDS[i : i + 3], seed=i) for i in range(4)]
     coll = DVSFTCollator(proc)
     model = qwen2_vl_for_processor(proc).train()
     batch = coll(data[:2])
@@ -138,9 +158,16 @@ def test_end_to_end_attach_and_trainer(proc, tmp_path):
         assert torch.isfinite(out.loss) and h.last_metrics["vision_tokens"] > 0
     # raw samples through a Trainer with remove_unused_columns=True (default): the mixin keeps them
     model.zero_grad(set_to_none=True)
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2,
-                                          logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
-                                          disable_tqdm=True)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=2,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
     trainer = DVSFTTrainer(model=model, args=args, train_dataset=data, data_collator=coll)
     trainer.train()
     logs = [x for x in trainer.state.log_history if "vision_loss" in x]

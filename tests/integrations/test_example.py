@@ -13,8 +13,20 @@ def test_train_tiny_dvsft_smoke(tmp_path):
     spec = importlib.util.spec_from_file_location("train_tiny_dvsft", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    summary = mod.main(["--steps", "4", "--train-pages", "32", "--eval-pages", "16", "--threads", "1",
-                        "--out", str(tmp_path)])
+    summary = mod.main(
+        [
+            "--steps",
+            "4",
+            "--train-pages",
+            "32",
+            "--eval-pages",
+            "16",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert (tmp_path / "dvsft_tiny_curves.png").stat().st_size > 0
     assert (tmp_path / "summary.json").exists()
     after = summary["held_out_after"]

@@ -30,9 +30,17 @@ def _samples(tiny):
         vision = torch.full_like(ids, IGN)
         img_pos = (ids == IMG).nonzero().flatten()[::vis_every]
         vision[img_pos] = (img_pos * 7 + seed) % 900 + 5
-        out.append({"input_ids": ids, "attention_mask": b["attention_mask"][0], "labels": labels,
-                    "vision_labels": vision, "mm_token_type_ids": b["mm_token_type_ids"][0],
-                    "pixel_values": b["pixel_values"], "image_grid_thw": b["image_grid_thw"]})
+        out.append(
+            {
+                "input_ids": ids,
+                "attention_mask": b["attention_mask"][0],
+                "labels": labels,
+                "vision_labels": vision,
+                "mm_token_type_ids": b["mm_token_type_ids"][0],
+                "pixel_values": b["pixel_values"],
+                "image_grid_thw": b["image_grid_thw"],
+            }
+        )
     return out
 
 
@@ -42,8 +50,9 @@ def collate(features):
     batch = {}
     for k, pad in _PAD.items():
         if k in features[0]:
-            batch[k] = torch.stack([torch.cat([f[k], torch.full((T - len(f[k]),), pad, dtype=f[k].dtype)])
-                                    for f in features])
+            batch[k] = torch.stack(
+                [torch.cat([f[k], torch.full((T - len(f[k]),), pad, dtype=f[k].dtype)]) for f in features]
+            )
     for k in ("pixel_values", "image_grid_thw"):
         if k in features[0]:
             batch[k] = torch.cat([f[k] for f in features])
@@ -51,10 +60,24 @@ def collate(features):
 
 
 def _args(tmp_path, bs, ga, **kw):
-    d = dict(output_dir=str(tmp_path), per_device_train_batch_size=bs, gradient_accumulation_steps=ga, max_steps=1,
-             learning_rate=1.0, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
-             logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0,
-             disable_tqdm=True)
+    d = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=bs,
+        gradient_accumulation_steps=ga,
+        max_steps=1,
+        learning_rate=1.0,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     d.update(kw)
     return transformers.TrainingArguments(**d)
 
@@ -76,8 +99,9 @@ def _train(model0, data, tmp_path, bs, ga, how="subclass", loss=None, **kw):
     if how == "subclass":
         trainer = DVSFTTrainer(model=model, args=args, train_dataset=data, data_collator=collate, loss=loss)
     elif how == "patch":
-        trainer = patch_trainer(transformers.Trainer(model=model, args=args, train_dataset=data,
-                                                     data_collator=collate), loss)
+        trainer = patch_trainer(
+            transformers.Trainer(model=model, args=args, train_dataset=data, data_collator=collate), loss
+        )
     else:  # attach only, plain Trainer: what the mixin exists to fix
         attach(model, loss)
         trainer = transformers.Trainer(model=model, args=args, train_dataset=data, data_collator=collate)
@@ -86,15 +110,23 @@ def _train(model0, data, tmp_path, bs, ga, how="subclass", loss=None, **kw):
 
 
 def _full_batch_reference(model0, data, loss=None):
-    """Gradient of the DESIGN 4.2 loss over the whole batch, from full logits: what one SGD step of lr 1 subtracts."""
+    """Gradient of the DESIGN 4.2 loss over the whole batch, from full logits: what one SGD step of
+    lr 1 subtracts."""
     loss = loss or DVLoss()
     model = copy.deepcopy(model0).train()
     b = collate(data)
     logits = model(**{k: v for k, v in b.items() if k not in ("labels", "vision_labels")}).logits
-    ref = reference_loss(logits.double(), b["labels"], b["vision_labels"], text_weight=loss.text_weight,
-                         vision_weight=loss.vision_weight)
+    ref = reference_loss(
+        logits.double(),
+        b["labels"],
+        b["vision_labels"],
+        text_weight=loss.text_weight,
+        vision_weight=loss.vision_weight,
+    )
     ref.backward()
-    return {n: -p.grad.detach() for n, p in model.named_parameters() if p.grad is not None}, float(ref.detach())
+    return {n: -p.grad.detach() for n, p in model.named_parameters() if p.grad is not None}, float(
+        ref.detach()
+    )
 
 
 def _close(d1, d2, name=""):
@@ -131,8 +163,12 @@ def test_without_the_mixin_accumulation_is_wrong(setup, tmp_path):
     with remove_unused_columns=False the vision stream is normalised per micro-batch."""
     model0, data = setup
     with pytest.warns(UserWarning, match="num_vision_items_in_batch"):
-        m_one, _ = _train(model0, data, tmp_path / "one", bs=2, ga=1, how="attach", remove_unused_columns=False)
-        m_acc, _ = _train(model0, data, tmp_path / "acc", bs=1, ga=2, how="attach", remove_unused_columns=False)
+        m_one, _ = _train(
+            model0, data, tmp_path / "one", bs=2, ga=1, how="attach", remove_unused_columns=False
+        )
+        m_acc, _ = _train(
+            model0, data, tmp_path / "acc", bs=1, ga=2, how="attach", remove_unused_columns=False
+        )
     d_one, d_acc = _delta(model0, m_one), _delta(model0, m_acc)
     with pytest.raises(AssertionError):
         _close(d_acc, d_one)
@@ -143,8 +179,9 @@ def test_without_the_mixin_accumulation_is_wrong(setup, tmp_path):
 def test_patch_and_unpatch_restore(setup, tmp_path):
     model0, data = setup
     model = copy.deepcopy(model0)
-    trainer = transformers.Trainer(model=model, args=_args(tmp_path, 1, 1), train_dataset=data,
-                                   data_collator=collate)
+    trainer = transformers.Trainer(
+        model=model, args=_args(tmp_path, 1, 1), train_dataset=data, data_collator=collate
+    )
     cls, accepts = type(trainer), trainer.model_accepts_loss_kwargs
     patch_trainer(trainer)
     assert get_handle(model) is not None and type(trainer).__name__ == "DVSFTTrainer"
@@ -158,19 +195,30 @@ def test_patch_and_unpatch_restore(setup, tmp_path):
 def test_refuses_label_smoothing_factor(setup, tmp_path):
     model0, data = setup
     with pytest.raises(ValueError, match="label_smoothing"):
-        DVSFTTrainer(model=copy.deepcopy(model0), args=_args(tmp_path, 1, 1, label_smoothing_factor=0.1),
-                     train_dataset=data, data_collator=collate)
+        DVSFTTrainer(
+            model=copy.deepcopy(model0),
+            args=_args(tmp_path, 1, 1, label_smoothing_factor=0.1),
+            train_dataset=data,
+            data_collator=collate,
+        )
     assert get_handle(model0) is None
 
 
 def test_evaluate_reports_streams_without_full_logits(setup, tmp_path):
     model0, data = setup
     model = copy.deepcopy(model0)
-    trainer = DVSFTTrainer(model=model, args=_args(tmp_path, 2, 1, per_device_eval_batch_size=2),
-                           train_dataset=data, eval_dataset=data, data_collator=collate)
+    trainer = DVSFTTrainer(
+        model=model,
+        args=_args(tmp_path, 2, 1, per_device_eval_batch_size=2),
+        train_dataset=data,
+        eval_dataset=data,
+        data_collator=collate,
+    )
     handle = get_handle(model)
     shapes = []
-    probe = model.register_forward_hook(lambda m, a, k, o: shapes.append(tuple(o.logits.shape)), with_kwargs=True)
+    probe = model.register_forward_hook(
+        lambda m, a, k, o: shapes.append(tuple(o.logits.shape)), with_kwargs=True
+    )
     metrics = trainer.evaluate()
     probe.remove()
     b = collate(data)
@@ -196,13 +244,38 @@ def test_trl_sft_trainer(setup, tmp_path):
     deltas = {}
     for bs, ga in ((2, 1), (1, 2)):
         model = copy.deepcopy(model0).train()
-        args = trl.SFTConfig(**{k: getattr(_args(tmp_path, bs, ga), k) for k in (
-            "output_dir", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "learning_rate",
-            "optim", "lr_scheduler_type", "weight_decay", "max_grad_norm", "logging_steps", "save_strategy",
-            "report_to", "use_cpu", "seed")}, dataset_kwargs={"skip_prepare_dataset": True},
-            remove_unused_columns=False, max_length=None, bf16=False)
-        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=ds, data_collator=collate_lists,
-                                 processing_class=tiny_tokenizer())
+        args = trl.SFTConfig(
+            **{
+                k: getattr(_args(tmp_path, bs, ga), k)
+                for k in (
+                    "output_dir",
+                    "per_device_train_batch_size",
+                    "gradient_accumulation_steps",
+                    "max_steps",
+                    "learning_rate",
+                    "optim",
+                    "lr_scheduler_type",
+                    "weight_decay",
+                    "max_grad_norm",
+                    "logging_steps",
+                    "save_strategy",
+                    "report_to",
+                    "use_cpu",
+                    "seed",
+                )
+            },
+            dataset_kwargs={"skip_prepare_dataset": True},
+            remove_unused_columns=False,
+            max_length=None,
+            bf16=False,
+        )
+        trainer = trl.SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=ds,
+            data_collator=collate_lists,
+            processing_class=tiny_tokenizer(),
+        )
         patch_trainer(trainer, DVLoss(vision_weight=0.5))
         trainer.train()
         deltas[(bs, ga)] = _delta(model0, model)
@@ -228,8 +301,17 @@ def test_two_processes_match_one_batch(setup, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           "--master_addr=127.0.0.1", str(root / "tests" / "integrations" / "ddp_worker.py"), str(tmp_path), str(root)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={port}",
+        "--master_addr=127.0.0.1",
+        str(root / "tests" / "integrations" / "ddp_worker.py"),
+        str(tmp_path),
+        str(root),
+    ]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     got = torch.load(tmp_path / "rank0.pt")

@@ -23,9 +23,19 @@ SPECIAL = {"boi": 1001, "eoi": 1002, "vstart": 1003, "vend": 1004, "video": 1005
 
 
 def _llama(**kw):
-    d = dict(model_type="llama", vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0,
-             bos_token_id=1, eos_token_id=2)
+    d = dict(
+        model_type="llama",
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     d.update(kw)
     return d
 
@@ -35,15 +45,30 @@ def _qwen2(**kw):
 
 
 def _clip(**kw):
-    d = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-             num_attention_heads=2, image_size=16, patch_size=4, projection_dim=32)
+    d = dict(
+        model_type="clip_vision_model",
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=16,
+        patch_size=4,
+        projection_dim=32,
+    )
     d.update(kw)
     return d
 
 
 def _siglip(**kw):
-    d = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-             num_attention_heads=2, image_size=16, patch_size=4)
+    d = dict(
+        model_type="siglip_vision_model",
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=16,
+        patch_size=4,
+    )
     d.update(kw)
     return d
 
@@ -87,7 +112,7 @@ class Tiny:
             counts = self.tokens_per_image(pix)
             if len(counts) != B:  # several views per image: merge consecutive views
                 per = len(counts) // B
-                counts = [sum(counts[i * per:(i + 1) * per]) for i in range(B)]
+                counts = [sum(counts[i * per : (i + 1) * per]) for i in range(B)]
             out.update(pix)
         else:
             counts = [0] * B
@@ -101,8 +126,8 @@ class Tiny:
         input_ids = torch.zeros(B, T, dtype=torch.long)
         attn = torch.zeros(B, T, dtype=torch.long)
         for b, r in enumerate(rows):  # left padding keeps every row's last position real
-            input_ids[b, T - len(r):] = torch.tensor(r)
-            attn[b, T - len(r):] = 1
+            input_ids[b, T - len(r) :] = torch.tensor(r)
+            attn[b, T - len(r) :] = 1
         out["input_ids"] = input_ids
         out["attention_mask"] = attn
         if self.extra is not None:
@@ -122,20 +147,57 @@ def qwen2_vl(seed=0, cls=tf.Qwen2VLForConditionalGeneration, cfg_cls=tf.Qwen2VLC
     torch.manual_seed(seed)
     text = _qwen2(rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0})
     text.pop("model_type")
-    vis = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, patch_size=4, spatial_merge_size=2,
-               temporal_patch_size=2, mlp_ratio=2)
+    vis = dict(
+        depth=1,
+        embed_dim=32,
+        hidden_size=32,
+        num_heads=2,
+        patch_size=4,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        mlp_ratio=2,
+    )
     if family == "qwen2_5_vl":
-        vis = dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=48, num_heads=2, patch_size=4,
-                   spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1])
+        vis = dict(
+            depth=2,
+            hidden_size=32,
+            out_hidden_size=32,
+            intermediate_size=48,
+            num_heads=2,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=16,
+            fullatt_block_indexes=[1],
+        )
     if family == "qwen3_vl":
         text["head_dim"] = 8
-        text["rope_parameters"] = {"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0,
-                                   "mrope_interleaved": True}
-        vis = dict(depth=2, hidden_size=32, out_hidden_size=32, intermediate_size=48, num_heads=2, patch_size=4,
-                   spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
-                   deepstack_visual_indexes=[0])
-    cfg = cfg_cls(text_config=text, vision_config=vis, image_token_id=IMG, video_token_id=SPECIAL["video"],
-                  vision_start_token_id=SPECIAL["vstart"], vision_end_token_id=SPECIAL["vend"])
+        text["rope_parameters"] = {
+            "rope_type": "default",
+            "mrope_section": [2, 1, 1],
+            "rope_theta": 10000.0,
+            "mrope_interleaved": True,
+        }
+        vis = dict(
+            depth=2,
+            hidden_size=32,
+            out_hidden_size=32,
+            intermediate_size=48,
+            num_heads=2,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=16,
+            deepstack_visual_indexes=[0],
+        )
+    cfg = cfg_cls(
+        text_config=text,
+        vision_config=vis,
+        image_token_id=IMG,
+        video_token_id=SPECIAL["video"],
+        vision_start_token_id=SPECIAL["vstart"],
+        vision_end_token_id=SPECIAL["vend"],
+    )
     model = cls(cfg)
 
     def pixels(B):
@@ -155,17 +217,27 @@ def qwen3_vl(seed=0):
 
 def llava(seed=0):
     torch.manual_seed(seed)
-    cfg = tf.LlavaConfig(vision_config=_clip(), text_config=_llama(), image_token_index=IMG,
-                         vision_feature_layer=-1, image_seq_length=16)
+    cfg = tf.LlavaConfig(
+        vision_config=_clip(),
+        text_config=_llama(),
+        image_token_index=IMG,
+        vision_feature_layer=-1,
+        image_seq_length=16,
+    )
     model = tf.LlavaForConditionalGeneration(cfg)
     return Tiny("llava", model, lambda B: {"pixel_values": torch.randn(B, 3, 16, 16)})
 
 
 def llava_next(seed=0):
     torch.manual_seed(seed)
-    cfg = tf.LlavaNextConfig(vision_config=_clip(), text_config=_llama(), image_token_index=IMG,
-                             vision_feature_layer=-1, image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]],
-                             image_seq_length=16)
+    cfg = tf.LlavaNextConfig(
+        vision_config=_clip(),
+        text_config=_llama(),
+        image_token_index=IMG,
+        vision_feature_layer=-1,
+        image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]],
+        image_seq_length=16,
+    )
     model = tf.LlavaNextForConditionalGeneration(cfg)
 
     def pixels(B):  # base view + 2 tiles of a 16 x 32 (h x w) image
@@ -176,9 +248,14 @@ def llava_next(seed=0):
 
 def llava_onevision(seed=0):
     torch.manual_seed(seed)
-    cfg = tf.LlavaOnevisionConfig(vision_config=_siglip(), text_config=_qwen2(), image_token_index=IMG,
-                                  video_token_index=SPECIAL["video"], vision_feature_layer=-1,
-                                  image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]])
+    cfg = tf.LlavaOnevisionConfig(
+        vision_config=_siglip(),
+        text_config=_qwen2(),
+        image_token_index=IMG,
+        video_token_index=SPECIAL["video"],
+        vision_feature_layer=-1,
+        image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]],
+    )
     model = tf.LlavaOnevisionForConditionalGeneration(cfg)
 
     def pixels(B):
@@ -189,8 +266,14 @@ def llava_onevision(seed=0):
 
 def internvl(seed=0):
     torch.manual_seed(seed)
-    vis = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
-               image_size=[16, 16], patch_size=[4, 4])
+    vis = dict(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=[16, 16],
+        patch_size=[4, 4],
+    )
     cfg = tf.InternVLConfig(vision_config=vis, text_config=_qwen2(), image_token_id=IMG, image_seq_length=4)
     model = tf.InternVLForConditionalGeneration(cfg)
     return Tiny("internvl", model, lambda B: {"pixel_values": torch.randn(B, 3, 16, 16)})
@@ -198,14 +281,22 @@ def internvl(seed=0):
 
 def idefics3(seed=0, cls=tf.Idefics3ForConditionalGeneration, cfg_cls=tf.Idefics3Config, family="idefics3"):
     torch.manual_seed(seed)
-    vis = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=16,
-               patch_size=4)
+    vis = dict(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=16,
+        patch_size=4,
+    )
     cfg = cfg_cls(vision_config=vis, text_config=_llama(), image_token_id=IMG, scale_factor=2)
     model = cls(cfg)
 
     def pixels(B):  # two views per image
-        return {"pixel_values": torch.randn(B, 2, 3, 16, 16),
-                "pixel_attention_mask": torch.ones(B, 2, 16, 16, dtype=torch.bool)}
+        return {
+            "pixel_values": torch.randn(B, 2, 3, 16, 16),
+            "pixel_attention_mask": torch.ones(B, 2, 16, 16, dtype=torch.bool),
+        }
 
     return Tiny(family, model, pixels)
 
@@ -216,23 +307,60 @@ def smolvlm(seed=0):
 
 def gemma3(seed=0, final_logit_softcapping=None):
     torch.manual_seed(seed)
-    text = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, sliding_window=8,
-                max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                final_logit_softcapping=final_logit_softcapping)
-    cfg = tf.Gemma3Config(text_config=text, vision_config=_siglip(), mm_tokens_per_image=4,
-                          boi_token_index=SPECIAL["boi"], eoi_token_index=SPECIAL["eoi"], image_token_index=IMG)
+    text = dict(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        query_pre_attn_scalar=8,
+        sliding_window=8,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        final_logit_softcapping=final_logit_softcapping,
+    )
+    cfg = tf.Gemma3Config(
+        text_config=text,
+        vision_config=_siglip(),
+        mm_tokens_per_image=4,
+        boi_token_index=SPECIAL["boi"],
+        eoi_token_index=SPECIAL["eoi"],
+        image_token_index=IMG,
+    )
     model = tf.Gemma3ForConditionalGeneration(cfg)
     return Tiny("gemma3", model, lambda B: {"pixel_values": torch.randn(B, 3, 16, 16)}, _tok_type)
 
 
 def mistral3(seed=0):
     torch.manual_seed(seed)
-    vis = dict(model_type="pixtral", hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-               num_attention_heads=2, image_size=32, patch_size=4, head_dim=16)
-    text = dict(model_type="mistral", vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
-                pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    vis = dict(
+        model_type="pixtral",
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=4,
+        head_dim=16,
+    )
+    text = dict(
+        model_type="mistral",
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     cfg = tf.Mistral3Config(vision_config=vis, text_config=text, image_token_index=IMG, spatial_merge_size=2)
     model = tf.Mistral3ForConditionalGeneration(cfg)
 
@@ -251,37 +379,82 @@ def llama_causal(seed=0):
 def gemma2_causal(seed=0):
     """Text model whose forward applies final logit softcapping after the head."""
     torch.manual_seed(seed)
-    cfg = tf.Gemma2Config(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
-                          sliding_window=8, max_position_embeddings=512, final_logit_softcapping=0.5,
-                          pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = tf.Gemma2Config(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        query_pre_attn_scalar=8,
+        sliding_window=8,
+        max_position_embeddings=512,
+        final_logit_softcapping=0.5,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return Tiny("gemma2", tf.Gemma2ForCausalLM(cfg), lambda B: {}, multimodal=False)
 
 
 def cohere_causal(seed=0):
     """Text model whose forward multiplies the logits by config.logit_scale."""
     torch.manual_seed(seed)
-    cfg = tf.CohereConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                          logit_scale=0.25, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = tf.CohereConfig(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        logit_scale=0.25,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return Tiny("cohere", tf.CohereForCausalLM(cfg), lambda B: {}, multimodal=False)
 
 
 def granite_causal(seed=0):
     """Text model whose forward divides the logits by config.logits_scaling."""
     torch.manual_seed(seed)
-    cfg = tf.GraniteConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                           logits_scaling=4.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = tf.GraniteConfig(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        logits_scaling=4.0,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return Tiny("granite", tf.GraniteForCausalLM(cfg), lambda B: {}, multimodal=False)
 
 
 VLM_FAMILIES = {
-    "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl, "llava": llava,
-    "llava_next": llava_next, "llava_onevision": llava_onevision, "internvl": internvl,
-    "idefics3": idefics3, "smolvlm": smolvlm, "gemma3": gemma3, "mistral3": mistral3,
+    "qwen2_vl": qwen2_vl,
+    "qwen2_5_vl": qwen2_5_vl,
+    "qwen3_vl": qwen3_vl,
+    "llava": llava,
+    "llava_next": llava_next,
+    "llava_onevision": llava_onevision,
+    "internvl": internvl,
+    "idefics3": idefics3,
+    "smolvlm": smolvlm,
+    "gemma3": gemma3,
+    "mistral3": mistral3,
 }
-TEXT_FAMILIES = {"llama": llama_causal, "gemma2": gemma2_causal, "cohere": cohere_causal, "granite": granite_causal}
+TEXT_FAMILIES = {
+    "llama": llama_causal,
+    "gemma2": gemma2_causal,
+    "cohere": cohere_causal,
+    "granite": granite_causal,
+}
 ALL_FAMILIES = {**VLM_FAMILIES, **TEXT_FAMILIES}
 
 
@@ -293,18 +466,29 @@ def tiny_tokenizer(vocab_size: int = V):
     vocab.update({f"w{i}": i for i in range(3, vocab_size)})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    return tf.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
 
 
 # ---- a tiny offline Qwen2-VL processor (word-level tokenizer, local image processor) ---------------------
 
-QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                 "<|image_pad|>", "<|video_pad|>"]
+QWEN_SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 QWEN_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
-    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
     "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def qwen2_vl_processor(words: list[str], *, max_pixels: int = 224 * 112, padding_side: str = "right"):
@@ -318,11 +502,17 @@ def qwen2_vl_processor(words: list[str], *, max_pixels: int = 224 * 112, padding
     base = ["[UNK]", "user", "assistant", "system", "Read", "the", "text", ".", "\n"]
     vocab = {w: i for i, w in enumerate(dict.fromkeys(base + list(words)))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"),
-                                                 pre_tokenizers.WhitespaceSplit()])
-    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="<|endoftext|>",
-                                      eos_token="<|im_end|>", additional_special_tokens=QWEN_SPECIALS[1:],
-                                      padding_side=padding_side)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.WhitespaceSplit()]
+    )
+    fast = tf.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=QWEN_SPECIALS[1:],
+        padding_side=padding_side,
+    )
 
     class _Qwen2VLProcessor(tf.Qwen2VLProcessor):
         def check_argument_for_proper_class(self, name, arg):
@@ -333,8 +523,9 @@ def qwen2_vl_processor(words: list[str], *, max_pixels: int = 224 * 112, padding
     _Qwen2VLProcessor.__name__ = "Qwen2VLProcessor"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ip = tf.Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=max_pixels, patch_size=14, merge_size=2,
-                                      temporal_patch_size=2)
+        ip = tf.Qwen2VLImageProcessor(
+            min_pixels=56 * 56, max_pixels=max_pixels, patch_size=14, merge_size=2, temporal_patch_size=2
+        )
     return _Qwen2VLProcessor(image_processor=ip, tokenizer=fast, chat_template=QWEN_TEMPLATE)
 
 
@@ -343,14 +534,39 @@ def qwen2_vl_for_processor(processor, seed: int = 0, hidden: int = 32):
     torch.manual_seed(seed)
     tok = processor.tokenizer
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
-    text = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                rope_parameters={"rope_type": "default", "mrope_section": [hidden // 16, hidden // 32, hidden // 32],
-                                 "rope_theta": 10000.0},
-                pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"])
-    vis = dict(depth=1, embed_dim=hidden, hidden_size=hidden, num_heads=2, patch_size=14, spatial_merge_size=2,
-               temporal_patch_size=2, mlp_ratio=2)
-    cfg = tf.Qwen2VLConfig(text_config=text, vision_config=vis, image_token_id=ids["<|image_pad|>"],
-                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                           vision_end_token_id=ids["<|vision_end|>"])
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rope_parameters={
+            "rope_type": "default",
+            "mrope_section": [hidden // 16, hidden // 32, hidden // 32],
+            "rope_theta": 10000.0,
+        },
+        pad_token_id=ids["<|endoftext|>"],
+        bos_token_id=ids["<|im_start|>"],
+        eos_token_id=ids["<|im_end|>"],
+    )
+    vis = dict(
+        depth=1,
+        embed_dim=hidden,
+        hidden_size=hidden,
+        num_heads=2,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        mlp_ratio=2,
+    )
+    cfg = tf.Qwen2VLConfig(
+        text_config=text,
+        vision_config=vis,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
     return tf.Qwen2VLForConditionalGeneration(cfg)
