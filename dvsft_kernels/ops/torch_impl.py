@@ -19,6 +19,9 @@ which leaves four elementwise sweeps over the chunk (max, subtract, exp, sum) be
 
 from __future__ import annotations
 
+import os
+import threading
+
 import torch
 
 # CPU chunk budget. A cache-sized chunk (a few MB: ~64 rows at V = 32000) keeps the elementwise
@@ -31,6 +34,30 @@ CPU_CHUNK_BYTES = 128 * 2**20
 # On a GPU the chunk only bounds memory (traffic is the same for any size, KERNEL_NOTES.md);
 # large enough to keep the GEMMs efficient.
 CUDA_CHUNK_BYTES = 1 * 2**30
+
+
+# Fresh multi-MB CPU buffers come from mmap and page-fault inside the GEMM that first writes them
+# (+34 ms on a 410 x 32000 projection that takes 83 ms into a warm buffer, 2 cores). So on CPU the
+# logits chunk buffers are kept per thread between calls and reused while large enough;
+# `release_workspace()` frees them, DVSFT_CPU_WORKSPACE=0 turns the reuse off.
+_workspace = threading.local()
+
+
+def release_workspace() -> None:
+    """Free the CPU logits buffers kept between calls."""
+    _workspace.__dict__.clear()
+
+
+def _chunk_buffer(slot: int, m: int, V: int, device: torch.device) -> torch.Tensor:
+    if device.type != "cpu" or os.environ.get("DVSFT_CPU_WORKSPACE", "1") == "0":
+        return torch.empty(m, V, dtype=torch.float32, device=device)
+    key = f"buf{slot}"
+    flat = getattr(_workspace, key, None)
+    if flat is None or flat.numel() < m * V:
+        setattr(_workspace, key, None)  # drop the old one before allocating the new one
+        flat = torch.empty(m * V, dtype=torch.float32)
+        setattr(_workspace, key, flat)
+    return flat[: m * V].view(m, V)
 
 
 def chunk_rows_for(n: int, V: int, device: torch.device, budget_bytes: int | None = None) -> int:
@@ -111,8 +138,8 @@ def lce_torch(
     dW = torch.empty(V, D, dtype=torch.float32, device=dev) if grad_w else None
 
     m_max = chunk_rows or chunk_rows_for(n, V, dev)
-    buf = torch.empty(m_max, V, dtype=torch.float32, device=dev)
-    buf2 = torch.empty(m_max, V, dtype=torch.float32, device=dev) if softcap is not None else None
+    buf = _chunk_buffer(0, m_max, V, dev)
+    buf2 = _chunk_buffer(1, m_max, V, dev) if softcap is not None else None
     w_sum = W.sum(0, dtype=torch.float32) if (grad_h and eps) else None
     # sum_i c2_i h_i and sum_i c2_i over all chunks: the smoothing term of dW / db is a rank-one
     # update applied once at the end instead of a (V, D) pass per chunk

@@ -7,6 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dvsft_kernels.ops.function import linear_cross_entropy_with_stats
+from dvsft_kernels.ops.torch_impl import release_workspace
 
 from ..memory import AllocationRecorder
 
@@ -22,6 +23,15 @@ def inputs(frac, seed=0, bias=False):
     n_lab = int(round(frac * N))
     t[n_lab:] = -100
     return h, w, b, t, n_lab
+
+
+@pytest.fixture(autouse=True)
+def fresh_workspace():
+    """The CPU logits buffers are kept between calls; free them so each test sees (and counts)
+    its own."""
+    release_workspace()
+    yield
+    release_workspace()
 
 
 @pytest.mark.parametrize("options", [{}, {"softcap": 5.0, "label_smoothing": 0.1, "z_loss": 1e-3}])
@@ -44,6 +54,7 @@ def test_no_tensor_larger_than_a_chunk_or_a_parameter(options, reduction, bias):
 def test_work_and_allocations_scale_with_labeled_rows():
     res = {}
     for frac in (1.0, 0.1):
+        release_workspace()
         h, w, _, t, n_lab = inputs(frac)
         rec = AllocationRecorder()
         with FlopCounterMode(display=False) as fc, rec:
@@ -51,8 +62,8 @@ def test_work_and_allocations_scale_with_labeled_rows():
             # sized by the labeled rows alone
             linear_cross_entropy_with_stats(h, w, t, impl="torch").loss.backward()
         res[frac] = (fc.get_total_flops(), n_lab, rec)
-        logit_rows = [shape[0] for _, shape, _ in rec.sizes if len(shape) == 2 and shape[1] == V]
-        assert max(logit_rows) <= n_lab, f"frac {frac}: a ({max(logit_rows)}, V) tensor for {n_lab} labeled rows"
+        # nothing larger than the labeled rows' logits or a weight-sized gradient
+        assert rec.largest <= max(n_lab * V, V * D), f"frac {frac}: {rec.largest_op()} for {n_lab} labeled rows"
     for frac, (flops, n_lab, _) in res.items():
         assert flops == 6 * n_lab * D * V, f"frac {frac}: {flops} FLOPs, expected 6 n D V with n = {n_lab}"
     # everything but the parameter-sized gradient (V x D) shrinks with the labeled rows
@@ -81,3 +92,21 @@ def test_chunked_impl_bounded_by_its_chunk(dtype):
     # (dW, its scaled result, the float32 copy of a half weight), a few row-sized ones
     bound = 2 * chunk * v * 4 + 3 * v * d * 4 + 8 * n * d * 4
     assert rec.peak <= bound < n * v * 4, f"peak {rec.peak} bytes, bound {bound}"
+
+
+def test_workspace_is_reused_and_released():
+    import gc
+    import weakref
+
+    h, w, _, t, _ = inputs(1.0)
+    linear_cross_entropy_with_stats(h.detach(), w.detach(), t, impl="torch", chunk_rows=CHUNK)
+    rec = AllocationRecorder()
+    with rec:  # second call: the chunk buffer is not allocated again
+        linear_cross_entropy_with_stats(h.detach(), w.detach(), t, impl="torch", chunk_rows=CHUNK)
+    assert rec.largest < CHUNK * V, rec.largest_op()
+    from dvsft_kernels.ops import torch_impl
+
+    ref = weakref.ref(torch_impl._workspace.buf0)
+    release_workspace()
+    gc.collect()
+    assert ref() is None
