@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(r))
         return 0
     cols = [("config", "name", 34), ("warps", "num_warps", 5), ("regs", "registers", 5),
-            ("smem B", "shared", 7), ("local B", "local", 7), ("stack B", "stack", 7), ("HGMMA", "hgmma", 5)]
+            ("smem B", "shared_triton", 7), ("local B", "local", 7), ("stack B", "stack", 7), ("HGMMA", "hgmma", 5)]
     print("  ".join(f"{h:<{w}}" if k == "name" else f"{h:>{w}}" for h, k, w in cols))
     for r in rows:
         print("  ".join(f"{r[k]:<{w}}" if k == "name" else f"{r[k]:>{w}}" for h, k, w in cols))
