@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -21,15 +22,23 @@ _PAD = {"input_ids": 0, "attention_mask": 0, "labels": IGN, "vision_labels": IGN
 def _samples(tiny):
     """Two samples whose text / vision target counts differ a lot, so any per-micro-batch
     normalisation shows up in the gradients."""
+    return _spec_samples(tiny, [(4, 6, 3, 1), (9, 14, 12, 5)])
+
+
+def _spec_samples(tiny, spec):
+    """One sample per (pre, post, n_text, vis_every): n_text answer targets, every vis_every-th visual
+    token labeled (0: none, so (.., 0, 0) is a sample without any target)."""
     out = []
-    for seed, (pre, post, n_text, vis_every) in enumerate([(4, 6, 3, 1), (9, 14, 12, 5)]):
+    for seed, (pre, post, n_text, vis_every) in enumerate(spec):
         b = tiny.batch(1, pre=pre, post=post, seed=seed)
         ids = b["input_ids"][0]
         labels = torch.full_like(ids, IGN)
-        labels[-n_text:] = ids[-n_text:]
+        if n_text:
+            labels[-n_text:] = ids[-n_text:]
         vision = torch.full_like(ids, IGN)
-        img_pos = (ids == IMG).nonzero().flatten()[::vis_every]
-        vision[img_pos] = (img_pos * 7 + seed) % 900 + 5
+        if vis_every:
+            img_pos = (ids == IMG).nonzero().flatten()[::vis_every]
+            vision[img_pos] = (img_pos * 7 + seed) % 900 + 5
         out.append(
             {
                 "input_ids": ids,
@@ -317,6 +326,65 @@ def test_two_processes_match_one_batch(setup, tmp_path):
     got = torch.load(tmp_path / "rank0.pt")
     m_one, t_one = _train(model0, data, tmp_path / "one", bs=2, ga=1, loss=DVLoss(vision_weight=0.5))
     _close(got["delta"], _delta(model0, m_one), "2 ranks x 1 vs 1 x 2")
+    log_one = next(x for x in t_one.state.log_history if "loss" in x)
+    for k in ("loss", "text_loss", "vision_loss", "text_tokens", "vision_tokens", "vision_accuracy"):
+        assert got["log"][k] == pytest.approx(log_one[k], rel=1e-4), k
+
+
+def _run_ranks(tmp_path, world, spec=None):
+    """The DDP worker on `world` gloo processes, bounded: ddp_timeout 60 s inside, 300 s for the run."""
+    import os
+    import pathlib
+    import socket
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={world}",
+        f"--master_port={port}",
+        "--master_addr=127.0.0.1",
+        str(root / "tests" / "integrations" / "ddp_worker.py"),
+        str(tmp_path),
+        str(root),
+    ] + ([json.dumps(spec)] if spec is not None else [])
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return torch.load(tmp_path / "rank0.pt")
+
+
+# Sequential sampling, one sample per micro-batch: rank r gets samples r, r + world, ... In both cases the
+# last rank's whole accumulation window has no target at all (no text, no vision): its loss is 0, its
+# gradients are zeros, it still joins every DDP all-reduce, and the step equals one process over all samples.
+_NO_TARGETS = (5, 7, 0, 0)
+_RANK_CASES = {
+    "2x2": (2, 2, [(4, 6, 3, 1), _NO_TARGETS, (9, 14, 12, 5), _NO_TARGETS]),
+    "3x1": (3, 1, [(4, 6, 3, 1), (9, 14, 12, 5), _NO_TARGETS]),
+}
+
+
+@pytest.mark.parametrize("case", list(_RANK_CASES))
+def test_ranks_with_accumulation_and_a_rank_without_targets(tmp_path, case):
+    """N ranks x ga micro-batches (one sample each) give the step of one process over the whole batch,
+    with one rank that never sees a labeled row; per-stream logs are global."""
+    world, ga, spec = _RANK_CASES[case]
+    got = _run_ranks(tmp_path, world, {"ga": ga, "samples": spec})
+    seen = [json.loads((tmp_path / f"seen{r}.json").read_text()) for r in range(world)]
+    assert seen[-1][:ga] == [0] * ga and all(s[0] > 0 for s in seen[:-1]), seen
+    tiny = qwen2_vl()
+    data = _spec_samples(tiny, spec)
+    loss = DVLoss(vision_weight=0.5)
+    m_one, t_one = _train(tiny.model, data, tmp_path / "one", bs=len(spec), ga=1, loss=loss)
+    _close(got["delta"], _delta(tiny.model, m_one), f"{case} vs 1 x {len(spec)}")
+    ref, ref_loss = _full_batch_reference(tiny.model, data, loss)
+    _close({n: got["delta"][n] for n in ref}, ref, f"{case} vs reference")
     log_one = next(x for x in t_one.state.log_history if "loss" in x)
     for k in ("loss", "text_loss", "vision_loss", "text_tokens", "vision_tokens", "vision_accuracy"):
         assert got["log"][k] == pytest.approx(log_one[k], rel=1e-4), k
