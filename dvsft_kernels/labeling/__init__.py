@@ -8,6 +8,8 @@ from dvsft_kernels.labeling.batch import (
     scatter_vision_labels,
 )
 from dvsft_kernels.labeling.grid import GridView, VisualGrid
+from dvsft_kernels.labeling.overlay import draw_overlay
+from dvsft_kernels.labeling.readers import read_ocr
 from dvsft_kernels.labeling.types import OCRWord
 
 __all__ = ["GridView", "OCRWord", "VisualGrid"]
@@ -15,3 +17,4 @@ __all__ += [
     "DROP_REASONS", "LabelReport", "build_vision_labels", "build_vision_labels_from_processor",
     "clear_token_cache", "label_visual_tokens", "placeholder_runs", "scatter_vision_labels",
 ]
+__all__ += ["draw_overlay", "read_ocr"]
