@@ -25,6 +25,7 @@ def lce_chunked(
     grad_w: bool = False,
     grad_b: bool = False,
     chunk_rows: int | None = None,
+    need_correct: bool = True,  # computed anyway: free in this pass
 ):
     """Same contract as `torch_impl.lce_torch`."""
     from dvsft_kernels.ops.launch import ce_chunk

@@ -146,7 +146,7 @@ def _validate(hidden, weight, targets, bias, ignore_index, reduction, token_weig
         raise ValueError(f"ignore_index: expected an int, got {ignore_index!r}")
 
 
-_COMPACT_OPTS = ("label_smoothing", "z_loss", "softcap", "chunk_rows")
+_COMPACT_OPTS = ("label_smoothing", "z_loss", "softcap", "chunk_rows", "need_correct")
 
 
 def _run_impl(impl, h, weight, bias, t, scale, opts, grad_h, grad_w, grad_b):
@@ -318,6 +318,7 @@ def linear_cross_entropy_with_stats(
     deterministic: bool | None = None,
     grad_filter: bool = False,
     process_group=None,
+    _need_correct: bool = True,
 ) -> LCEOutput:
     """`linear_cross_entropy` plus the per-position statistics of the same pass (for DVLoss).
 
@@ -347,6 +348,8 @@ def linear_cross_entropy_with_stats(
     opts = dict(label_smoothing=float(label_smoothing), z_loss=float(z_loss),
                 softcap=None if softcap is None else float(softcap), chunk_rows=chunk_rows,
                 deterministic=deterministic, grad_filter=grad_filter)
+    if not _need_correct:
+        opts["need_correct"] = False  # the public loss-only call: `correct` is not returned
     if process_group is not None:
         if torch.compiler.is_compiling():
             raise ValueError("process_group: the vocabulary-parallel op is not traceable by torch.compile")
@@ -390,7 +393,7 @@ def linear_cross_entropy(
     return linear_cross_entropy_with_stats(
         hidden, weight, targets, bias, ignore_index=ignore_index, reduction=reduction,
         token_weights=token_weights, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-        num_items=num_items, impl=impl, process_group=process_group,
+        num_items=num_items, impl=impl, process_group=process_group, _need_correct=False,
     ).loss
 
 

@@ -85,6 +85,7 @@ def lce_torch_vocab_parallel(
     grad_w: bool = False,
     grad_b: bool = False,
     chunk_rows: int | None = None,
+    need_correct: bool = True,  # computed anyway: free in this pass
 ):
     """Same contract as `torch_impl.lce_torch`, on this rank's slice [vocab_start, +V_local) of a
     vocabulary of vocab_total; targets are global ids. dh is already summed over ranks."""
