@@ -56,7 +56,7 @@ class AttachError(TypeError):
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The Hugging Face model inside PEFT / DDP / FSDP1 / torch.compile wrappers."""
+    """The Hugging Face model inside PEFT / DDP / FSDP1 / DeepSpeed / torch.compile wrappers."""
     seen = set()
     while id(model) not in seen:
         seen.add(id(model))
@@ -68,6 +68,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             "DistributedDataParallel",
             "DataParallel",
             "FullyShardedDataParallel",
+            "DeepSpeedEngine",
         ) and isinstance(getattr(model, "module", None), nn.Module):
             model = model.module
     return model
@@ -110,10 +111,68 @@ def post_head_transforms(config) -> tuple[float, float | None]:
 
 
 def _full(t: torch.Tensor | None) -> torch.Tensor | None:
-    """FSDP2 shards parameters as DTensors: gather the full tensor (autograd flows back to the shard)."""
-    if t is not None and hasattr(t, "full_tensor"):
+    """The whole head weight (or bias), differentiable, whatever shards it.
+
+    FSDP2 (`fully_shard`): outside its unit's forward the parameter is a DTensor `Shard(0)`.
+    `full_tensor()` all-gathers it (V x D per step, as FSDP's own forward would) and its backward
+    reduce-scatters dW into the shard's gradient, where FSDP's optimizer step expects it. We gather
+    rather than compute on the local shard: a vocabulary-parallel loss over FSDP's shards would need
+    every rank to hold every labeled row's hidden state (an all-gather of (rows, D) plus an all-reduce
+    of the hidden gradient, `ops/vocab_parallel.py`), and FSDP shards the dim-0 rows unevenly-padded
+    per unit, not along a vocabulary split the loss can name. The gathered weight lives only for the
+    loss; the peak is FSDP's own (the head's unit gathers the same V x D for its forward).
+
+    DeepSpeed ZeRO-3: outside the head's forward the parameter is an empty partition (`ds_id`,
+    `ds_shape`). `deepspeed.zero.GatheredParameters` gathers it for a copy that lives only for the
+    loss; `_ZeroGathered` routes dW (full shape) to the parameter's gradient, which ZeRO-3's own
+    gradient hooks reduce-scatter into the partitions. The copy, not the parameter, is what the op may
+    save for backward (the parameter's data is released when the context exits).
+    """
+    if t is None:
+        return None
+    if hasattr(t, "full_tensor"):
         return t.full_tensor()
+    if hasattr(t, "ds_id"):
+        import deepspeed  # a ds_id attribute means DeepSpeed partitioned it, so DeepSpeed is installed
+
+        with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
+            return _ZeroGathered.apply(t)
     return t
+
+
+class _ZeroGathered(torch.autograd.Function):
+    """A copy of a gathered ZeRO-3 parameter that outlives the gather; the gradient goes to the parameter
+    unchanged (full shape, as in DeepSpeed's own backward)."""
+
+    @staticmethod
+    def forward(ctx, p):
+        ctx.param = p
+        return p.detach().clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        # autograd accumulates g into the parameter in the parameter's current shape, so ZeRO-3 must hold
+        # it whole now, as its own backward pre-hooks would; ZeRO-3's gradient hook then reduce-scatters
+        # the gradient, and ours, registered after it, releases the gathered data again
+        p = ctx.param
+        if _zero_available(
+            p
+        ):  # a tied head whose embedding's backward holds it already: DeepSpeed releases it
+            return g
+        p.all_gather()
+        handle = None
+
+        def release(_p):
+            handle.remove()
+            if not getattr(p, "ds_active_sub_modules", None):  # a module gathered it meanwhile: it releases
+                p.partition()
+
+        handle = p.register_post_accumulate_grad_hook(release)
+        return g
+
+
+def _zero_available(p) -> bool:
+    return getattr(getattr(p, "ds_status", None), "name", "") == "AVAILABLE"
 
 
 def _resolve_head(hf: nn.Module) -> nn.Module:
