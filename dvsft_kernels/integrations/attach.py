@@ -116,11 +116,12 @@ def _full(t: torch.Tensor | None) -> torch.Tensor | None:
     FSDP2 (`fully_shard`): outside its unit's forward the parameter is a DTensor `Shard(0)`.
     `full_tensor()` all-gathers it (V x D per step, as FSDP's own forward would) and its backward
     reduce-scatters dW into the shard's gradient, where FSDP's optimizer step expects it. We gather
-    rather than compute on the local shard: a vocabulary-parallel loss over FSDP's shards would need
-    every rank to hold every labeled row's hidden state (an all-gather of (rows, D) plus an all-reduce
-    of the hidden gradient, `ops/vocab_parallel.py`), and FSDP shards the dim-0 rows unevenly-padded
-    per unit, not along a vocabulary split the loss can name. The gathered weight lives only for the
-    loss; the peak is FSDP's own (the head's unit gathers the same V x D for its forward).
+    rather than compute on the local shard: FSDP's `Shard(0)` is a vocabulary split, but FSDP ranks hold
+    different batches, so a vocabulary-parallel loss (`ops/vocab_parallel.py`) would first have to
+    all-gather every rank's labeled rows, hidden states (rows x D) and targets, and all-reduce the
+    hidden gradient back; for the usual rows x D > V x D / ranks that costs more than the weight
+    gather, which the head's own unit does for its forward anyway. The gathered weight lives only
+    for the loss.
 
     DeepSpeed ZeRO-3: outside the head's forward the parameter is an empty partition (`ds_id`,
     `ds_shape`). `deepspeed.zero.GatheredParameters` gathers it for a copy that lives only for the
