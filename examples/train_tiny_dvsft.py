@@ -266,7 +266,10 @@ def main(argv=None):
     from dvsft_kernels.integrations import DVSFTCollator, DVSFTTrainer
 
     tf.logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
+    # under torchrun / accelerate launch (WORLD_SIZE > 1): DDP over gloo on CPU, the threads split
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    torch.set_num_threads(max(1, args.threads // world))
     tf.set_seed(args.seed)
     t0 = time.time()
     processor = build_processor()
@@ -296,6 +299,7 @@ def main(argv=None):
         seed=args.seed,
         dataloader_num_workers=0,
         disable_tqdm=True,
+        ddp_backend="gloo" if world > 1 else None,
     )
     trainer = DVSFTTrainer(
         model=model,
@@ -314,6 +318,8 @@ def main(argv=None):
     after = trainer.evaluate()
     elapsed = time.time() - t0
 
+    if rank != 0:  # one report, from rank 0
+        return None
     os.makedirs(args.out, exist_ok=True)
     history = [h for h in trainer.state.log_history if "vision_loss" in h and "loss" in h]
     png = os.path.join(args.out, "dvsft_tiny_curves.png")
@@ -342,7 +348,7 @@ def main(argv=None):
     acc = after["eval_vision_accuracy"]
     print(
         f"held-out vision-token accuracy {acc:.3f} vs chance {chance:.3f} ({acc / chance:.1f}x); "
-        f"{elapsed:.0f} s on {args.threads} threads"
+        f"{elapsed:.0f} s on {args.threads} threads, {world} process(es)"
     )
     return summary
 
