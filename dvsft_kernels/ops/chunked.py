@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from dvsft_kernels.ops.torch_impl import _accum_f32, chunk_rows_for, compute_weight, mm_f32
+from dvsft_kernels.ops.torch_impl import _accum_f32, chunk_rows_for, compute_weight, mm_f32, row_outputs
 
 
 def lce_chunked(
@@ -39,16 +39,9 @@ def lce_chunked(
     if any_grad and scale is None:
         raise ValueError("scale: required when gradients are requested")
 
-    loss = torch.empty(n, dtype=torch.float32, device=dev)
-    lse = torch.empty(n, dtype=torch.float32, device=dev)
-    correct = torch.empty(n, dtype=torch.bool, device=dev)
-    dh = torch.empty(n, D, dtype=torch.float32, device=dev) if grad_h else None
-    db = torch.zeros(V, dtype=torch.float32, device=dev) if grad_b else None
+    loss, lse, correct, dh, dW, db = row_outputs(n, D, V, dev, grad_h, grad_w, grad_b)
     if n == 0:
-        dW = torch.zeros(V, D, dtype=torch.float32, device=dev) if grad_w else None
         return loss, lse, correct, dh, dW, db
-    # written by the first chunk's GEMM, accumulated into by the others: no zero-fill pass
-    dW = torch.empty(V, D, dtype=torch.float32, device=dev) if grad_w else None
 
     m_max = chunk_rows or chunk_rows_for(n, V, dev)
     xbuf = torch.empty(m_max, V, dtype=torch.float32, device=dev)

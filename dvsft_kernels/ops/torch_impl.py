@@ -68,6 +68,20 @@ def chunk_rows_for(n: int, V: int, device: torch.device, budget_bytes: int | Non
     return int(max(1, min(n, rows)))
 
 
+def row_outputs(n: int, D: int, V: int, dev, grad_h: bool, grad_w: bool, grad_b: bool):
+    """(loss, lse, correct, dh, dW, db) of the row-chunk implementations. dW is left unwritten
+    (the first chunk's GEMM writes it with `_accum_f32(..., first=True)`, no zero-fill pass) except
+    when there are no rows, where it is zero; dh is written chunk by chunk; db accumulates."""
+    loss = torch.empty(n, dtype=torch.float32, device=dev)
+    lse = torch.empty(n, dtype=torch.float32, device=dev)
+    correct = torch.empty(n, dtype=torch.bool, device=dev)
+    dh = torch.empty(n, D, dtype=torch.float32, device=dev) if grad_h else None
+    make = torch.zeros if n == 0 else torch.empty
+    dW = make(V, D, dtype=torch.float32, device=dev) if grad_w else None
+    db = torch.zeros(V, dtype=torch.float32, device=dev) if grad_b else None
+    return loss, lse, correct, dh, dW, db
+
+
 def _has_mm_out_dtype() -> bool:
     return hasattr(torch.ops.aten.mm, "dtype")
 
@@ -128,16 +142,9 @@ def lce_torch(
     if any_grad and scale is None:
         raise ValueError("scale: required when gradients are requested")
 
-    loss = torch.empty(n, dtype=torch.float32, device=dev)
-    lse = torch.empty(n, dtype=torch.float32, device=dev)
-    correct = torch.empty(n, dtype=torch.bool, device=dev)
-    dh = torch.empty(n, D, dtype=torch.float32, device=dev) if grad_h else None
-    db = torch.zeros(V, dtype=torch.float32, device=dev) if grad_b else None
+    loss, lse, correct, dh, dW, db = row_outputs(n, D, V, dev, grad_h, grad_w, grad_b)
     if n == 0:
-        dW = torch.zeros(V, D, dtype=torch.float32, device=dev) if grad_w else None
         return loss, lse, correct, dh, dW, db
-    # written by the first chunk's GEMM, accumulated into by the others: no zero-fill pass
-    dW = torch.empty(V, D, dtype=torch.float32, device=dev) if grad_w else None
 
     m_max = chunk_rows or chunk_rows_for(n, V, dev)
     buf = _chunk_buffer(0, m_max, V, dev)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from dvsft_kernels.ops.torch_impl import _accum_f32, chunk_rows_for, compute_weight, mm_f32
+from dvsft_kernels.ops.torch_impl import _accum_f32, chunk_rows_for, compute_weight, mm_f32, row_outputs
 
 
 class Collectives:
@@ -97,12 +97,7 @@ def lce_torch_vocab_parallel(
     b = bias.float() if bias is not None else None
     any_grad = grad_h or grad_w or grad_b
 
-    loss = torch.empty(n, dtype=torch.float32, device=dev)
-    lse = torch.empty(n, dtype=torch.float32, device=dev)
-    correct = torch.empty(n, dtype=torch.bool, device=dev)
-    dh = torch.zeros(n, D, dtype=torch.float32, device=dev) if grad_h else None
-    dW = torch.zeros(V, D, dtype=torch.float32, device=dev) if grad_w else None
-    db = torch.zeros(V, dtype=torch.float32, device=dev) if grad_b else None
+    loss, lse, correct, dh, dW, db = row_outputs(n, D, V, dev, grad_h, grad_w, grad_b)
     if n == 0:
         return loss, lse, correct, dh, dW, db
 
@@ -164,7 +159,7 @@ def lce_torch_vocab_parallel(
         if grad_h:
             mm_f32(gW, W, out=dh[s0:s1])
         if grad_w:
-            _accum_f32(dW, gW.T, hc)
+            _accum_f32(dW, gW.T, hc, first=s0 == 0)
         if grad_b:
             db.add_(g.sum(0))
     if grad_h:
