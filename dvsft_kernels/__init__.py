@@ -6,8 +6,8 @@ Public names (../shared/DESIGN.md section 4): `linear_cross_entropy`, `DVLoss`, 
 
 __version__ = "0.1.0"
 
-from dvsft_kernels.loss import DVLoss, DVLossOutput  # noqa: E402
-from dvsft_kernels.ops import linear_cross_entropy  # noqa: E402
-from dvsft_kernels.integrations.attach import attach  # noqa: E402
+from dvsft_kernels.integrations.attach import attach
+from dvsft_kernels.loss import DVLoss, DVLossOutput
+from dvsft_kernels.ops import linear_cross_entropy
 
 __all__ = ["DVLoss", "DVLossOutput", "__version__", "attach", "linear_cross_entropy"]

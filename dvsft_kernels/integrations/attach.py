@@ -48,7 +48,7 @@ _METRIC_NAMES = (
 )
 
 # model -> handle, so a model is never attached twice; weak, so attach() keeps nothing alive
-_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, AttachHandle]" = weakref.WeakKeyDictionary()
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, AttachHandle] = weakref.WeakKeyDictionary()
 
 
 class AttachError(TypeError):
@@ -461,7 +461,7 @@ class AttachHandle:
         if _ATTACHED.get(self.model) is self:
             del _ATTACHED[self.model]
 
-    def __enter__(self) -> "AttachHandle":
+    def __enter__(self) -> AttachHandle:
         return self
 
     def __exit__(self, *exc) -> None:

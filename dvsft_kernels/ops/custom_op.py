@@ -17,8 +17,6 @@ implementations, becomes fixed-shape auxiliary outputs here:
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -44,10 +42,10 @@ def _fused_has_scale(reduction: str, token_weights) -> bool:
 
 @torch.library.custom_op(_FWD, mutates_args=())
 def _lce_forward(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, token_weights: Optional[Tensor],
-    num_items: Optional[Tensor], ignore_index: int, reduction: str, label_smoothing: float, z_loss: float,
-    softcap: Optional[float], impl: str, chunk_rows: Optional[int], grad_h: bool, grad_w: bool, grad_b: bool,
-    deterministic: Optional[bool], grad_filter: bool,
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, token_weights: Tensor | None,
+    num_items: Tensor | None, ignore_index: int, reduction: str, label_smoothing: float, z_loss: float,
+    softcap: float | None, impl: str, chunk_rows: int | None, grad_h: bool, grad_w: bool, grad_b: bool,
+    deterministic: bool | None, grad_filter: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     opts = _opts(label_smoothing, z_loss, softcap, chunk_rows, deterministic, grad_filter)
     grads = (grad_h, grad_w, grad_b)
@@ -94,10 +92,10 @@ def _(hidden, weight, bias, targets, token_weights, num_items, ignore_index, red
 
 @torch.library.custom_op(_BWD, mutates_args=())
 def _lce_backward(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, token_weights: Optional[Tensor],
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, token_weights: Tensor | None,
     g: Tensor, a0: Tensor, a1: Tensor, a2: Tensor, a3: Tensor, ignore_index: int, reduction: str,
-    label_smoothing: float, z_loss: float, softcap: Optional[float], impl: str, chunk_rows: Optional[int],
-    grad_h: bool, grad_w: bool, grad_b: bool, deterministic: Optional[bool], grad_filter: bool,
+    label_smoothing: float, z_loss: float, softcap: float | None, impl: str, chunk_rows: int | None,
+    grad_h: bool, grad_w: bool, grad_b: bool, deterministic: bool | None, grad_filter: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of hidden, weight, bias (empty where not requested) for "fused" (any reduction)
     and for "torch" / "chunked" with reduction "none" (recomputed from the inputs)."""

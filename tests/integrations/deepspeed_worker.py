@@ -11,6 +11,7 @@ import torch.distributed as dist
 sys.path.insert(0, sys.argv[3])
 import deepspeed
 from deepspeed.utils import safe_get_full_grad
+
 from dvsft_kernels import attach
 from tests.integrations.helpers import make_targets
 from tests.integrations.tiny_models import ALL_FAMILIES

@@ -65,9 +65,8 @@ def test_matches_full_logits_and_allocates_no_btv(family):
 
     # allocation: record every op output during forward and backward of the attached call
     model = make()
-    with attach(model):
-        with AllocRecorder() as rec:
-            attached_run(model, batch, labels, vision)
+    with attach(model), AllocRecorder() as rec:
+        attached_run(model, batch, labels, vision)
     limit = B * T * V // 2
     big = [s for s in rec.sizes if s[0] >= limit]
     assert not big, f"tensors of >= B*T*V/2 = {limit} elements: {big[:5]}"

@@ -8,8 +8,8 @@ returned so tests can put vision labels there.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import transformers as tf

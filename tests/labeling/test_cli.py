@@ -17,7 +17,7 @@ from PIL import Image
 pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from dvsft_kernels.cli import main  # noqa: E402
+from dvsft_kernels.cli import main
 
 VOCAB = ["[UNK]", "<image>", "cat", "dog", "on", "mat"]
 ID = {w: i for i, w in enumerate(VOCAB)}

@@ -26,7 +26,6 @@ from tests.labeling._geometry_helpers import (
     token_colours,
 )
 
-
 EXTREME = [(12, 900), (900, 12), (5, 7), (2, 400), (28, 28), (1400, 230), (1, 1), (3, 1000)]
 
 

@@ -18,7 +18,7 @@ from dvsft_kernels.labeling.readers import (
 
 T = "\t"
 TSV_HEADER = T.join(
-    "level page_num block_num par_num line_num word_num left top width height conf text".split())
+    ["level", "page_num", "block_num", "par_num", "line_num", "word_num", "left", "top", "width", "height", "conf", "text"])
 
 
 def tsv(*rows):
@@ -175,7 +175,7 @@ class TestPaddle:
     def test_split_lines(self):
         # "Total due" is 9 characters over x 10..110: "Total" spans chars 0-5, "due" chars 6-9
         got = parse_paddleocr(PADDLE_V2, split_lines=True, min_score=0.5)
-        x = lambda k: 10 + 100 * k / 9  # noqa: E731
+        x = lambda k: 10 + 100 * k / 9
         assert [w.text for w in got] == ["Total", "due"]
         assert flat(got[0].box) == pytest.approx(flat([(10, 20), (x(5), 20), (x(5), 50), (10, 50)]))
         assert flat(got[1].box) == pytest.approx(flat([(x(6), 20), (110, 20), (110, 50), (x(6), 50)]))

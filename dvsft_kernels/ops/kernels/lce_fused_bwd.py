@@ -192,7 +192,7 @@ def _lce_bwd_dh_kernel(
     m_j, m_r, o_pos, b_t, b_mx, b_logs, b_s = _rows(o_j, count, idx_ptr, t_ptr, stat_ptr, s_ptr, N, V)
     inv_cap = 1.0 / softcap
     o_b = tl.arange(0, BD)
-    for i_v in range(0, n_vt):
+    for i_v in range(n_vt):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
         b_z = _logit_tile(h_ptr, w_ptr, b_ptr, o_pos, m_j, o_v, m_v, D, stride_hn, stride_hd, stride_wv,
@@ -243,7 +243,7 @@ def _lce_bwd_dw_kernel(
     inv_cap = 1.0 / softcap
     o_b = tl.arange(0, BD)
     b_db = tl.zeros([BV], dtype=tl.float32)
-    for i_r in range(0, n_rt):
+    for i_r in range(n_rt):
         o_j = i_r * BM + tl.arange(0, BM)
         m_j, m_r, o_pos, b_t, b_mx, b_logs, b_s = _rows(o_j, count, idx_ptr, t_ptr, stat_ptr, s_ptr, N, V)
         b_z = _logit_tile(h_ptr, w_ptr, b_ptr, o_pos, m_j, o_v, m_v, D, stride_hn, stride_hd, stride_wv,
