@@ -441,7 +441,7 @@ def test_under_bf16_autocast():
     torch.testing.assert_close(out.loss.double(), plain, rtol=2e-2, atol=0)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen2_vl"])
 def test_fsdp2_sharded_head(family, tmp_path):
     """FSDP2 (2 CPU processes, gloo, same batch on both): the loss and every gradient equal the
     unsharded model's; llama's head is its own FSDP unit, resharded after its forward, so attach()
