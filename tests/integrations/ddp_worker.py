@@ -6,6 +6,7 @@ argv: out, repo root, then optionally a JSON spec {"ga": int, "samples": [[pre, 
 sequential, so with one sample per micro-batch rank r gets samples r, r + world, r + 2 world, ..."""
 
 import json
+import os
 import sys
 from datetime import timedelta
 
@@ -58,6 +59,11 @@ def main():
     if torch.distributed.is_initialized():  # neither rank tears gloo down while the other still talks to it
         torch.distributed.monitored_barrier(timeout=timedelta(seconds=60))
         torch.distributed.destroy_process_group()
+    # Leave without C++ static teardown: gloo's transport threads can abort the process
+    # ("terminate called without an active exception") after a clean run. Results are on disk.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
