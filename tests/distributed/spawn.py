@@ -28,6 +28,9 @@ def _entry(rank, world, port, fn, args):
         fn(rank, world, *args)
     finally:
         dist.destroy_process_group()
+    # success: leave without C++ static teardown, where gloo's threads can abort a clean run
+    # ("terminate called without an active exception"); a failure above propagates as usual
+    os._exit(0)
 
 
 def run_ranks(world: int, fn, *args) -> None:
