@@ -205,20 +205,9 @@ def lce_torch(
         # c1 / a = (1 - eps) * sum / k is independent of the scale (no 0/0 for zero-weight rows)
         fold = softcap is None and (k is None or bool((k > 1e-3).all()))
         if not fold:
-            # explicit G = (a E - c1 onehot - c2) * dy/dx: softcap, or a z-loss factor k <= 0
-            g = e.mul_(a[:, None])
-            g.index_put_((rows, tc), -c1, accumulate=True)
-            if eps:
-                g.sub_(c2[:, None])
-            if softcap is not None:
-                g.mul_(x.mul_(x).neg_().add_(1))
-            gW = g if g.dtype == W.dtype else g.to(W.dtype)
-            if grad_h:
-                mm_f32(gW, W, out=dh[s0:s1])
-            if grad_w:
-                _accum_f32(dW, gW.T, hc, first=s0 == 0)
-            if grad_b:
-                db.add_(g.sum(0))
+            # explicit G: softcap, or a z-loss factor k <= 0
+            explicit_grad_gemms(e, a, rows, tc, c1, c2 if eps else None, x if softcap is not None else None,
+                                W, hc, dh[s0:s1] if grad_h else None, dW, db, first=s0 == 0)
             continue
 
         ratio = (1 - eps) * ssum if k is None else (1 - eps) * ssum / k
@@ -244,6 +233,25 @@ def lce_torch(
     if grad_b and eps:
         db.sub_(c2_total)
     return loss, lse, correct, dh, dW, db
+
+
+def explicit_grad_gemms(e, a, rows, t, c1, c2, tanh, W, hc, dh_c, dW, db, first):
+    """G = (a E - c1 onehot(t) - c2) * (1 - tanh^2), formed in place over E (and tanh), then
+    dh_c = G W, dW (+)= G^T hc (`first`: dW is written, not accumulated), db += sum_rows G.
+    c2 None: no smoothing term; tanh None: no softcap; dh_c / dW / db None: not wanted."""
+    g = e.mul_(a[:, None])
+    g.index_put_((rows, t), -c1, accumulate=True)
+    if c2 is not None:
+        g.sub_(c2[:, None])
+    if tanh is not None:
+        g.mul_(tanh.mul_(tanh).neg_().add_(1))
+    gW = g if g.dtype == W.dtype else g.to(W.dtype)
+    if dh_c is not None:
+        mm_f32(gW, W, out=dh_c)
+    if dW is not None:
+        _accum_f32(dW, gW.T, hc, first=first)
+    if db is not None:
+        db.add_(g.sum(0))
 
 
 def _accum_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool = False) -> None:

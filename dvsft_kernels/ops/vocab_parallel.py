@@ -18,7 +18,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from dvsft_kernels.ops.torch_impl import _accum_f32, chunk_rows_for, compute_weight, mm_f32, row_outputs
+from dvsft_kernels.ops.torch_impl import (
+    chunk_rows_for,
+    compute_weight,
+    explicit_grad_gemms,
+    mm_f32,
+    row_outputs,
+)
 
 
 class Collectives:
@@ -146,22 +152,11 @@ def lce_torch_vocab_parallel(
         sc = scale[s0:s1].float()
         k = 1 + 2 * zl * lse_c if zl else torch.ones_like(lse_c)
         a = sc * k * torch.exp(mx - big_m) / ssum
-        # explicit G on this slice: a E - c1 onehot (if the target is here) - c2, times dy/dx
-        g = e.mul_(a[:, None])
-        rows = torch.arange(m, device=dev)
+        # explicit G on this slice: the one-hot term only where the target is in the slice
         c1 = torch.where(mine, sc * (1 - eps), torch.zeros((), device=dev))
-        g.index_put_((rows, tl), -c1, accumulate=True)
-        if eps:
-            g.sub_((sc * (eps / vocab_total))[:, None])
-        if softcap is not None:
-            g.mul_(x.mul_(x).neg_().add_(1))
-        gW = g if g.dtype == W.dtype else g.to(W.dtype)
-        if grad_h:
-            mm_f32(gW, W, out=dh[s0:s1])
-        if grad_w:
-            _accum_f32(dW, gW.T, hc, first=s0 == 0)
-        if grad_b:
-            db.add_(g.sum(0))
+        explicit_grad_gemms(e, a, torch.arange(m, device=dev), tl, c1, sc * (eps / vocab_total) if eps else None,
+                            x if softcap is not None else None, W, hc, dh[s0:s1] if grad_h else None, dW, db,
+                            first=s0 == 0)
     if grad_h:
         coll.sum_(dh)
     return loss, lse, correct, dh, dW, db
