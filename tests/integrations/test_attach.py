@@ -441,19 +441,15 @@ def test_under_bf16_autocast():
     torch.testing.assert_close(out.loss.double(), plain, rtol=2e-2, atol=0)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen2_vl"])
-def test_fsdp2_sharded_head(family, tmp_path):
-    """FSDP2 (2 CPU processes, gloo, same batch on both): the loss and every gradient equal the
-    unsharded model's; llama's head is its own FSDP unit, resharded after its forward, so attach()
-    must gather the DTensor weight (.full_tensor()); gemma3's tied head lives in the root unit."""
+def _two_process_run(worker: str, family: str, tmp_path, result: str) -> dict:
+    """Runs tests/integrations/<worker> on 2 gloo CPU processes (torch.distributed.run) and
+    returns what rank 0 saved in tmp_path/<result>."""
     import os
     import pathlib
     import socket
     import subprocess
     import sys
 
-    if not torch.distributed.is_available():
-        pytest.skip("torch.distributed unavailable")
     root = pathlib.Path(__file__).resolve().parents[2]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -465,7 +461,7 @@ def test_fsdp2_sharded_head(family, tmp_path):
         "--nproc_per_node=2",
         f"--master_port={port}",
         "--master_addr=127.0.0.1",
-        str(root / "tests" / "integrations" / "fsdp_worker.py"),
+        str(root / "tests" / "integrations" / worker),
         family,
         str(tmp_path),
         str(root),
@@ -474,15 +470,32 @@ def test_fsdp2_sharded_head(family, tmp_path):
         cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    got = torch.load(tmp_path / "fsdp.pt")
+    return torch.load(tmp_path / result)
+
+
+def _unwrapped_run(family: str):
+    """The same step on the plain model in this process: (outputs, float64 gradients (zeros where
+    none flowed), names of the parameters a gradient reached)."""
     tiny = ALL_FAMILIES[family]()
     model = tiny.model.train()
     batch = tiny.batch(2)
     labels, vision = make_targets(batch)
     with attach(model):
         out, g = attached_run(model, batch, labels, vision)
+    return out, g, {n for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen2_vl"])
+def test_fsdp2_sharded_head(family, tmp_path):
+    """FSDP2 (2 CPU processes, gloo, same batch on both): the loss and every gradient equal the
+    unsharded model's; llama's head is its own FSDP unit, resharded after its forward, so attach()
+    must gather the DTensor weight (.full_tensor()); gemma3's tied head lives in the root unit."""
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed unavailable")
+    got = _two_process_run("fsdp_worker.py", family, tmp_path, "fsdp.pt")
+    out, g, with_grad = _unwrapped_run(family)
     torch.testing.assert_close(got["loss"], out.loss.detach(), rtol=1e-6, atol=1e-6)
-    assert got["grads"].keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    assert got["grads"].keys() == with_grad
     for n, grad in got["grads"].items():
         torch.testing.assert_close(grad.double(), g[n], rtol=1e-5, atol=1e-7 * (1 + g[n].abs().max().item()))
 
@@ -492,40 +505,9 @@ def test_deepspeed_zero3_partitioned_head(family, tmp_path):
     """DeepSpeed ZeRO-3 on 2 CPU processes (gloo): the head weight is an empty partition outside its
     forward; attach() gathers it, and the loss and every gathered gradient equal the unwrapped model's
     (llama: own head; gemma3: tied to the embedding). Skipped where DeepSpeed is not installed."""
-    import os
-    import pathlib
-    import socket
-    import subprocess
-    import sys
-
     pytest.importorskip("deepspeed")
-    root = pathlib.Path(__file__).resolve().parents[2]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={port}",
-        "--master_addr=127.0.0.1",
-        str(root / "tests" / "integrations" / "deepspeed_worker.py"),
-        family,
-        str(tmp_path),
-        str(root),
-    ]
-    res = subprocess.run(
-        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    got = torch.load(tmp_path / "ds.pt")
-    tiny = ALL_FAMILIES[family]()
-    model = tiny.model.train()
-    batch = tiny.batch(2)
-    labels, vision = make_targets(batch)
-    with attach(model):
-        out, g = attached_run(model, batch, labels, vision)
+    got = _two_process_run("deepspeed_worker.py", family, tmp_path, "ds.pt")
+    out, g, _ = _unwrapped_run(family)
     torch.testing.assert_close(got["loss"], out.loss.detach(), rtol=1e-6, atol=1e-6)
     assert got["grads"].keys() <= g.keys()
     for n in g.keys() - got["grads"].keys():  # no gradient under ZeRO-3: none in the plain run either
