@@ -20,7 +20,7 @@ def inputs(frac, seed=0, bias=False):
     w = (torch.randn(V, D, generator=g) * 0.3).requires_grad_()
     b = torch.zeros(V).requires_grad_() if bias else None
     t = torch.randint(0, V, (N,), generator=g)
-    n_lab = int(round(frac * N))
+    n_lab = round(frac * N)
     t[n_lab:] = -100
     return h, w, b, t, n_lab
 
