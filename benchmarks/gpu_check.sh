@@ -8,9 +8,13 @@
 #   3. runs the CUDA tests: the op tests (tests/ops pick CUDA when present) and every test marked
 #      `cuda` elsewhere, within $DVSFT_TEST_TIMEOUT s in all (default 120);
 #   4. runs the GPU benchmark suite (`run.py --suite gpu`), starting cells for $DVSFT_BENCH_BUDGET s
-#      (default 360) with a hard stop 70 s later: under 8 minutes, and the whole script under 10;
-#   5. writes everything to RESULTS_DIR: gpu.json, gpu.md, gpu-*.png, gpu_check.log (all output,
-#      pytest included) and gpu_check.json (what ran and how it ended). At most 7 files, flat.
+#      (default 300) with a hard stop 70 s later;
+#   5. runs the fused tile and row-count sweep (`fused_sweep.py`), starting cells for
+#      $DVSFT_SWEEP_BUDGET s (default 100; 0 skips it) with a hard stop 80 s later;
+#   6. writes everything to RESULTS_DIR: gpu*.json, gpu*.md, gpu*.png, fused_sweep.json,
+#      gpu_check.log (all output, pytest included) and gpu_check.json (what ran and how it ended).
+#      At most 8 files, flat (pass "--no-plots" in $DVSFT_BENCH_ARGS to keep it at 5).
+# With the defaults the whole script stays under 10 minutes.
 # Extra arguments for run.py: $DVSFT_BENCH_ARGS (e.g. "--quick" or "--providers dvsft_*,floor").
 # The git SHA recorded in the rows: $DVSFT_GIT_SHA when the tree has no .git.
 #
@@ -28,7 +32,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PYTHON:-python3}
 WHEELS=${DVSFT_WHEELS:-$ROOT/benchmarks/wheels}
 TEST_TIMEOUT=${DVSFT_TEST_TIMEOUT:-120}
-BUDGET=${DVSFT_BENCH_BUDGET:-360}
+BUDGET=${DVSFT_BENCH_BUDGET:-300}
+SWEEP_BUDGET=${DVSFT_SWEEP_BUDGET:-100}
 mkdir -p "$RES"
 RES=$(cd "$RES" && pwd)
 LOG=$RES/gpu_check.log
@@ -82,7 +87,10 @@ cd "$ROOT"
 tests_rc=0
 if [ -d tests ]; then
     log "CUDA tests (limit ${TEST_TIMEOUT}s): tests/ops on CUDA, then -m cuda elsewhere"
-    timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -q -p no:cacheprovider -m "not static" tests/ops 2>&1 | tee -a "$LOG"
+    # Kernel compilation dominates: spread the op tests over worker processes when xdist is there.
+    xdist=()
+    "$PY" -c 'import xdist' >/dev/null 2>&1 && xdist=(-n "${DVSFT_TEST_WORKERS:-8}")
+    timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" -m "not static" tests/ops 2>&1 | tee -a "$LOG"
     rc=${PIPESTATUS[0]}
     [ "$rc" -eq 5 ] && rc=0  # nothing collected
     [ "$rc" -ne 0 ] && tests_rc=$rc
@@ -98,11 +106,21 @@ fi
 
 # 4. GPU suite.
 log "GPU suite (cells start within ${BUDGET}s)"
+set -f  # $DVSFT_BENCH_ARGS may hold shape patterns such as '*N16384/f1/*': no globbing
 # shellcheck disable=SC2086
 timeout -k 10 $((BUDGET + 70)) "$PY" benchmarks/run.py --suite gpu --out "$RES" --budget-s "$BUDGET" \
     --cell-timeout 60 ${DVSFT_BENCH_ARGS:-} 2>&1 | tee -a "$LOG"
 bench_rc=${PIPESTATUS[0]}
+set +f
 log "benchmark exit code: $bench_rc; results in $RES"
+
+# 5. Fused tiles and row counts (its rows are written as they come; a timeout keeps them).
+if [ "$SWEEP_BUDGET" -gt 0 ]; then
+    log "fused sweep (cells start within ${SWEEP_BUDGET}s)"
+    timeout -k 10 $((SWEEP_BUDGET + 80)) "$PY" benchmarks/fused_sweep.py --out "$RES/fused_sweep.json" \
+        --budget-s "$SWEEP_BUDGET" 2>&1 | tee -a "$LOG"
+    log "fused sweep exit code: ${PIPESTATUS[0]}"
+fi
 
 if [ "$bench_rc" -ne 0 ]; then
     status bench_failed "benchmark run exited with $bench_rc" "$tests_rc" "$bench_rc"

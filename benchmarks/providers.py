@@ -101,21 +101,28 @@ class Dvsft(Provider):
     kind = "ours"
     skips_ignored = True
 
-    def __init__(self, impl: str):
+    def __init__(self, impl: str, variant: str = "", **options):
         self.impl = impl
-        self.name = f"dvsft_{impl}"
-        self.label = f"dvsft-kernels impl={impl}"
+        self.options = options  # extra keyword arguments of linear_cross_entropy_with_stats
+        self.name = f"dvsft_{impl}" + (f"_{variant}" if variant else "")
+        self.label = f"dvsft-kernels impl={impl}" + "".join(f" {k}={v}" for k, v in options.items())
         self.triton = impl in ("chunked", "fused")
         self.note = {
             "torch": "pure PyTorch, chunked over labeled rows; any device",
             "chunked": "Triton, memory bounded by a rows x V logits chunk",
             "fused": "Triton, no logits in device memory",
-        }[impl]
+        }[impl] + {"": "", "filter": "; gradient tiles below bf16 resolution skipped",
+                   "det": "; deterministic backward (no atomics)"}[variant]
 
     def _op(self):
-        from dvsft_kernels import linear_cross_entropy
+        from dvsft_kernels.ops.function import linear_cross_entropy_with_stats
 
-        return linear_cross_entropy
+        options = self.options
+
+        def op(*a, **k):
+            return linear_cross_entropy_with_stats(*a, **k, **options).loss
+
+        return op
 
     def static_reason(self, device, interpret=False):
         try:
@@ -488,6 +495,8 @@ PROVIDERS: dict[str, Provider] = {
         Dvsft("torch"),
         Dvsft("chunked"),
         Dvsft("fused"),
+        Dvsft("fused", "filter", grad_filter=True),
+        Dvsft("fused", "det", deterministic=True),
         HFPlain(),
         TorchLCE(),
         Liger(),
@@ -499,7 +508,7 @@ PROVIDERS: dict[str, Provider] = {
     ]
 }
 PEERS = ("hf", "torch_lce", "liger", "cce")
-OURS = ("dvsft_torch", "dvsft_chunked", "dvsft_fused")
+OURS = ("dvsft_torch", "dvsft_chunked", "dvsft_fused", "dvsft_fused_filter", "dvsft_fused_det")
 
 
 def default_names() -> list[str]:

@@ -86,10 +86,20 @@ def _has_mm_out_dtype() -> bool:
     return hasattr(torch.ops.aten.mm, "dtype")
 
 
+# aten::mm.dtype_out (16-bit operands, float32 result written straight into `out`): CUDA only;
+# False once it has raised (a torch without the CUDA kernel), then the result is copied into out.
+_MM_DTYPE_OUT = {"ok": hasattr(torch.ops.aten.mm, "dtype_out")}
+
+
 def mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """a @ b with float32 result and accumulation whatever the operand dtype."""
     if a.dtype == torch.float32 and b.dtype == torch.float32:
         return torch.mm(a, b, out=out) if out is not None else torch.mm(a, b)
+    if out is not None and a.is_cuda and _MM_DTYPE_OUT["ok"]:
+        try:  # no (m, V) float32 temporary and no copy: 8 B per logit less traffic
+            return torch.mm(a, b, out_dtype=torch.float32, out=out)
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MM_DTYPE_OUT["ok"] = False
     if a.is_cuda and _has_mm_out_dtype():
         r = torch.mm(a, b, out_dtype=torch.float32)
     else:

@@ -74,7 +74,7 @@ def test_every_provider_produces_rows(all_rows):
             assert r["status"] == "ok", (name, r["error"], r["reason"])
             assert r["time_ms"] > 0 and r["reps"] >= 1
     # Triton-only providers say why they do not run on CPU.
-    for name in ("dvsft_chunked", "dvsft_fused", "liger"):
+    for name in ("dvsft_chunked", "dvsft_fused", "dvsft_fused_filter", "dvsft_fused_det", "liger"):
         assert all(r["status"] == "skipped" for r in rows_of(all_rows, name)), name
 
 
@@ -247,7 +247,8 @@ def test_suites_and_filters():
         "qwen2.5-vl-7b/N16384/f0.5/uniform",
     }
     assert [s.id for s in shapes.select(cpu, ["100x64x1000"])] == ["custom-64x1000/N100/f1/peaked"]
-    assert [p.name for p in providers.select(["dvsft_*"])] == ["dvsft_torch", "dvsft_chunked", "dvsft_fused"]
+    assert [p.name for p in providers.select(["dvsft_*"])] == [
+        "dvsft_torch", "dvsft_chunked", "dvsft_fused", "dvsft_fused_filter", "dvsft_fused_det"]
 
 
 def test_cli_writes_results(tmp_path, capsys):

@@ -420,3 +420,20 @@ def test_cuda_graph_capture():
     torch.cuda.synchronize()
     ref = linear_cross_entropy(h.detach().float(), w.detach().float(), t, impl="torch")
     torch.testing.assert_close(loss.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("impl", ["fused", "chunked"])
+@pytest.mark.parametrize("options", ["plain", "all"])
+def test_cuda_many_tiles_match_spec(options, impl, deterministic):
+    """The GPU tiles (128 rows x 128 vocabulary) on a shape with several row tiles, vocabulary
+    splits and GROUP blocks, none of them full: the interpreter tests use small tiles instead."""
+    if impl == "chunked" and deterministic:
+        pytest.skip("chunked has no atomics")
+    case = on_device(make_case(lead=(1100,), D=200, V=5003, options=OPTION_SETS[options], seed=3))
+    extra = {"deterministic": True} if deterministic else {}
+    for dtype in (torch.bfloat16, torch.float32):
+        check_against_spec(case, dtype, lambda *a, **k: linear_cross_entropy_with_stats(
+            *a, **k, impl=impl, **extra).loss)

@@ -1,0 +1,310 @@
+#!/usr/bin/env python
+"""GPU sweep for impl="fused": tile configurations of its kernels, and fused against chunked and
+the three-GEMM floor across labeled-row counts (the data behind `impl="auto"`).
+
+    python benchmarks/fused_sweep.py --out results/fused_sweep.json [--budget-s 150] [--quick]
+
+Part 1 (scaling): for n in {512, 2048, 8192, 16384} all labeled, forward + backward through the
+public op for impl="chunked", "fused", "fused" with grad_filter, and the floor, with peak extra
+memory.
+Part 2 (tiles): at n = 16384, D = 3584, V = 151936, bf16, peaked logits, times the forward
+kernels and the atomic backward kernel alone (triton.testing.do_bench, median) for each candidate
+`Tiles`, checks each candidate's loss / lse / dh / dW against the default configuration's
+(relative error), and records the sm_90 resources Triton reports for the compiled kernel.
+Rows are appended to the JSON file as they are measured, so a budget cut or a crash
+keeps what ran. Cells stop being started after --budget-s seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+FAMILY = "qwen2.5-vl-7b"
+FWD_CANDIDATES = [  # (BM, BV, BK, warps, stages); the first is the default
+    (128, 128, 64, 8, 3),
+    (128, 256, 64, 8, 3),
+    (128, 128, 64, 4, 4),
+    (256, 128, 64, 8, 3),
+]
+BWD_CANDIDATES = [  # (BM, BV, BK, BD, warps, stages)
+    (128, 128, 64, 64, 8, 3),
+    (128, 128, 64, 32, 8, 3),
+    (64, 256, 64, 64, 8, 3),
+    (256, 64, 64, 64, 8, 3),
+]
+S_MIN_CANDIDATES = (8, 32)
+SCALING_ROWS = (512, 2048, 8192, 16384)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--budget-s", type=float, default=150.0, help="stop starting cells after this many seconds")
+    ap.add_argument("--quick", action="store_true", help="small shapes and two candidates each (smoke test)")
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="tiny shapes on CPU under TRITON_INTERPRET=1: checks this script, times nothing real")
+    return ap.parse_args(argv)
+
+
+class Sweep:
+    def __init__(self, out: str, budget_s: float):
+        self.out, self.t0, self.budget = out, time.time(), budget_s
+        self.doc = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": []}
+
+    def over(self) -> bool:
+        return time.time() - self.t0 > self.budget
+
+    def add(self, row: dict) -> None:
+        row["t_s"] = round(time.time() - self.t0, 1)
+        self.doc["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        tmp = self.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.doc, f, indent=1)
+        os.replace(tmp, self.out)
+
+
+def _rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+DEVICE = "cuda"
+SMALL = None  # (N, D, V) of a smoke run
+
+
+def _bench(fn) -> float:
+    if DEVICE != "cuda":  # smoke run: one call, wall clock
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    import triton
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def _sync() -> None:
+    import torch
+
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _kernel_resources(kernel) -> dict:
+    """Registers / spills / shared memory of the most recently compiled specialisation."""
+    try:
+        cache = kernel.device_caches if hasattr(kernel, "device_caches") else None
+        compiled = None
+        if cache:
+            for dev_cache in cache.values():
+                kc = dev_cache[0] if isinstance(dev_cache, tuple) else dev_cache
+                if kc:
+                    compiled = list(kc.values())[-1]
+        if compiled is None:
+            return {}
+        return {"regs": getattr(compiled, "n_regs", None), "spills": getattr(compiled, "n_spills", None),
+                "shared": compiled.metadata.shared}
+    except Exception as e:  # noqa: BLE001 - triton internals differ between versions; the row says so
+        return {"resources_error": repr(e)[:200]}
+
+
+def tiles_part(sw: Sweep, quick: bool) -> None:
+    import torch
+
+    from benchmarks import shapes
+    from dvsft_kernels.ops import fused
+    from dvsft_kernels.ops.kernels import lce_fused_bwd as kb
+    from dvsft_kernels.ops.kernels import lce_fused_fwd as kf
+
+    N, D, V = SMALL or ((2048, 512, 32000) if quick else (16384, *shapes.FAMILIES[FAMILY]))
+    dtype = "float32" if SMALL else "bfloat16"
+    shp = shapes.Shape(FAMILY, N, D, V, 1.0, "peaked", dtype)
+    inp = shapes.make_inputs(shp, DEVICE)
+    h, w, t = inp["hidden"].detach(), inp["weight"].detach(), inp["targets"]
+    idx, count = fused.build_index(t, -100)
+    scale = torch.full((N,), 1.0 / N, device=DEVICE)
+    base = fused.default_config(h.device, h.dtype)
+    flop = 2.0 * N * D * V
+    fwd_c = FWD_CANDIDATES[:2] if quick else FWD_CANDIDATES
+    bwd_c = BWD_CANDIDATES[:2] if quick else BWD_CANDIDATES
+
+    ref = fused.fused_forward(h, w, None, t, idx, count, config=base)
+    ref_b = fused.fused_backward(h, w, None, t, idx, count, ref[3], scale, config=base)
+    _sync()
+    common = {"part": "tiles", "N": N, "D": D, "V": V, "dtype": dtype}
+
+    for bm, bv, bk, nw, ns in fwd_c:
+        for s_min in (base.s_min,) + (() if (bm, bv) != (128, 128) or quick or nw != 8 or bk != 64 else S_MIN_CANDIDATES):
+            if sw.over():
+                return
+            tl_ = fused.Tiles(BM=bm, BV=bv, BK=bk, num_warps=nw, num_stages=ns, GROUP=base.fwd.GROUP)
+            cfg = dataclasses.replace(base, fwd=tl_, s_min=s_min)
+            row = dict(common, kernel="fwd", BM=bm, BV=bv, BK=bk, warps=nw, stages=ns, s_min=s_min)
+            try:
+                got = fused.fused_forward(h, w, None, t, idx, count, config=cfg)
+                _sync()
+                row.update(_kernel_resources(kf._lce_fwd_kernel))
+                row["err_loss"] = _rel(got[0], ref[0])
+                row["err_lse"] = _rel(got[1], ref[1])
+                row["ms"] = _bench(lambda: fused.fused_forward(h, w, None, t, idx, count, config=cfg))
+                row["tflops"] = flop / row["ms"] / 1e9
+            except Exception as e:  # noqa: BLE001 - a config that fails to compile or launch is a row
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            sw.add(row)
+
+    for bm, bv, bk, bd, nw, ns in bwd_c:
+        if sw.over():
+            return
+        tl_ = fused.Tiles(BM=bm, BV=bv, BK=bk, BD=bd, num_warps=nw, num_stages=ns, GROUP=base.bwd.GROUP)
+        cfg = dataclasses.replace(base, bwd=tl_)
+        row = dict(common, kernel="bwd_atomic", BM=bm, BV=bv, BK=bk, BD=bd, warps=nw, stages=ns)
+        try:
+            got = fused.fused_backward(h, w, None, t, idx, count, ref[3], scale, config=cfg)
+            _sync()
+            row.update(_kernel_resources(kb._lce_bwd_kernel))
+            row["err_dh"] = _rel(got[0], ref_b[0])
+            row["err_dw"] = _rel(got[1], ref_b[1])
+            del got
+            row["ms"] = _bench(lambda: fused.fused_backward(h, w, None, t, idx, count, ref[3], scale, config=cfg))
+            row["tflops_3gemm"] = 3 * flop / row["ms"] / 1e9
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        sw.add(row)
+
+    for det, filt in ((True, False), (False, True)):
+        if sw.over():
+            return
+        row = dict(common, kernel="bwd_deterministic" if det else "bwd_atomic_filter")
+        try:
+            got = fused.fused_backward(h, w, None, t, idx, count, ref[3], scale, config=base,
+                                       deterministic=det, grad_filter=filt)
+            _sync()
+            row["err_dh"] = _rel(got[0], ref_b[0])
+            row["err_dw"] = _rel(got[1], ref_b[1])
+            del got
+            row["ms"] = _bench(lambda: fused.fused_backward(h, w, None, t, idx, count, ref[3], scale, config=base,
+                                                            deterministic=det, grad_filter=filt))
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        sw.add(row)
+
+    # The GEMM floor on the same operands, for the ratios.
+    g = torch.randn(N, V, device=DEVICE, dtype=h.dtype).mul_(1e-3)
+    outs = (torch.empty(N, V, device=DEVICE, dtype=h.dtype), torch.empty(N, D, device=DEVICE, dtype=h.dtype),
+            torch.empty(V, D, device=DEVICE, dtype=h.dtype))
+    for name, fn in (("gemm_logits", lambda: torch.mm(h, w.T, out=outs[0])),
+                     ("gemm_dh", lambda: torch.mm(g, w, out=outs[1])),
+                     ("gemm_dw", lambda: torch.mm(g.T, h, out=outs[2]))):
+        ms = _bench(fn)
+        sw.add(dict(common, kernel=name, ms=ms, tflops=flop / ms / 1e9))
+    del g, outs
+
+
+def scaling_part(sw: Sweep, quick: bool) -> None:
+    import torch
+
+    from benchmarks import shapes
+    from dvsft_kernels.ops.function import linear_cross_entropy_with_stats
+
+    def linear_cross_entropy(*a, **k):
+        return linear_cross_entropy_with_stats(*a, **k).loss
+
+    D, V = SMALL[1:] if SMALL else (512, 32000) if quick else shapes.FAMILIES[FAMILY]
+    rows = (SMALL[0],) if SMALL else (256, 2048) if quick else SCALING_ROWS
+    dtype = "float32" if SMALL else "bfloat16"
+    variants = [("chunked", {}), ("fused", {}), ("fused_filter", {"grad_filter": True})]
+    for n in rows:
+        shp = shapes.Shape(FAMILY, n, D, V, 1.0, "peaked", dtype)
+        inp = shapes.make_inputs(shp, DEVICE)
+        h, w, t = inp["hidden"], inp["weight"], inp["targets"]
+        flop3 = 6.0 * n * D * V
+        for name, extra in variants:
+            if sw.over():
+                return
+            impl = "fused" if name.startswith("fused") else name
+            row = {"part": "scaling", "impl": name, "n": n, "D": D, "V": V, "dtype": dtype}
+
+            def step():
+                h.grad = w.grad = None
+                linear_cross_entropy(h, w, t, impl=impl, **extra).backward()
+
+            try:
+                step()
+                _sync()
+                h.grad = w.grad = None
+                if DEVICE == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                    step()
+                    torch.cuda.synchronize()
+                    row["peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+                row["ms"] = _bench(step)
+                with torch.no_grad():
+                    row["fwd_ms"] = _bench(lambda: linear_cross_entropy(h, w, t, impl=impl, **extra))
+                row["floor_ratio_tflops"] = flop3 / row["ms"] / 1e9
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                traceback.print_exc()
+            sw.add(row)
+        # floor: three GEMMs on this n
+        with torch.no_grad():
+            hd, wd = h.detach(), w.detach()
+            g = torch.randn(n, V, device=DEVICE, dtype=hd.dtype).mul_(1e-3)
+            o1 = torch.empty(n, V, device=DEVICE, dtype=hd.dtype)
+            o2 = torch.empty(n, D, device=DEVICE, dtype=hd.dtype)
+            o3 = torch.empty(V, D, device=DEVICE, dtype=hd.dtype)
+
+            def floor():
+                torch.mm(hd, wd.T, out=o1)
+                torch.mm(g, wd, out=o2)
+                torch.mm(g.T, hd, out=o3)
+
+            ms = _bench(floor)
+            sw.add({"part": "scaling", "impl": "floor", "n": n, "D": D, "V": V, "ms": ms,
+                    "floor_ratio_tflops": flop3 / ms / 1e9})
+            del g, o1, o2, o3
+        del inp, h, w, t
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    global DEVICE, SMALL
+    if args.cpu_smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise SystemExit("--cpu-smoke: set TRITON_INTERPRET=1 (the kernels run in the interpreter)")
+        DEVICE, SMALL = "cpu", (40, 48, 300)
+    elif not torch.cuda.is_available():
+        print("fused_sweep: no CUDA device; nothing to do")
+        return 0
+    import triton
+
+    sw = Sweep(args.out, args.budget_s)
+    sw.doc.update(device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (interpreter smoke run)",
+                  torch=torch.__version__, triton=triton.__version__)
+    for part in (scaling_part, tiles_part):  # the row-count data (impl="auto") first
+        try:
+            part(sw, args.quick or args.cpu_smoke)
+        except Exception as e:  # noqa: BLE001 - keep the other part's rows
+            traceback.print_exc()
+            sw.add({"part": part.__name__, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    sw.doc["elapsed_s"] = round(time.time() - sw.t0, 1)
+    sw.add({"part": "done"})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
