@@ -28,9 +28,9 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FAMILY = "qwen2.5-vl-7b"
-FWD_CANDIDATES = [  # (BM, BV, BK, warps, stages); the first is the default
-    (128, 128, 64, 8, 3),
+FWD_CANDIDATES = [  # (BM, BV, BK, warps, stages); the first is the default (plain epilogue)
     (128, 256, 64, 8, 3),
+    (128, 128, 64, 8, 3),
     (128, 128, 64, 4, 4),
     (256, 128, 64, 8, 3),
 ]
@@ -49,6 +49,7 @@ def parse_args(argv=None):
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--budget-s", type=float, default=150.0, help="stop starting cells after this many seconds")
     ap.add_argument("--quick", action="store_true", help="small shapes and two candidates each (smoke test)")
+    ap.add_argument("--parts", default="scaling,tiles", help="comma list of parts to run, in order")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="tiny shapes on CPU under TRITON_INTERPRET=1: checks this script, times nothing real")
     return ap.parse_args(argv)
@@ -142,7 +143,7 @@ def tiles_part(sw: Sweep, quick: bool) -> None:
     common = {"part": "tiles", "N": N, "D": D, "V": V, "dtype": dtype}
 
     for bm, bv, bk, nw, ns in fwd_c:
-        for s_min in (base.s_min,) + (() if (bm, bv) != (128, 128) or quick or nw != 8 or bk != 64 else S_MIN_CANDIDATES):
+        for s_min in (base.s_min,) + (() if (bm, bv, bk, nw, ns) != FWD_CANDIDATES[0] or quick else S_MIN_CANDIDATES):
             if sw.over():
                 return
             tl_ = fused.Tiles(BM=bm, BV=bv, BK=bk, num_warps=nw, num_stages=ns, GROUP=base.fwd.GROUP)
@@ -293,7 +294,8 @@ def main(argv=None) -> int:
     sw = Sweep(args.out, args.budget_s)
     sw.doc.update(device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (interpreter smoke run)",
                   torch=torch.__version__, triton=triton.__version__)
-    for part in (scaling_part, tiles_part):  # the row-count data (impl="auto") first
+    parts = {"scaling": scaling_part, "tiles": tiles_part}
+    for part in [parts[p.strip()] for p in args.parts.split(",") if p.strip()]:
         try:
             part(sw, args.quick or args.cpu_smoke)
         except Exception as e:  # noqa: BLE001 - keep the other part's rows

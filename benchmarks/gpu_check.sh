@@ -8,11 +8,13 @@
 #   3. runs the CUDA tests: the op tests (tests/ops pick CUDA when present) and every test marked
 #      `cuda` elsewhere, within $DVSFT_TEST_TIMEOUT s in all (default 120);
 #   4. runs the GPU benchmark suite (`run.py --suite gpu`), starting cells for $DVSFT_BENCH_BUDGET s
-#      (default 300) with a hard stop 70 s later;
+#      (default 300; 0 skips it) with a hard stop 70 s later;
 #   5. runs the fused tile and row-count sweep (`fused_sweep.py`), starting cells for
-#      $DVSFT_SWEEP_BUDGET s (default 100; 0 skips it) with a hard stop 80 s later;
+#      $DVSFT_SWEEP_BUDGET s (default 100; 0 skips it) with a hard stop 80 s later; extra arguments
+#      in $DVSFT_SWEEP_ARGS (e.g. "--parts scaling");
 #   6. writes everything to RESULTS_DIR: gpu*.json, gpu*.md, gpu*.png, fused_sweep.json,
-#      gpu_check.log (all output, pytest included) and gpu_check.json (what ran and how it ended).
+#      gpu_check.log (all output, pytest included but its PASSED lines), failures.log (each failed
+#      test's traceback, written as it fails) and gpu_check.json (what ran and how it ended).
 #      At most 8 files, flat (pass "--no-plots" in $DVSFT_BENCH_ARGS to keep it at 5).
 # With the defaults the whole script stays under 10 minutes.
 # Extra arguments for run.py: $DVSFT_BENCH_ARGS (e.g. "--quick" or "--providers dvsft_*,floor").
@@ -90,13 +92,19 @@ if [ -d tests ]; then
     # Kernel compilation dominates: spread the op tests over worker processes when xdist is there.
     xdist=()
     "$PY" -c 'import xdist' >/dev/null 2>&1 && xdist=(-n "${DVSFT_TEST_WORKERS:-8}")
-    timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" -m "not static" tests/ops 2>&1 | tee -a "$LOG"
+    # Each failure's traceback goes to failures.log as it happens (tests/conftest.py), and every
+    # result line to the log (-v): a run cut off by its limit still names what failed.
+    export DVSFT_FAIL_LOG=$RES/failures.log
+    : >"$DVSFT_FAIL_LOG"
+    timeout -k 10 $((TEST_TIMEOUT * 3 / 4)) "$PY" -m pytest -v -rfE --tb=short -p no:cacheprovider "${xdist[@]}" \
+        -m "not static" tests/ops 2>&1 | grep -v "PASSED\|Benchmarks are automatically disabled\|warner(Pytest" | tee -a "$LOG"
     rc=${PIPESTATUS[0]}
     [ "$rc" -eq 5 ] && rc=0  # nothing collected
     [ "$rc" -ne 0 ] && tests_rc=$rc
     left=$((TEST_TIMEOUT - ($(date +%s) - START)))
     [ "$left" -lt 30 ] && left=30
-    timeout -k 10 "$left" "$PY" -m pytest -q -p no:cacheprovider -m cuda --ignore=tests/ops tests 2>&1 | tee -a "$LOG"
+    timeout -k 10 "$left" "$PY" -m pytest -v -rfE --tb=short -p no:cacheprovider -m cuda --ignore=tests/ops tests 2>&1 \
+        | grep -v PASSED | tee -a "$LOG"
     rc=${PIPESTATUS[0]}
     [ "$rc" -eq 5 ] && rc=0
     [ "$rc" -ne 0 ] && [ "$tests_rc" -eq 0 ] && tests_rc=$rc
@@ -104,7 +112,9 @@ if [ -d tests ]; then
     log "tests exit code: $tests_rc"
 fi
 
-# 4. GPU suite.
+# 4. GPU suite ($DVSFT_BENCH_BUDGET=0 skips it).
+bench_rc=0
+if [ "$BUDGET" -gt 0 ]; then
 log "GPU suite (cells start within ${BUDGET}s)"
 set -f  # $DVSFT_BENCH_ARGS may hold shape patterns such as '*N16384/f1/*': no globbing
 # shellcheck disable=SC2086
@@ -113,12 +123,13 @@ timeout -k 10 $((BUDGET + 70)) "$PY" benchmarks/run.py --suite gpu --out "$RES" 
 bench_rc=${PIPESTATUS[0]}
 set +f
 log "benchmark exit code: $bench_rc; results in $RES"
+fi
 
 # 5. Fused tiles and row counts (its rows are written as they come; a timeout keeps them).
 if [ "$SWEEP_BUDGET" -gt 0 ]; then
     log "fused sweep (cells start within ${SWEEP_BUDGET}s)"
     timeout -k 10 $((SWEEP_BUDGET + 80)) "$PY" benchmarks/fused_sweep.py --out "$RES/fused_sweep.json" \
-        --budget-s "$SWEEP_BUDGET" 2>&1 | tee -a "$LOG"
+        --budget-s "$SWEEP_BUDGET" ${DVSFT_SWEEP_ARGS:-} 2>&1 | tee -a "$LOG"
     log "fused sweep exit code: ${PIPESTATUS[0]}"
 fi
 

@@ -1,7 +1,9 @@
 """`impl="chunked"`: per chunk of compacted labeled rows, the projection GEMM into a float32
 buffer, one fused Triton pass (`launch.ce_chunk`: online max / sum-exp, loss terms, argmax and the
 logit gradient written in the GEMM dtype), then the two gradient GEMMs with float32 accumulation of
-dW. Memory: one (chunk_rows, V) float32 buffer plus one in the GEMM dtype.
+dW (across chunks in a float32 buffer; a single chunk of 16-bit operands writes dW in the weight's
+dtype straight from the GEMM's float32 accumulator). Memory: one (chunk_rows, V) float32 buffer
+plus one in the GEMM dtype.
 """
 
 from __future__ import annotations
@@ -39,11 +41,15 @@ def lce_chunked(
     if any_grad and scale is None:
         raise ValueError("scale: required when gradients are requested")
 
-    loss, lse, correct, dh, dW, db = row_outputs(n, D, V, dev, grad_h, grad_w, grad_b)
+    m_max = chunk_rows or chunk_rows_for(n, V, dev)
+    # One chunk: its GEMM accumulates in float32 and rounds once, so dW is written in the weight's
+    # dtype (no float32 (V, D) buffer, and half the bytes here and in the backward's scale + cast).
+    one_chunk_dw = n <= m_max and W.dtype != torch.float32
+    loss, lse, correct, dh, dW, db = row_outputs(n, D, V, dev, grad_h, grad_w, grad_b,
+                                                 W.dtype if one_chunk_dw else torch.float32)
     if n == 0:
         return loss, lse, correct, dh, dW, db
 
-    m_max = chunk_rows or chunk_rows_for(n, V, dev)
     xbuf = torch.empty(m_max, V, dtype=torch.float32, device=dev)
     # G in the GEMM dtype: the gradient GEMMs read half the bytes of a float32 G
     gbuf = xbuf if (not any_grad or W.dtype == torch.float32) else torch.empty(m_max, V, dtype=W.dtype, device=dev)
@@ -69,7 +75,9 @@ def lce_chunked(
             continue
         if grad_h:
             mm_f32(g, W, out=dh[s0:s1])
-        if grad_w:
+        if grad_w and one_chunk_dw:
+            torch.mm(g.T, hc, out=dW)
+        elif grad_w:
             _accum_f32(dW, g.T, hc, first=s0 == 0)
         if grad_b:
             db.add_(g.sum(0, dtype=torch.float32))

@@ -24,6 +24,7 @@ Differences from the compacting implementations, both so that nothing waits on t
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -61,11 +62,18 @@ class FusedConfig:
     s_min: int = 16  # vocabulary splits at least (README: programs running together share row tiles)
     s_max: int = 256
     target_programs: int | None = None  # None: 2 per SM on CUDA, 4 in the interpreter
+    # forward tiles when a bias or label smoothing widens the epilogue (None: `fwd`)
+    fwd_epilogue: Tiles | None = None
+
+    def fwd_tiles(self, has_bias: bool, has_smoothing: bool) -> Tiles:
+        return self.fwd_epilogue if (has_bias or has_smoothing) and self.fwd_epilogue else self.fwd
 
 
 def _cuda_config(width: str) -> FusedConfig:
+    epi = _fwd.FWD_TILES.get(width + "_epilogue")
     return FusedConfig(fwd=Tiles(**_fwd.FWD_TILES[width]), bwd=Tiles(**_bwd.BWD_TILES[width]),
-                       dh=Tiles(**_bwd.DH_TILES[width]), dw=Tiles(**_bwd.DW_TILES[width]))
+                       dh=Tiles(**_bwd.DH_TILES[width]), dw=Tiles(**_bwd.DW_TILES[width]),
+                       fwd_epilogue=Tiles(**epi) if epi else None)
 
 
 # sm_90 choices (kernels/README.md) for 16-bit and float32 operands: the same tiles as the kernels'
@@ -116,6 +124,24 @@ def check_device(device: torch.device) -> None:
                          f"got {device}")
 
 
+def check_deterministic(deterministic: bool, device: torch.device) -> None:
+    """The deterministic backward kernels returned wrong gradients (NaN, garbage, an illegal
+    address) on an H100 with Triton 3.6 (benchmarks/results/2026-11-27-h100/, kernels/README.md).
+    They now run without software pipelining, a mitigation not yet run on a GPU: until it is, CUDA
+    calls need DVSFT_FUSED_DETERMINISTIC=1, and the error names the deterministic alternative."""
+    if deterministic and device.type == "cuda" and os.environ.get("DVSFT_FUSED_DETERMINISTIC") != "1":
+        raise ValueError(
+            "deterministic: the fused deterministic backward is disabled on CUDA (it returned wrong "
+            "gradients on an H100 with Triton 3.6; the fix is not yet verified on a GPU). Use "
+            "impl='chunked' (deterministic: cuBLAS products and a Triton pass without atomics), or "
+            "deterministic=False; DVSFT_FUSED_DETERMINISTIC=1 runs it anyway, to verify the fix.")
+
+
+def _wants_deterministic(opts) -> bool:
+    det = opts.get("deterministic")
+    return torch.are_deterministic_algorithms_enabled() if det is None else bool(det)
+
+
 def build_index(flat_t: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(idx, count): idx[j] (int32, j < count) is the position of the j-th labeled target, in order;
     count a 1-element int32 device tensor. No host synchronisation: slots past count hold 0."""
@@ -134,10 +160,11 @@ def _strides(h2: torch.Tensor, weight: torch.Tensor):
     return h2.stride(0), h2.stride(1), weight.stride(0), weight.stride(1)
 
 
-def partial_entries(N: int, V: int, cfg: FusedConfig, target: int) -> tuple[int, int, int]:
+def partial_entries(N: int, V: int, cfg: FusedConfig, target: int, t: Tiles | None = None) -> tuple[int, int, int]:
     """(entries of the partial buffers, forward grid size, BLOCK_S): upper bounds over every count
-    in [0, N] of count x S(count) and n_row_tiles x S(count) (the device picks S from count)."""
-    t = cfg.fwd
+    in [0, N] of count x S(count) and n_row_tiles x S(count) (the device picks S from count), for
+    the forward tiles t (default cfg.fwd)."""
+    t = t or cfg.fwd
     cap = max(1, min(cfg.s_max, triton.cdiv(V, t.BV)))
     s_lo = min(cfg.s_min, cap)
     n_rt = triton.cdiv(N, t.BM)
@@ -154,11 +181,11 @@ def fused_forward(h2, weight, bias, flat_t, idx, count, *, label_smoothing=0.0, 
     V = weight.shape[0]
     dev = h2.device
     cfg = config or default_config(dev, weight.dtype)
-    t = cfg.fwd
-    target = _target_programs(cfg, dev)
-    entries, grid, block_s = partial_entries(N, V, cfg, target)
-    dot_f32, precision = _dot_options(weight.dtype)
     has_smoothing = label_smoothing > 0
+    t = cfg.fwd_tiles(bias is not None, has_smoothing)
+    target = _target_programs(cfg, dev)
+    entries, grid, block_s = partial_entries(N, V, cfg, target, t)
+    dot_f32, precision = _dot_options(weight.dtype)
 
     row_loss = torch.zeros(N, dtype=torch.float32, device=dev)
     lse = torch.zeros(N, dtype=torch.float32, device=dev)
@@ -239,14 +266,17 @@ def fused_backward(h2, weight, bias, flat_t, idx, count, stat, scale, *, label_s
 
 
 # ------------------------------------------------------------------ the op on full positions
-def forward_core(hidden, weight, bias, targets, token_weights, num_items, ignore_index, reduction, opts):
+def forward_core(hidden, weight, bias, targets, token_weights, num_items, ignore_index, reduction, opts,
+                 grads=(True, True, True)):
     """The op's forward without autograd: (out, row_loss, lse, correct shaped like targets) and
-    what backward_core needs (a tuple of tensors / None)."""
+    what backward_core needs (a tuple of tensors / None). grads: which inputs want a gradient."""
     D = hidden.shape[-1]
     h2 = hidden.reshape(-1, D)
     flat_t = targets.reshape(-1).contiguous()
     dev = hidden.device
     check_device(dev)
+    if any(grads):
+        check_deterministic(_wants_deterministic(opts), dev)  # at the call, not first in the backward
     idx, count = build_index(flat_t, ignore_index)
     eps, zl, cap = opts["label_smoothing"], opts["z_loss"], opts["softcap"]
     row_loss, lse, correct, stat = fused_forward(h2, weight, bias, flat_t, idx, count, label_smoothing=eps,
@@ -288,12 +318,13 @@ def backward_core(saved, g, reduction, opts, grads, hidden_shape, dtypes):
         scale = g * scale if scale is not None else g
     else:
         scale = scale * g if scale is not None else g.expand(flat_t.numel())
-    det = opts.get("deterministic")
+    det = _wants_deterministic(opts)
+    check_deterministic(det, h2.device)
     dh, dW, db = fused_backward(
         h2, weight, bias, flat_t, idx, count, stat, scale,
         label_smoothing=opts["label_smoothing"], z_loss=opts["z_loss"], softcap=opts["softcap"],
         grad_h=grad_h, grad_w=grad_w, grad_b=grad_b,
-        deterministic=torch.are_deterministic_algorithms_enabled() if det is None else bool(det),
+        deterministic=det,
         grad_filter=bool(opts.get("grad_filter", False)), config=opts.get("fused_config"),
     )
     d_hidden = dh.to(hdtype).reshape(hidden_shape) if grad_h else None

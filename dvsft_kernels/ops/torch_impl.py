@@ -68,7 +68,8 @@ def chunk_rows_for(n: int, V: int, device: torch.device, budget_bytes: int | Non
     return int(max(1, min(n, rows)))
 
 
-def row_outputs(n: int, D: int, V: int, dev, grad_h: bool, grad_w: bool, grad_b: bool):
+def row_outputs(n: int, D: int, V: int, dev, grad_h: bool, grad_w: bool, grad_b: bool,
+                dw_dtype: torch.dtype = torch.float32):
     """(loss, lse, correct, dh, dW, db) of the row-chunk implementations. dW is left unwritten
     (the first chunk's GEMM writes it with `_accum_f32(..., first=True)`, no zero-fill pass) except
     when there are no rows, where it is zero; dh is written chunk by chunk; db accumulates."""
@@ -77,7 +78,7 @@ def row_outputs(n: int, D: int, V: int, dev, grad_h: bool, grad_w: bool, grad_b:
     correct = torch.empty(n, dtype=torch.bool, device=dev)
     dh = torch.empty(n, D, dtype=torch.float32, device=dev) if grad_h else None
     make = torch.zeros if n == 0 else torch.empty
-    dW = make(V, D, dtype=torch.float32, device=dev) if grad_w else None
+    dW = make(V, D, dtype=dw_dtype, device=dev) if grad_w else None
     db = torch.zeros(V, dtype=torch.float32, device=dev) if grad_b else None
     return loss, lse, correct, dh, dW, db
 

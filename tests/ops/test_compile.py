@@ -111,6 +111,9 @@ def test_custom_op_matches_function(impl, reduction):
     """The custom op path (used under torch.compile) gives the eager Function's loss, statistics
     and gradients, and passes torch.library's consistency checks (fake shapes, autograd)."""
     case = make_case(lead=(2, 13), options=OPTION_SETS["all"], reduction=reduction, seed=3)
+    if impl == "fused" and torch.cuda.is_available():
+        for name in ("hidden", "weight", "bias", "targets", "token_weights", "cotangent"):
+            setattr(case, name, getattr(case, name).cuda())
 
     def via_op(h, w, t, b, **kw):
         opts = dict(label_smoothing=kw.pop("label_smoothing"), z_loss=kw.pop("z_loss"), softcap=kw.pop("softcap"),

@@ -80,10 +80,11 @@ def test_chunked_impl_bounded_by_its_chunk(dtype):
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
     n, d, v, chunk = 256, 16, 1024, 16  # small: the kernel runs in the interpreter
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)
-    h = torch.randn(n, d, generator=g).to(dtype).requires_grad_()
-    w = (torch.randn(v, d, generator=g) * 0.3).to(dtype).requires_grad_()
-    t = torch.randint(0, v, (n,), generator=g)
+    h = torch.randn(n, d, generator=g).to(dev, dtype).requires_grad_()
+    w = (torch.randn(v, d, generator=g) * 0.3).to(dev, dtype).requires_grad_()
+    t = torch.randint(0, v, (n,), generator=g).to(dev)
     rec = AllocationRecorder()
     with rec:
         linear_cross_entropy_with_stats(h, w, t, impl="chunked", chunk_rows=chunk, softcap=3.0).loss.backward()
@@ -110,3 +111,17 @@ def test_workspace_is_reused_and_released():
     release_workspace()
     gc.collect()
     assert ref() is None
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_no_grad_forward_does_only_the_projection(reduction):
+    """Under torch.no_grad (an eval loop) with parameters that require grad, the op does the
+    forward's 2 n D V and no gradient work (autograd.Function's needs_input_grad ignores grad
+    mode), and returns the same loss as with gradients on."""
+    h, w, _, t, n_lab = inputs(0.5)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        loss = linear_cross_entropy_with_stats(h, w, t, reduction=reduction, impl="torch").loss
+    assert fc.get_total_flops() == 2 * n_lab * D * V
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, linear_cross_entropy_with_stats(h, w, t, reduction=reduction,
+                                                                      impl="torch").loss.detach())

@@ -25,12 +25,15 @@ import triton.language as tl
 
 from dvsft_kernels.ops.kernels.ce_chunk import _softcap
 
-# sm_90 tiles of the forward by operand width (README.md): a 128 x 128 float32 logit tile is 64
-# registers per thread at 8 warps, leaving room for the online-softmax epilogue (~190 registers in
-# all, no spills); 3 stages of BK 64 (16-bit) or 32 (float32, three TF32 products) = 96 KB of
-# operands. GROUP: row tiles that programs running together share (README.md).
+# sm_90 tiles of the forward by operand width (README.md). 16-bit: a 128 x 256 float32 logit tile
+# is 128 registers per thread at 8 warps; with the plain epilogue (softcap allowed) the kernel
+# fits in 255 registers without spills and ran 20 % faster than 128 x 128 on an H100
+# (benchmarks/results/2026-11-27-h100/fused_sweep.json); a bias or label smoothing adds live values
+# that spill there, so those calls use 128 x 128 ("_epilogue"). 3 stages of BK 64 (16-bit) or 32
+# (float32, three TF32 products). GROUP: row tiles that programs running together share.
 FWD_TILES = {
-    "half": dict(BM=128, BV=128, BK=64, num_warps=8, num_stages=3, GROUP=8),
+    "half": dict(BM=128, BV=256, BK=64, num_warps=8, num_stages=3, GROUP=8),
+    "half_epilogue": dict(BM=128, BV=128, BK=64, num_warps=8, num_stages=3, GROUP=8),
     "fp32": dict(BM=128, BV=128, BK=32, num_warps=8, num_stages=3, GROUP=8),
 }
 
@@ -250,11 +253,12 @@ def _lce_fwd_combine_kernel(
     tl.store(correct_ptr + o_pos, ((b_arg == b_t) & ~bad).to(tl.int8), mask=m_j)
 
 
-def _static_fwd(name, dtype, has_softcap, has_smoothing=True, tiles=None):
+def _static_fwd(name, dtype, has_softcap, has_smoothing=True, tiles=None, has_bias=True):
     """One sm_90 compile of `_lce_fwd_kernel` for scripts/kernel_report.py, typed as the launcher
     specialises a real call: aligned pointers, 16-divisible V, D and row strides (':16'), unit
-    inner strides (constexpr 1)."""
-    t = dict(FWD_TILES["fp32" if dtype == "fp32" else "half"], **(tiles or {}))
+    inner strides (constexpr 1); the tiles ops/fused.py picks for these switches."""
+    key = "fp32" if dtype == "fp32" else ("half_epilogue" if has_bias or has_smoothing else "half")
+    t = dict(FWD_TILES[key], **(tiles or {}))
     prec = "tf32x3" if dtype == "fp32" else "tf32"
     return {
         "name": name,
@@ -268,7 +272,7 @@ def _static_fwd(name, dtype, has_softcap, has_smoothing=True, tiles=None):
         },
         "constexprs": {
             "stride_hd": 1, "stride_wd": 1,
-            "HAS_BIAS": True, "HAS_SOFTCAP": has_softcap, "HAS_SMOOTHING": has_smoothing,
+            "HAS_BIAS": has_bias, "HAS_SOFTCAP": has_softcap, "HAS_SMOOTHING": has_smoothing,
             "BM": t["BM"], "BV": t["BV"], "BK": t["BK"], "GROUP": t["GROUP"], "S_MIN": 16, "S_MAX": 256,
             "EVEN_K": True, "DOT_F32": False, "PRECISION": prec,
         },
@@ -299,12 +303,14 @@ def _static_combine(name, block_s=256):
     }
 
 
-# What ops/fused.py launches on sm_90: each dtype and the switch that changes the epilogue most
-# (softcap); the combine at the largest split count.
+# What ops/fused.py launches on sm_90: each dtype, both 16-bit tile choices at their widest
+# epilogue (softcap; bias and smoothing), the combine at the largest split count.
 STATIC_CONFIGS = [
-    _static_fwd("lce_fused_fwd/bf16", "bf16", False),
-    _static_fwd("lce_fused_fwd/bf16_softcap", "bf16", True),
-    _static_fwd("lce_fused_fwd/fp16_softcap", "fp16", True),
+    _static_fwd("lce_fused_fwd/bf16", "bf16", False, has_smoothing=False, has_bias=False),
+    _static_fwd("lce_fused_fwd/bf16_softcap", "bf16", True, has_smoothing=False, has_bias=False),
+    _static_fwd("lce_fused_fwd/bf16_bias_smoothing_softcap", "bf16", True),
+    _static_fwd("lce_fused_fwd/fp16_softcap", "fp16", True, has_smoothing=False, has_bias=False),
+    _static_fwd("lce_fused_fwd/fp16_bias_smoothing_softcap", "fp16", True),
     _static_fwd("lce_fused_fwd/fp32_softcap", "fp32", True),
     _static_combine("lce_fused_fwd/combine_s256"),
 ]
