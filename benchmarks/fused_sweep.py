@@ -4,9 +4,9 @@ the three-GEMM floor across labeled-row counts (the data behind `impl="auto"`).
 
     python benchmarks/fused_sweep.py --out results/fused_sweep.json [--budget-s 150] [--quick]
 
-Part 1 (scaling): for n in {512, 2048, 8192, 16384} all labeled, forward + backward through the
-public op for impl="chunked", "fused", "fused" with grad_filter, and the floor, with peak extra
-memory.
+Part 1 (scaling): for n in {512, 2048, 8192, 16384} all labeled (peaked logits; the largest n
+also on confident logits, shapes.py), forward + backward through the public op for
+impl="chunked", "fused", "fused" with grad_filter, and the floor, with peak extra memory.
 Part 2 (tiles): at n = 16384, D = 3584, V = 151936, bf16, peaked logits, times the forward
 kernels and the atomic backward kernel alone (triton.testing.do_bench, median) for each candidate
 `Tiles`, checks each candidate's loss / lse / dh / dW against the default configuration's
@@ -222,8 +222,9 @@ def scaling_part(sw: Sweep, quick: bool) -> None:
     rows = (SMALL[0],) if SMALL else (256, 2048) if quick else SCALING_ROWS
     dtype = "float32" if SMALL else "bfloat16"
     variants = [("chunked", {}), ("fused", {}), ("fused_filter", {"grad_filter": True})]
-    for n in rows:
-        shp = shapes.Shape(FAMILY, n, D, V, 1.0, "peaked", dtype)
+    # the largest n again on confident logits, where grad_filter skips tiles (shapes.py)
+    for n, dist in [(n, "peaked") for n in rows] + [(rows[-1], "confident")]:
+        shp = shapes.Shape(FAMILY, n, D, V, 1.0, dist, dtype)
         inp = shapes.make_inputs(shp, DEVICE)
         h, w, t = inp["hidden"], inp["weight"], inp["targets"]
         flop3 = 6.0 * n * D * V
@@ -231,7 +232,7 @@ def scaling_part(sw: Sweep, quick: bool) -> None:
             if sw.over():
                 return
             impl = "fused" if name.startswith("fused") else name
-            row = {"part": "scaling", "impl": name, "n": n, "D": D, "V": V, "dtype": dtype}
+            row = {"part": "scaling", "impl": name, "n": n, "D": D, "V": V, "dtype": dtype, "dist": dist}
 
             def step():
                 h.grad = w.grad = None
@@ -269,7 +270,7 @@ def scaling_part(sw: Sweep, quick: bool) -> None:
                 torch.mm(g.T, hd, out=o3)
 
             ms = _bench(floor)
-            sw.add({"part": "scaling", "impl": "floor", "n": n, "D": D, "V": V, "ms": ms,
+            sw.add({"part": "scaling", "impl": "floor", "n": n, "D": D, "V": V, "dist": dist, "ms": ms,
                     "floor_ratio_tflops": flop3 / ms / 1e9})
             del g, o1, o2, o3
         del inp, h, w, t

@@ -6,17 +6,19 @@
 #      benchmarks/fetch_wheels.sh where PyPI is reachable) into a private target dir, no network;
 #   2. puts this working tree on PYTHONPATH (no pip install: no build isolation, no network);
 #   3. runs the CUDA tests: the op tests (tests/ops pick CUDA when present) and every test marked
-#      `cuda` elsewhere, within $DVSFT_TEST_TIMEOUT s in all (default 120);
+#      `cuda` elsewhere, within $DVSFT_TEST_TIMEOUT s in all (default 230; xdist workers when
+#      pytest-xdist is there: $DVSFT_TEST_WORKERS, default 8);
 #   4. runs the GPU benchmark suite (`run.py --suite gpu`), starting cells for $DVSFT_BENCH_BUDGET s
-#      (default 300; 0 skips it) with a hard stop 70 s later;
+#      (default 150; 0 skips it) with a hard stop 70 s later;
 #   5. runs the fused tile and row-count sweep (`fused_sweep.py`), starting cells for
-#      $DVSFT_SWEEP_BUDGET s (default 100; 0 skips it) with a hard stop 80 s later; extra arguments
+#      $DVSFT_SWEEP_BUDGET s (default 50; 0 skips it) with a hard stop 80 s later; extra arguments
 #      in $DVSFT_SWEEP_ARGS (e.g. "--parts scaling");
-#   6. writes everything to RESULTS_DIR: gpu*.json, gpu*.md, gpu*.png, fused_sweep.json,
-#      gpu_check.log (all output, pytest included but its PASSED lines), failures.log (each failed
-#      test's traceback, written as it fails) and gpu_check.json (what ran and how it ended).
-#      At most 8 files, flat (pass "--no-plots" in $DVSFT_BENCH_ARGS to keep it at 5).
-# With the defaults the whole script stays under 10 minutes.
+#   6. writes everything to RESULTS_DIR, 7 files, flat: gpu*.json, gpu*.md (no plots: make them
+#      here with `python -m benchmarks.report RESULTS_DIR/gpu.json`), fused_sweep.json,
+#      gpu_check.log (all output, pytest's PASSED lines left out), failures.log (each failed test's
+#      traceback, written as it fails), tests.tsv (each test's outcome and time, likewise) and
+#      gpu_check.json (what ran and how it ended).
+# With the defaults the whole script stays under 10 minutes (230 + 150 + 70 + 50 + 80 s at most).
 # Extra arguments for run.py: $DVSFT_BENCH_ARGS (e.g. "--quick" or "--providers dvsft_*,floor").
 # The git SHA recorded in the rows: $DVSFT_GIT_SHA when the tree has no .git.
 #
@@ -33,9 +35,9 @@ RES=$1
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PYTHON:-python3}
 WHEELS=${DVSFT_WHEELS:-$ROOT/benchmarks/wheels}
-TEST_TIMEOUT=${DVSFT_TEST_TIMEOUT:-120}
-BUDGET=${DVSFT_BENCH_BUDGET:-300}
-SWEEP_BUDGET=${DVSFT_SWEEP_BUDGET:-100}
+TEST_TIMEOUT=${DVSFT_TEST_TIMEOUT:-230}
+BUDGET=${DVSFT_BENCH_BUDGET:-150}
+SWEEP_BUDGET=${DVSFT_SWEEP_BUDGET:-50}
 mkdir -p "$RES"
 RES=$(cd "$RES" && pwd)
 LOG=$RES/gpu_check.log
@@ -94,8 +96,9 @@ if [ -d tests ]; then
     "$PY" -c 'import xdist' >/dev/null 2>&1 && xdist=(-n "${DVSFT_TEST_WORKERS:-8}")
     # Each failure's traceback goes to failures.log as it happens (tests/conftest.py), and every
     # result line to the log (-v): a run cut off by its limit still names what failed.
-    export DVSFT_FAIL_LOG=$RES/failures.log
+    export DVSFT_FAIL_LOG=$RES/failures.log DVSFT_DURATION_LOG=$RES/tests.tsv
     : >"$DVSFT_FAIL_LOG"
+    : >"$DVSFT_DURATION_LOG"
     timeout -k 10 $((TEST_TIMEOUT * 3 / 4)) "$PY" -m pytest -v -rfE --tb=short -p no:cacheprovider "${xdist[@]}" \
         -m "not static" tests/ops 2>&1 | grep -v "PASSED\|Benchmarks are automatically disabled\|warner(Pytest" | tee -a "$LOG"
     rc=${PIPESTATUS[0]}
@@ -119,7 +122,7 @@ log "GPU suite (cells start within ${BUDGET}s)"
 set -f  # $DVSFT_BENCH_ARGS may hold shape patterns such as '*N16384/f1/*': no globbing
 # shellcheck disable=SC2086
 timeout -k 10 $((BUDGET + 70)) "$PY" benchmarks/run.py --suite gpu --out "$RES" --budget-s "$BUDGET" \
-    --cell-timeout 60 ${DVSFT_BENCH_ARGS:-} 2>&1 | tee -a "$LOG"
+    --cell-timeout 60 --no-plots ${DVSFT_BENCH_ARGS:-} 2>&1 | tee -a "$LOG"
 bench_rc=${PIPESTATUS[0]}
 set +f
 log "benchmark exit code: $bench_rc; results in $RES"

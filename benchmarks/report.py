@@ -415,3 +415,27 @@ def write_all(rows: list[dict], out_dir: str, prefix: str, header: dict, make_pl
         f.write(markdown(rows, header))
     paths["plots"] = plots(rows, out_dir, prefix) if make_plots else []
     return paths
+
+
+def main(argv=None) -> int:
+    """Plots (and the Markdown) again from a results JSON, e.g. one a GPU run wrote with
+    --no-plots: `python -m benchmarks.report benchmarks/results/<dir>/gpu.json`."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("json_path")
+    args = ap.parse_args(argv)
+    doc = load_json(args.json_path)
+    rows = doc["rows"]
+    header = {k: v for k, v in doc.items() if k not in ("rows", "meta")}
+    out_dir = os.path.dirname(os.path.abspath(args.json_path))
+    prefix = os.path.splitext(os.path.basename(args.json_path))[0]
+    with open(os.path.join(out_dir, f"{prefix}.md"), "w") as f:
+        f.write(markdown(rows, header))
+    for p in plots(rows, out_dir, prefix):
+        print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -12,6 +12,11 @@ Distributions:
   the target's (mean target probability ~0.4, top probability ~0.5, argmax accuracy ~0.6, loss
   ~1.1: a mix of easy and hard tokens, as in SFT). Unlabeled rows are built the same way: they are
   real hidden states too.
+- "confident": built like "peaked" with the target N(9, 1) above the bulk's logsumexp and the
+  distractor N(6, 1) below the target (median target probability ~0.997, the distractor holding
+  most of the rest; loss ~5e-3, accuracy ~1): the tokens a fine-tuned model already knows, where
+  the fused backward's gradient filter can skip every tile but the target's and the distractor's
+  (the bulk holds ~e^-9 of a row's mass, under the filter's 2^-8).
 - "uniform": an untrained head (weights N(0, 0.02^2), tiny logits): softmax nearly flat.
 """
 
@@ -38,7 +43,7 @@ FAMILIES: dict[str, tuple[int, int]] = {
 REAL_FAMILIES = ("qwen2.5-vl-7b", "qwen2.5-vl-3b", "llama-3-8b", "gemma-3")
 GPU_ROWS = (4096, 16384)
 GPU_FRACTIONS = (0.1, 0.3, 0.6, 1.0)
-DISTS = ("peaked", "uniform")
+DISTS = ("peaked", "confident", "uniform")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +98,9 @@ def suite_shapes(suite: str, device_type: str) -> list[Shape]:
     dtype = "bfloat16" if device_type == "cuda" else "float32"
     if suite == "gpu":
         grid = _grid(REAL_FAMILIES, GPU_ROWS, GPU_FRACTIONS, "peaked", dtype)
-        uniform = Shape("qwen2.5-vl-7b", 16384, *FAMILIES["qwen2.5-vl-7b"], 1.0, "uniform", dtype)
-        return grid[: len(GPU_FRACTIONS)] + [uniform] + grid[len(GPU_FRACTIONS) :]
+        other = [Shape("qwen2.5-vl-7b", 16384, *FAMILIES["qwen2.5-vl-7b"], 1.0, d, dtype)
+                 for d in ("confident", "uniform")]
+        return grid[: len(GPU_FRACTIONS)] + other + grid[len(GPU_FRACTIONS) :]
     if suite == "cpu":
         return [
             Shape("issue2", 4096, *FAMILIES["issue2"], 1.0, "peaked", dtype),
@@ -175,7 +181,7 @@ def make_inputs(shape: Shape, device: str = "cpu", seed: int = 0) -> dict:
         weight = torch.randn(V, D, **f32) * 0.02
         hidden = torch.randn(N, D, **f32) / math.sqrt(D)
         tokens = torch.randint(0, V, (N,), device=device, generator=g)
-    elif shape.dist == "peaked":
+    elif shape.dist in ("peaked", "confident"):
         sigma, bulk = 1.0, 2.0  # weight row norm; std of non-target logits
         weight = torch.randn(V, D, **f32) * (sigma / math.sqrt(D))
         # Token frequencies: log-uniform ranks through a fixed permutation (a Zipf-like tail).
@@ -188,8 +194,10 @@ def make_inputs(shape: Shape, device: str = "cpu", seed: int = 0) -> dict:
         # by moving the hidden state within span(w_t, w_d): h = noise + A^T c, (A A^T) c = z - A noise.
         distractor = torch.randint(0, V, (N,), device=device, generator=g)
         A = torch.stack([weight[tokens], weight[distractor]], 1)  # [N, 2, D]
-        target_logit = math.log(V) + bulk**2 / 2 + 1.0 + 1.5 * torch.randn(N, **f32)
-        distractor_logit = target_logit - (0.5 + 1.5 * torch.randn(N, **f32))
+        # (target above the bulk's logsumexp, its spread; distractor below the target, its spread)
+        t_mu, t_sd, d_mu, d_sd = (1.0, 1.5, 0.5, 1.5) if shape.dist == "peaked" else (9.0, 1.0, 6.0, 1.0)
+        target_logit = math.log(V) + bulk**2 / 2 + t_mu + t_sd * torch.randn(N, **f32)
+        distractor_logit = target_logit - (d_mu + d_sd * torch.randn(N, **f32))
         want = torch.stack([target_logit, distractor_logit], 1)  # [N, 2]
         gram = A @ A.transpose(1, 2) + 1e-6 * torch.eye(2, device=device)
         c = torch.linalg.solve(gram, want - (A @ noise[:, :, None]).squeeze(2))

@@ -10,11 +10,16 @@ if not torch.cuda.is_available():
 
 
 _FAIL_LOG = os.environ.get("DVSFT_FAIL_LOG")
+_DURATION_LOG = os.environ.get("DVSFT_DURATION_LOG")
 
 
 def pytest_runtest_logreport(report):
-    """With DVSFT_FAIL_LOG set (benchmarks/gpu_check.sh), each failure's traceback is appended to
-    that file as it happens, so a run cut off by its time limit still says what failed and why."""
+    """For benchmarks/gpu_check.sh, written as tests finish so that a run cut off by its time limit
+    still tells: DVSFT_FAIL_LOG gets each failure's traceback, DVSFT_DURATION_LOG each test's
+    outcome and call time (tab-separated)."""
     if _FAIL_LOG and report.failed:
         with open(_FAIL_LOG, "a") as f:
             f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
+    if _DURATION_LOG and (report.when == "call" or report.outcome != "passed"):
+        with open(_DURATION_LOG, "a") as f:
+            f.write(f"{report.outcome}\t{report.when}\t{report.duration:.2f}\t{report.nodeid}\n")

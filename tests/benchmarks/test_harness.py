@@ -230,6 +230,15 @@ def test_inputs_are_peaked_and_deterministic():
     u = shapes.make_inputs(shapes.Shape("tiny-test", 256, 64, 2000, 0.5, "uniform"))
     zu = u["hidden"].detach() @ u["weight"].detach().T
     assert float(torch.softmax(zu, 1).max()) < 2e-3
+    # confident: the target nearly certain; the rest mostly on one distractor, the bulk under 2^-8
+    # (a real hidden size: at D = 64 moving h towards w_t spreads the other logits too)
+    c = shapes.make_inputs(shapes.Shape("tiny-test", 256, 2048, 2000, 0.5, "confident"))
+    tc = c["targets"]
+    pc = torch.softmax(c["hidden"].detach()[tc != -100] @ c["weight"].detach().T, 1)
+    pt = pc.gather(1, tc[tc != -100][:, None]).squeeze(1)
+    assert float(pt.median()) > 0.99
+    bulk = 1 - pt - pc.scatter(1, tc[tc != -100][:, None], 0.0).max(1).values  # neither target nor top other
+    assert float(bulk.quantile(0.9)) < 2**-8
 
 
 def test_suites_and_filters():
@@ -240,10 +249,12 @@ def test_suites_and_filters():
     assert {(s.D, s.V) for s in gpu} == {(2048, 151936), (3584, 151936), (4096, 128256), (2560, 262144)}
     assert {s.N for s in gpu} == {4096, 16384} and {s.fraction for s in gpu} == {0.1, 0.3, 0.6, 1.0}
     assert all(s.dtype == "bfloat16" for s in gpu) and sum(s.dist == "uniform" for s in gpu) == 1
+    assert sum(s.dist == "confident" for s in gpu) == 1
     sel = shapes.select(gpu, ["qwen2.5-vl-7b"], [0.5])
     assert {s.id for s in sel} == {
         "qwen2.5-vl-7b/N4096/f0.5/peaked",
         "qwen2.5-vl-7b/N16384/f0.5/peaked",
+        "qwen2.5-vl-7b/N16384/f0.5/confident",
         "qwen2.5-vl-7b/N16384/f0.5/uniform",
     }
     assert [s.id for s in shapes.select(cpu, ["100x64x1000"])] == ["custom-64x1000/N100/f1/peaked"]
@@ -380,3 +391,23 @@ def test_gpu_timer_control_flow_with_fake_cuda(monkeypatch):
     floor = providers.PROVIDERS["floor"].prepare(shapes.make_inputs(shape), shape, "cpu")
     mf = measure.measure_gpu(floor, measure.GpuTiming(bwd_reps=1), measure_memory=False)
     assert mf.peak_bytes["fwd"] is None and len(mf.times_ms["bwd"]) == 1
+
+
+def test_fused_sweep_smoke_under_the_interpreter(tmp_path):
+    """benchmarks/fused_sweep.py end to end on tiny shapes (--cpu-smoke): every cell runs, each
+    candidate tile configuration agrees with the default one, both distributions appear."""
+    out = tmp_path / "sweep.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "fused_sweep.py"), "--cpu-smoke", "--out", str(out)],
+                   check=True, env=env, capture_output=True, timeout=300)
+    rows = json.loads(out.read_text())["rows"]
+    assert not [r for r in rows if "error" in r]
+    scaling = [r for r in rows if r["part"] == "scaling"]
+    assert {(r["impl"], r["dist"]) for r in scaling} >= {("chunked", "peaked"), ("fused_filter", "confident"),
+                                                        ("floor", "confident")}
+    tiles = [r for r in rows if r["part"] == "tiles" and r["kernel"] in ("fwd", "bwd_atomic")]
+    assert len(tiles) >= 4
+    for r in tiles:
+        errs = [v for k, v in r.items() if k.startswith("err_")]
+        assert errs and max(errs) < 1e-5, r
+    assert rows[-1]["part"] == "done"
