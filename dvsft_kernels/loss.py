@@ -42,6 +42,14 @@ def _check_weight(name: str, v) -> float:
     return float(v)
 
 
+def _sync_free(hidden: torch.Tensor) -> bool:
+    """True while nothing may wait on the device: torch.compile is tracing, or a CUDA graph is
+    being captured. DVLoss then turns its value checks into NaN (see DVLoss.forward)."""
+    if torch.compiler.is_compiling():
+        return True
+    return hidden.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _shifted(labels: torch.Tensor, shift: bool, ignore_index: int) -> torch.Tensor:
     """Targets aligned with hidden: with shift, hidden[:, t-1] predicts labels[:, t]."""
     if not shift:
@@ -82,6 +90,10 @@ class DVLoss(nn.Module):
             raise ValueError("labels: at least one of labels / vision_labels is required")
         ign = self.ignore_index
         B, T = hidden.shape[:2]
+        # Value checks read the labels on the host. Under CUDA-graph capture or torch.compile they
+        # cannot: an id outside [0, V) then gives its row a NaN loss (the fused op's contract; the
+        # compacting impls still raise, inside the op) and a position in both streams a NaN loss.
+        sync_free = _sync_free(hidden)
         streams = []
         for name, lab, shift in (("labels", labels, self.shift), ("vision_labels", vision_labels, self.vision_shift)):
             if lab is None:
@@ -95,16 +107,17 @@ class DVLoss(nn.Module):
             if lab.device != hidden.device:
                 raise ValueError(f"{name}: on {lab.device}, hidden on {hidden.device}")
             lab = lab.long()
-            valid = lab[lab != ign]
             # with a process group the local weight holds a slice: the op checks the global range
-            if self.process_group is None and valid.numel() and (
-                    int(valid.min()) < 0 or int(valid.max()) >= weight.shape[0]):
-                raise ValueError(f"{name}: ids must lie in [0, {weight.shape[0]}) or equal ignore_index={ign}")
+            if not sync_free and self.process_group is None:
+                valid = lab[lab != ign]
+                if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= weight.shape[0]):
+                    raise ValueError(f"{name}: ids must lie in [0, {weight.shape[0]}) or equal ignore_index={ign}")
             streams.append(_shifted(lab, shift, ign))
         tt, vt = streams
         text_mask = tt != ign if tt is not None else torch.zeros(B, T, dtype=torch.bool, device=hidden.device)
         vis_mask = vt != ign if vt is not None else torch.zeros(B, T, dtype=torch.bool, device=hidden.device)
-        if bool((text_mask & vis_mask).any()):
+        both = (text_mask & vis_mask).any()
+        if not sync_free and bool(both):
             raise ValueError("vision_labels: a position is a target in both the text and the vision stream")
         targets = torch.full((B, T), ign, dtype=torch.long, device=hidden.device)
         if tt is not None:
@@ -125,13 +138,14 @@ class DVLoss(nn.Module):
             label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap, impl=self.impl,
             process_group=self.process_group,
         )
+        loss = torch.where(both, float("nan"), out.loss) if sync_free else out.loss
         rows = out.row_loss
         text_loss = (rows * text_mask).sum() * inv_text
         vision_loss = (rows * vis_mask).sum() * inv_vis
         text_acc = (out.correct & text_mask).sum() / n_text.clamp_min(1)
         vis_acc = (out.correct & vis_mask).sum() / n_vis.clamp_min(1)
         return DVLossOutput(
-            loss=out.loss, text_loss=text_loss.detach(), vision_loss=vision_loss.detach(),
+            loss=loss, text_loss=text_loss.detach(), vision_loss=vision_loss.detach(),
             text_tokens=n_text, vision_tokens=n_vis,
             text_accuracy=text_acc.float().detach(), vision_accuracy=vis_acc.float().detach(),
         )
@@ -146,4 +160,4 @@ class DVLoss(nn.Module):
             return given.detach().to(device=count.device, dtype=torch.float32)
         if isinstance(given, bool) or not isinstance(given, (int, float)) or given < 0 or not math.isfinite(given):
             raise ValueError(f"{name}: expected a number >= 0 or a 0-dim tensor, got {given!r}")
-        return torch.tensor(float(given), device=count.device)
+        return torch.full((), float(given), device=count.device)  # a fill, not a host-to-device copy

@@ -145,3 +145,111 @@ def test_bad_input(case, name):
         kw = {"num_text_items": -3}
     with pytest.raises(ValueError, match=f"^{name}"):
         loss(hidden, weight, labels, vision, **kw)
+
+
+# ---------------------------------------------------------------- no host synchronisation
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+HOST_SYNC_OPS = {"aten.nonzero", "aten._local_scalar_dense", "aten.item", "aten.masked_select", "aten.unique",
+                 "aten._unique2", "aten.is_nonzero"}
+
+
+def _interpreter_or_cuda():
+    import os
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(not _interpreter_or_cuda(), reason="impl='fused' needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.filterwarnings("ignore:(overflow|invalid value|divide by zero) encountered:RuntimeWarning")
+def test_sync_free_step_has_no_host_syncs_and_same_result(monkeypatch):
+    """While a CUDA graph is captured (or torch.compile traces), DVLoss with impl='fused' waits on
+    nothing: no op reads a device value on the host; loss and gradients equal the checked path's."""
+    import dvsft_kernels.loss as loss_mod
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    hidden, weight, labels, vision = (x.to(dev) for x in make())
+    fn = DVLoss(vision_weight=0.7, impl="fused")
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref = fn(h1, w1, labels, vision, num_text_items=9)
+    ref.loss.backward()
+    monkeypatch.setattr(loss_mod, "_sync_free", lambda h: True)
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    log = _OpLog()
+    with log:
+        out = fn(h2, w2, labels, vision, num_text_items=9)
+        out.loss.backward()
+    assert not HOST_SYNC_OPS & set(log.ops), sorted(HOST_SYNC_OPS & set(log.ops))
+    torch.testing.assert_close(out.loss, ref.loss)
+    torch.testing.assert_close(out.vision_accuracy, ref.vision_accuracy)
+    torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-5, atol=1e-7)
+    # the checks that would have raised become NaN
+    bad = vision.clone()
+    bad[0, 3] = weight.shape[0]  # out of the vocabulary
+    assert torch.isnan(fn(hidden, weight, labels, bad).loss)
+    assert torch.isnan(fn(hidden, weight, labels, labels.clone()).loss)  # every text target in both streams
+
+
+def test_compile_fullgraph_dvloss():
+    """torch.compile(fullgraph=True) over a DVLoss step: no graph break (the host-side checks are
+    skipped while tracing), the same loss, stream figures and gradients as eager."""
+    hidden, weight, labels, vision = make()
+    fn = DVLoss(vision_weight=0.5, impl="torch")
+
+    def forward(h, w):
+        out = fn(h, w, labels, vision, num_vision_items=7)
+        return out.loss, out.text_loss, out.vision_loss, out.vision_accuracy
+
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref = forward(h1, w1)
+    ref[0].backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    got = torch.compile(forward, fullgraph=True, backend="aot_eager")(h2, w2)
+    got[0].backward()
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_captures_a_dvloss_step():
+    """A DVLoss training step (impl='auto' -> 'fused' while capturing) in a CUDA graph, replayed
+    with new labels, equals the eager step on those labels."""
+    hidden, weight, labels, vision = (x.cuda() for x in make(T=40, V=300, D=64))
+    h = hidden.bfloat16().requires_grad_()
+    w = weight.bfloat16().requires_grad_()
+    fn = DVLoss(vision_weight=0.5)
+    lab, vis = labels.clone(), vision.clone()
+
+    def step():
+        h.grad = w.grad = None
+        out = fn(h, w, lab, vis)
+        out.loss.backward()
+        return out.loss
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        DVLoss(vision_weight=0.5, impl="fused")(h, w, lab, vis).loss.backward()  # compile the kernels
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()
+    _, _, lab2, vis2 = make(T=40, V=300, D=64, seed=5)
+    lab.copy_(lab2.cuda())
+    vis.copy_(vis2.cuda())
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = DVLoss(vision_weight=0.5, impl="torch")(h.detach().float(), w.detach().float(), lab, vis).loss
+    torch.testing.assert_close(loss.float(), ref, rtol=2e-2, atol=2e-2)
