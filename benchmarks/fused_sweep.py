@@ -4,6 +4,8 @@ the three-GEMM floor across labeled-row counts (the data behind `impl="auto"`).
 
     python benchmarks/fused_sweep.py --out results/fused_sweep.json [--budget-s 150] [--quick]
 
+Part 0 (paired): the floor, chunked and fused at n = 16384 (D 3584, V 151936), timed in
+interleaved rounds, so that the ratios to the floor are not skewed by when each ran.
 Part 1 (scaling): for n in {512, 2048, 8192, 16384} all labeled (peaked logits; the largest n
 also on confident logits, shapes.py), forward + backward through the public op for
 impl="chunked", "fused", "fused" with grad_filter, and the floor, with peak extra memory.
@@ -49,7 +51,7 @@ def parse_args(argv=None):
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--budget-s", type=float, default=150.0, help="stop starting cells after this many seconds")
     ap.add_argument("--quick", action="store_true", help="small shapes and two candidates each (smoke test)")
-    ap.add_argument("--parts", default="scaling,tiles", help="comma list of parts to run, in order")
+    ap.add_argument("--parts", default="paired,scaling,tiles", help="comma list of parts to run, in order")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="tiny shapes on CPU under TRITON_INTERPRET=1: checks this script, times nothing real")
     return ap.parse_args(argv)
@@ -278,6 +280,70 @@ def scaling_part(sw: Sweep, quick: bool) -> None:
             torch.cuda.empty_cache()
 
 
+def paired_part(sw: Sweep, quick: bool, rounds: int = 7) -> None:
+    """The floor and the implementations at the target shape, interleaved: each round times one
+    call of each with CUDA events, so slow drifts (clocks under sustained GEMM load) hit all of
+    them alike; ratios are taken within a round, then the median over rounds."""
+    import statistics
+
+    import torch
+
+    from benchmarks import shapes
+    from dvsft_kernels.ops.function import linear_cross_entropy_with_stats
+
+    N, D, V = SMALL or ((2048, 512, 32000) if quick else (16384, *shapes.FAMILIES[FAMILY]))
+    dtype = "float32" if SMALL else "bfloat16"
+    rounds = 2 if SMALL else rounds  # the interpreter: seconds a call
+    inp = shapes.make_inputs(shapes.Shape(FAMILY, N, D, V, 1.0, "peaked", dtype), DEVICE)
+    h, w, t = inp["hidden"], inp["weight"], inp["targets"]
+    hd, wd = h.detach(), w.detach()
+    g = torch.randn(N, V, device=DEVICE, dtype=hd.dtype).mul_(1e-3)
+    outs = (torch.empty(N, V, device=DEVICE, dtype=hd.dtype), torch.empty(N, D, device=DEVICE, dtype=hd.dtype),
+            torch.empty(V, D, device=DEVICE, dtype=hd.dtype))
+
+    def floor():
+        torch.mm(hd, wd.T, out=outs[0])
+        torch.mm(g, wd, out=outs[1])
+        torch.mm(g.T, hd, out=outs[2])
+
+    def op(impl):
+        def step():
+            h.grad = w.grad = None
+            linear_cross_entropy_with_stats(h, w, t, impl=impl).loss.backward()
+        return step
+
+    fns = {"floor": floor, "chunked": op("chunked"), "fused": op("fused")}
+    for f in fns.values():  # compile, allocate
+        f()
+        f()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        if sw.over():
+            break
+        for k, f in fns.items():
+            _sync()
+            if DEVICE == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                f()
+                b.record()
+                torch.cuda.synchronize()
+                times[k].append(a.elapsed_time(b))
+            else:
+                t0 = time.perf_counter()
+                f()
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    del g, outs
+    n_r = len(times["floor"])
+    row = {"part": "paired", "N": N, "D": D, "V": V, "dtype": dtype, "rounds": n_r,
+           "ms": {k: v for k, v in times.items()}}
+    if n_r:
+        row["median_ms"] = {k: statistics.median(v) for k, v in times.items()}
+        row["x_floor"] = {k: statistics.median(v[i] / times["floor"][i] for i in range(n_r))
+                          for k, v in times.items() if k != "floor"}
+    sw.add(row)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -295,7 +361,7 @@ def main(argv=None) -> int:
     sw = Sweep(args.out, args.budget_s)
     sw.doc.update(device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (interpreter smoke run)",
                   torch=torch.__version__, triton=triton.__version__)
-    parts = {"scaling": scaling_part, "tiles": tiles_part}
+    parts = {"paired": paired_part, "scaling": scaling_part, "tiles": tiles_part}
     for part in [parts[p.strip()] for p in args.parts.split(",") if p.strip()]:
         try:
             part(sw, args.quick or args.cpu_smoke)

@@ -410,4 +410,6 @@ def test_fused_sweep_smoke_under_the_interpreter(tmp_path):
     for r in tiles:
         errs = [v for k, v in r.items() if k.startswith("err_")]
         assert errs and max(errs) < 1e-5, r
+    paired = [r for r in rows if r["part"] == "paired"]
+    assert len(paired) == 1 and paired[0]["rounds"] >= 1 and set(paired[0]["x_floor"]) == {"chunked", "fused"}
     assert rows[-1]["part"] == "done"
