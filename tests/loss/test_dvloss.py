@@ -7,6 +7,8 @@ import torch
 
 from dvsft_kernels import DVLoss
 
+from ..syncs import OpLog
+
 IGN = -100
 
 
@@ -148,20 +150,6 @@ def test_bad_input(case, name):
 
 
 # ---------------------------------------------------------------- no host synchronisation
-class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
-HOST_SYNC_OPS = {"aten.nonzero", "aten._local_scalar_dense", "aten.item", "aten.masked_select", "aten.unique",
-                 "aten._unique2", "aten.is_nonzero"}
-
-
 def _interpreter_or_cuda():
     import os
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
@@ -183,11 +171,11 @@ def test_sync_free_step_has_no_host_syncs_and_same_result(monkeypatch):
     ref.loss.backward()
     monkeypatch.setattr(loss_mod, "_sync_free", lambda h: True)
     h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    log = _OpLog()
+    log = OpLog()
     with log:
         out = fn(h2, w2, labels, vision, num_text_items=9)
         out.loss.backward()
-    assert not HOST_SYNC_OPS & set(log.ops), sorted(HOST_SYNC_OPS & set(log.ops))
+    assert not log.host_syncs(), log.host_syncs()
     torch.testing.assert_close(out.loss, ref.loss)
     torch.testing.assert_close(out.vision_accuracy, ref.vision_accuracy)
     torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-5, atol=1e-7)

@@ -8,7 +8,6 @@ import os
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from dvsft_kernels import linear_cross_entropy
 from dvsft_kernels.ops import fused
@@ -16,6 +15,7 @@ from dvsft_kernels.ops.function import linear_cross_entropy_with_stats
 from dvsft_kernels.ops.naive import naive_linear_cross_entropy
 
 from ..memory import AllocationRecorder
+from ..syncs import OpLog
 from .cases import OPTION_SETS, baseline, make_case, reference, run
 from .errors import assert_error_rule
 
@@ -346,21 +346,6 @@ def test_target_out_of_range_is_nan_without_a_host_sync():
     assert torch.count_nonzero(h.grad[bad]) == 0 and torch.isfinite(h.grad).all()
 
 
-class _OpLog(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
-# aten ops that read a device value on the host (or size an output by one)
-HOST_SYNC_OPS = {"aten.nonzero", "aten._local_scalar_dense", "aten.item", "aten.masked_select",
-                 "aten.unique", "aten._unique2", "aten.repeat_interleave", "aten.is_nonzero"}
-
-
 @MASKED_LANES
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_no_host_synchronising_ops(reduction):
@@ -374,14 +359,14 @@ def test_no_host_synchronising_ops(reduction):
     b = case.bias.float().to(DEVICE).requires_grad_()
     kw = {k: v for k, v in case.kwargs.items()}
     kw["num_items"] = torch.tensor(20, device=DEVICE)
-    log = _OpLog()
+    log = OpLog()
     with log:
         loss = linear_cross_entropy(h, w, case.targets.to(DEVICE), b, token_weights=case.token_weights.float().to(DEVICE),
                                     impl="fused", **kw)
         loss.sum().backward()
-    assert not HOST_SYNC_OPS & set(log.ops), sorted(HOST_SYNC_OPS & set(log.ops))
+    assert not log.host_syncs(), log.host_syncs()
     # the compacting implementation does synchronise (the check above would catch it)
-    log = _OpLog()
+    log = OpLog()
     with log:
         linear_cross_entropy(h, w, case.targets.to(DEVICE), b, impl="torch")
     assert "aten.nonzero" in log.ops and "aten._local_scalar_dense" in log.ops
