@@ -90,27 +90,36 @@ cd "$ROOT"
 # 3. CUDA tests.
 tests_rc=0
 if [ -d tests ]; then
-    log "CUDA tests (limit ${TEST_TIMEOUT}s): tests/ops on CUDA, then -m cuda elsewhere"
-    # Kernel compilation dominates: spread the op tests over worker processes when xdist is there.
+    log "CUDA tests (limit ${TEST_TIMEOUT}s): GPU-only paths first (fused, compile, CUDA graphs), then the rest"
+    # Kernel compilation dominates: spread the tests over worker processes when xdist is there.
     xdist=()
     "$PY" -c 'import xdist' >/dev/null 2>&1 && xdist=(-n "${DVSFT_TEST_WORKERS:-8}")
-    # Each failure's traceback goes to failures.log as it happens (tests/conftest.py), and every
-    # result line to the log (-v): a run cut off by its limit still names what failed.
+    # Each failure's traceback goes to failures.log and each outcome to tests.tsv as it happens
+    # (tests/conftest.py): a run cut off by its limit still names what ran and what failed.
     export DVSFT_FAIL_LOG=$RES/failures.log DVSFT_DURATION_LOG=$RES/tests.tsv
     : >"$DVSFT_FAIL_LOG"
     : >"$DVSFT_DURATION_LOG"
-    timeout -k 10 $((TEST_TIMEOUT * 3 / 4)) "$PY" -m pytest -v -rfE --tb=short -p no:cacheprovider "${xdist[@]}" \
-        -m "not static" tests/ops 2>&1 | grep -v "PASSED\|Benchmarks are automatically disabled\|warner(Pytest" | tee -a "$LOG"
-    rc=${PIPESTATUS[0]}
-    [ "$rc" -eq 5 ] && rc=0  # nothing collected
-    [ "$rc" -ne 0 ] && tests_rc=$rc
+    first=(tests/ops/test_fused.py tests/ops/test_compile.py)
+    # run_tests LIMIT ARGS...: one pytest run, its PASSED lines kept out of the log
+    run_tests() {
+        local limit=$1
+        shift
+        timeout -k 10 "$limit" "$PY" -m pytest -v -rfE --tb=short -p no:cacheprovider "$@" 2>&1 \
+            | grep -v "PASSED\|Benchmarks are automatically disabled\|warner(Pytest" | tee -a "$LOG"
+        local rc=${PIPESTATUS[0]}
+        [ "$rc" -eq 5 ] && rc=0  # nothing collected
+        [ "$rc" -ne 0 ] && [ "$tests_rc" -eq 0 ] && tests_rc=$rc
+        return 0
+    }
+    run_tests $((TEST_TIMEOUT / 2)) "${xdist[@]}" -m "not static" "${first[@]}" tests/loss
     left=$((TEST_TIMEOUT - ($(date +%s) - START)))
     [ "$left" -lt 30 ] && left=30
-    timeout -k 10 "$left" "$PY" -m pytest -v -rfE --tb=short -p no:cacheprovider -m cuda --ignore=tests/ops tests 2>&1 \
-        | grep -v PASSED | tee -a "$LOG"
-    rc=${PIPESTATUS[0]}
-    [ "$rc" -eq 5 ] && rc=0
-    [ "$rc" -ne 0 ] && [ "$tests_rc" -eq 0 ] && tests_rc=$rc
+    ignore=()
+    for f in "${first[@]}"; do ignore+=(--ignore="$f"); done
+    run_tests "$left" "${xdist[@]}" -m "not static" "${ignore[@]}" tests/ops
+    left=$((TEST_TIMEOUT - ($(date +%s) - START)))
+    [ "$left" -lt 30 ] && left=30
+    run_tests "$left" -m cuda --ignore=tests/ops --ignore=tests/loss tests
     [ "$tests_rc" -eq 124 ] && log "tests hit their ${TEST_TIMEOUT}s limit"
     log "tests exit code: $tests_rc"
 fi
