@@ -169,20 +169,22 @@ class Dvsft(Provider):
 
 
 class DvsftChunk(Dvsft):
-    """impl="torch" with its logits-chunk byte budget set (a sweep: `run.py --chunk-mb 2,8,32`).
+    """impl="torch" or "chunked" with its logits-chunk byte budget set (a sweep: `run.py --chunk-mb
+    2,8,32` for "torch", or `--providers dvsft_chunked@512MB,dvsft_chunked@2048MB` on a GPU).
 
     Sets the module constant `dvsft_kernels.ops.torch_impl.CPU_CHUNK_BYTES` (CUDA_CHUNK_BYTES on a
-    GPU) around each call: private to the op, so a rename turns this into a stated skip."""
+    GPU; both impls size their chunks with it) around each call: private to the op, so a rename
+    turns this into a stated skip."""
 
     kind = "sweep"
     hidden = True
 
-    def __init__(self, mb: float):
-        super().__init__("torch")
+    def __init__(self, mb: float, impl: str = "torch"):
+        super().__init__(impl)
         self.mb = mb
-        self.name = f"dvsft_torch@{mb:g}MB"
-        self.label = f"dvsft-kernels impl=torch, chunk budget {mb:g} MB"
-        self.note = "chunk-size sweep of impl='torch'"
+        self.name = f"dvsft_{impl}@{mb:g}MB"
+        self.label = f"dvsft-kernels impl={impl}, chunk budget {mb:g} MB"
+        self.note = f"chunk-size sweep of impl='{impl}'"
 
     @staticmethod
     def _attr(device: str) -> str:
@@ -211,7 +213,7 @@ class DvsftChunk(Dvsft):
             old = getattr(torch_impl, attr)
             setattr(torch_impl, attr, budget)
             try:
-                return op(h, w, t, ignore_index=IGNORE_INDEX, reduction="mean", impl="torch")
+                return op(h, w, t, ignore_index=IGNORE_INDEX, reduction="mean", impl=self.impl)
             finally:
                 setattr(torch_impl, attr, old)
 
@@ -516,12 +518,13 @@ def default_names() -> list[str]:
 
 
 def get(name: str) -> Provider:
-    """A provider by name, including parametric ones: 'dvsft_torch@8MB' (chunk sweep)."""
+    """A provider by name, including parametric ones: 'dvsft_torch@8MB', 'dvsft_chunked@2048MB'
+    (chunk sweeps)."""
     if name in PROVIDERS:
         return PROVIDERS[name]
-    m = re.fullmatch(r"dvsft_torch@([0-9.]+)MB", name)
+    m = re.fullmatch(r"dvsft_(torch|chunked)@([0-9.]+)MB", name)
     if m:
-        return PROVIDERS.setdefault(name, DvsftChunk(float(m.group(1))))
+        return PROVIDERS.setdefault(name, DvsftChunk(float(m.group(2)), m.group(1)))
     raise KeyError(name)
 
 

@@ -31,8 +31,10 @@ import torch
 # machine): 128 rows 1.8x the floor, 256 1.35x, 512 1.2x, 1024 1.1x, 2048 1.1x. 128 MiB gives
 # ~1000 rows at V = 32000 and ~220 at V = 152k; benchmarks/README.md has the sweep command.
 CPU_CHUNK_BYTES = 128 * 2**20
-# On a GPU the chunk only bounds memory (traffic is the same for any size, KERNEL_NOTES.md);
-# large enough to keep the GEMMs efficient.
+# On a GPU the chunk bounds memory; its size also sets the float32 dW traffic, since every chunk
+# after the first reads and writes dW (V x D x 8 B: 4.4 GB at Qwen2.5-VL-7B's head, ~1.5 ms on an
+# H100), so n = 16384 rows in 10 chunks of 1 GiB spend ~13 ms of a 104 ms step on it. Untested
+# alternatives (benchmarks/README.md "chunk sweep"): 2 GiB ~ -7 ms for +1.5 GB.
 CUDA_CHUNK_BYTES = 1 * 2**30
 
 

@@ -208,6 +208,9 @@ def test_chunk_sweep_provider_sets_and_restores_the_budget():
     rows = runner.run(plan(runner.op_cells([TINY], [p])), progress=False)
     assert all(r["status"] == "ok" for r in rows), rows[0]["error"]
     assert torch_impl.CPU_CHUNK_BYTES == before
+    # the Triton impl's sweep (GPU): same budget constant, its own impl
+    q = providers.get("dvsft_chunked@2048MB")
+    assert q.impl == "chunked" and q.mb == 2048 and q.name == "dvsft_chunked@2048MB"
 
 
 def test_budget_exhausted_cells_are_skipped_rows():
