@@ -18,8 +18,8 @@ the index and per-row statistics, O(N), and the forward partials, O(N x S_MIN + 
 Differences from the compacting implementations, both so that nothing waits on the device:
 - a target outside [0, V) (and not ignore_index) is not a ValueError: that row's loss and lse are
   NaN and it gets no gradient;
-- the gradient of the weight is accumulated with float32 atomics unless `deterministic` (default:
-  `torch.are_deterministic_algorithms_enabled()`), see kernels/README.md.
+- the gradients are accumulated with float32 atomics, in any order unless `deterministic` (default:
+  `torch.are_deterministic_algorithms_enabled()`) orders them by launches, see kernels/README.md.
 """
 
 from __future__ import annotations
@@ -56,9 +56,7 @@ class Tiles:
 @dataclass(frozen=True)
 class FusedConfig:
     fwd: Tiles
-    bwd: Tiles  # the atomic backward
-    dh: Tiles  # deterministic dh
-    dw: Tiles  # deterministic dW / db
+    bwd: Tiles  # the backward kernel, atomic or deterministic launches
     s_min: int = 16  # vocabulary splits at least (README: programs running together share row tiles)
     s_max: int = 256
     target_programs: int | None = None  # None: 2 per SM on CUDA, 4 in the interpreter
@@ -72,7 +70,6 @@ class FusedConfig:
 def _cuda_config(width: str) -> FusedConfig:
     epi = _fwd.FWD_TILES.get(width + "_epilogue")
     return FusedConfig(fwd=Tiles(**_fwd.FWD_TILES[width]), bwd=Tiles(**_bwd.BWD_TILES[width]),
-                       dh=Tiles(**_bwd.DH_TILES[width]), dw=Tiles(**_bwd.DW_TILES[width]),
                        fwd_epilogue=Tiles(**epi) if epi else None)
 
 
@@ -83,8 +80,6 @@ CUDA_CONFIGS = {"half": _cuda_config("half"), "fp32": _cuda_config("fp32")}
 INTERPRETER_CONFIG = FusedConfig(
     fwd=Tiles(BM=16, BV=64, BK=32, GROUP=2),
     bwd=Tiles(BM=16, BV=64, BK=32, BD=32, GROUP=2),
-    dh=Tiles(BM=16, BV=64, BK=32, BD=32),
-    dw=Tiles(BM=16, BV=64, BK=32, BD=32),
     s_min=2,
     s_max=8,
     target_programs=4,
@@ -125,16 +120,17 @@ def check_device(device: torch.device) -> None:
 
 
 def check_deterministic(deterministic: bool, device: torch.device) -> None:
-    """The deterministic backward kernels returned wrong gradients (NaN, garbage, an illegal
-    address) on an H100 with Triton 3.6 (benchmarks/results/2026-11-27-h100/, kernels/README.md).
-    They now run without software pipelining, a mitigation not yet run on a GPU: until it is, CUDA
-    calls need DVSFT_FUSED_DETERMINISTIC=1, and the error names the deterministic alternative."""
+    """The first deterministic backward (read-modify-write kernels) returned wrong gradients (NaN,
+    garbage, an illegal address) on an H100 with Triton 3.6 (benchmarks/results/2026-11-27-h100/,
+    kernels/README.md). Its replacement, ordered launches of the atomic kernel that passed there,
+    has not run on a GPU yet: until it has, CUDA calls need DVSFT_FUSED_DETERMINISTIC=1, and the
+    error names the deterministic alternative."""
     if deterministic and device.type == "cuda" and os.environ.get("DVSFT_FUSED_DETERMINISTIC") != "1":
         raise ValueError(
-            "deterministic: the fused deterministic backward is disabled on CUDA (it returned wrong "
-            "gradients on an H100 with Triton 3.6; the fix is not yet verified on a GPU). Use "
+            "deterministic: the fused deterministic backward is disabled on CUDA (its first version "
+            "returned wrong gradients on an H100; the replacement is not yet verified on a GPU). Use "
             "impl='chunked' (deterministic: cuBLAS products and a Triton pass without atomics), or "
-            "deterministic=False; DVSFT_FUSED_DETERMINISTIC=1 runs it anyway, to verify the fix.")
+            "deterministic=False; DVSFT_FUSED_DETERMINISTIC=1 runs it anyway, to verify it.")
 
 
 def _wants_deterministic(opts) -> bool:
@@ -245,23 +241,28 @@ def fused_backward(h2, weight, bias, flat_t, idx, count, stat, scale, *, label_s
         return dict(BM=t.BM, BV=t.BV, BK=t.BK, BD=t.BD, EVEN_K=D % t.BK == 0, EVEN_D=D % t.BD == 0,
                     num_warps=t.num_warps, num_stages=t.num_stages)
 
-    if not deterministic:
-        t = cfg.bwd
-        grid = triton.cdiv(N, t.BM) * triton.cdiv(V, t.BV)
+    t = cfg.bwd
+    n_rt, n_vt = triton.cdiv(N, t.BM), triton.cdiv(V, t.BV)  # row tiles for the static bound N
+    outs = (dh if grad_h else dummy, dW if grad_w else dummy, db if grad_b else dummy)
+
+    def launch(grid, fixed, fix_axis, dh_, dw_, db_):
         _bwd._lce_bwd_kernel[(grid,)](
-            *common, dh if grad_h else dummy, dW if grad_w else dummy, db if grad_b else dummy, *scalars,
-            COMPUTE_DH=grad_h, COMPUTE_DW=grad_w, COMPUTE_DB=grad_b, GROUP=t.GROUP, **flags, **tile_args(t),
+            *common, *outs, *scalars, fixed, COMPUTE_DH=dh_, COMPUTE_DW=dw_, COMPUTE_DB=db_, FIX_AXIS=fix_axis,
+            GROUP=t.GROUP, **flags, **tile_args(t),
         )
+
+    if not deterministic:
+        launch(n_rt * n_vt, 0, 0, grad_h, grad_w, grad_b)
         return dh, dW, db
-    if grad_h:
-        t = cfg.dh
-        _bwd._lce_bwd_dh_kernel[(triton.cdiv(N, t.BM),)](*common, dh, *scalars, **flags, **tile_args(t))
+    # Each launch adds at most once to any element (one row tile: its vocabulary tiles own disjoint
+    # dW rows; one vocabulary tile: its row tiles own disjoint dh rows) and launches run in stream
+    # order, so every sum is formed in the same order on every run.
     if grad_w or grad_b:
-        t = cfg.dw
-        _bwd._lce_bwd_dw_kernel[(triton.cdiv(V, t.BV),)](
-            *common, dW if grad_w else dummy, db if grad_b else dummy, *scalars,
-            COMPUTE_DW=grad_w, COMPUTE_DB=grad_b, **flags, **tile_args(t),
-        )
+        for r in range(n_rt):
+            launch(n_vt, r, 1, False, grad_w, grad_b)
+    if grad_h:
+        for v in range(n_vt):
+            launch(n_rt, v, 2, True, False, False)
     return dh, dW, db
 
 

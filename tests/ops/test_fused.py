@@ -117,9 +117,8 @@ def test_argmax_first_index_across_tiles_and_splits(config):
     t = torch.tensor(targets)
     cfg = None
     if config == "one_split":
-        cfg = fused.FusedConfig(fwd=fused.Tiles(BM=16, BV=64, BK=16), bwd=fused.INTERPRETER_CONFIG.bwd,
-                                dh=fused.INTERPRETER_CONFIG.dh, dw=fused.INTERPRETER_CONFIG.dw, s_min=1, s_max=1,
-                                target_programs=1)
+        cfg = fused.FusedConfig(fwd=fused.Tiles(BM=16, BV=64, BK=16), bwd=fused.INTERPRETER_CONFIG.bwd, s_min=1,
+                                s_max=1, target_programs=1)
     idx, count = fused.build_index(t.to(DEVICE), -100)
     _, _, correct, _ = fused.fused_forward(h.to(DEVICE), w.to(DEVICE), None, t.to(DEVICE), idx, count, config=cfg)
     assert correct.cpu().tolist() == [r % 2 == 0 for r in range(6)]
@@ -134,9 +133,8 @@ def test_split_choices_agree(s_min, target, bv):
                      seed=9)
     h, w, b = (x.float().to(DEVICE) for x in (case.hidden, case.weight, case.bias))
     t = case.targets.to(DEVICE)
-    cfg = fused.FusedConfig(fwd=fused.Tiles(BM=16, BV=bv, BK=16), bwd=fused.INTERPRETER_CONFIG.bwd,
-                            dh=fused.INTERPRETER_CONFIG.dh, dw=fused.INTERPRETER_CONFIG.dw, s_min=s_min, s_max=8,
-                            target_programs=target)
+    cfg = fused.FusedConfig(fwd=fused.Tiles(BM=16, BV=bv, BK=16), bwd=fused.INTERPRETER_CONFIG.bwd, s_min=s_min,
+                            s_max=8, target_programs=target)
     idx, count = fused.build_index(t, -100)
     loss, lse, correct, _ = fused.fused_forward(h, w, b, t, idx, count, label_smoothing=0.1, softcap=5.0, config=cfg)
     ref_loss = naive_linear_cross_entropy(case.hidden, case.weight, case.targets, case.bias, reduction="none",
@@ -213,7 +211,7 @@ def test_deterministic_default_follows_torch_flag(monkeypatch):
 
 
 def test_deterministic_guard(monkeypatch):
-    """ops/fused.py: on CUDA the deterministic kernels need DVSFT_FUSED_DETERMINISTIC=1 until a GPU
+    """ops/fused.py: on CUDA the deterministic backward needs DVSFT_FUSED_DETERMINISTIC=1 until a GPU
     run verifies their fix; without it a deterministic request is a ValueError naming the option
     and the alternatives, raised at the call (not in the backward)."""
     monkeypatch.delenv("DVSFT_FUSED_DETERMINISTIC", raising=False)
@@ -274,7 +272,7 @@ def test_filtering_error_within_bound(kind, deterministic):
     dh1, dw1, db1 = fused.fused_backward(h, w, b, t, idx, count, stat, s, grad_filter=True, **kw)
     tau = fused.FILTER_TAU[torch.bfloat16]
     full = fused.default_config(h.device, torch.bfloat16)  # the tiles this device runs
-    cfg = full.dh if deterministic else full.bwd
+    cfg = full.bwd
     n_vt = -(-w.shape[0] // cfg.BV)
     slack = 1e-6  # float32 accumulation-order differences
     err_h = (dh1 - dh0).abs().max(dim=1).values.cpu()

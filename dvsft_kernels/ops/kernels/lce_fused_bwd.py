@@ -9,13 +9,14 @@ dL/d row_loss; 0 for a target outside [0, V)):
     G_ij = s_i [(1 + 2 zl lse_i) exp(y_ij - M_i - log S_i) - (1 - eps) [j == t_i] - eps / V] dy/dz
     dh_i += sum_j G_ij W_j,   dW_j += sum_i G_ij h_i,   db_j += sum_i G_ij
 
-Two ways to reduce (README.md beside this file):
-- `_lce_bwd_kernel` (default): one program per (row tile, vocabulary tile), z and G once, both
-  products added to dh / dW with float32 atomics. 8 n D V FLOPs with the forward; the order of
-  the additions varies from run to run (results differ in the last bits).
-- `_lce_bwd_dh_kernel` + `_lce_bwd_dw_kernel` (deterministic): a program owns its output rows
-  (a row tile of dh, a vocabulary tile of dW and db) and sweeps the other axis in a fixed order,
-  adding with plain loads and stores: bitwise repeatable, z computed twice (10 n D V FLOPs).
+One kernel, `_lce_bwd_kernel`: a program takes one (row tile, vocabulary tile), computes z and G
+once and adds both products to dh / dW with float32 atomics. Two ways to launch it (README.md):
+- default (FIX_AXIS 0): one launch over every (row tile, vocabulary tile). 8 n D V FLOPs with the
+  forward; the order of the additions varies from run to run (results differ in the last bits).
+- deterministic: launches that each add at most once to any output element, run in stream order,
+  so every sum has a fixed order: one launch per row tile over the vocabulary tiles for dW / db
+  (FIX_AXIS 1), then one per vocabulary tile over the row tiles for dh (FIX_AXIS 2). Bitwise
+  repeatable; z computed twice (10 n D V FLOPs); N / BM + V / BV launches.
 
 FILTER skips the products of a tile in which every row's gradient mass sum_j |G_ij| is at most
 TAU |s_i| / n_vt (n_vt = vocabulary tiles): the skipped mass of a row is at most TAU |s_i| in all,
@@ -30,23 +31,10 @@ from dvsft_kernels.ops.kernels.lce_fused_fwd import _grouped, _logit_tile, _targ
 
 # sm_90 tiles by operand width (README.md), each the largest that compiles without spills (the
 # static report): a 128 x 128 logit / gradient tile (64 float32 per thread at 8 warps), gradient
-# products in 64-wide (atomic) or 32-wide (deterministic dh) slices of D; the deterministic dW
-# kernel carries its vocabulary tile's indices and mask across the row loop and fits with BV 64;
-# float32 operands (three TF32 products) take BV 64, BK 32.
+# products in 64-wide slices of D; float32 operands (three TF32 products) take BV 64, BK 32.
 BWD_TILES = {
     "half": dict(BM=128, BV=128, BK=64, BD=64, num_warps=8, num_stages=3, GROUP=8),
     "fp32": dict(BM=128, BV=64, BK=32, BD=32, num_warps=8, num_stages=3, GROUP=8),
-}
-# The deterministic kernels run without software pipelining (num_stages 1): pipelined, they
-# returned NaN / garbage dh and an illegal address on an H100 with Triton 3.6 (README.md); the
-# loads they read-modify-write are the difference from the atomic kernel, which passes.
-DH_TILES = {
-    "half": dict(BM=128, BV=128, BK=64, BD=32, num_warps=8, num_stages=1),
-    "fp32": dict(BM=128, BV=64, BK=32, BD=32, num_warps=8, num_stages=1),
-}
-DW_TILES = {
-    "half": dict(BM=128, BV=64, BK=64, BD=64, num_warps=8, num_stages=1),
-    "fp32": dict(BM=128, BV=64, BK=32, BD=32, num_warps=8, num_stages=1),
 }
 
 
@@ -116,8 +104,10 @@ def _lce_bwd_kernel(
     N, V, D,
     stride_hn, stride_hd, stride_wv, stride_wd,
     eps, zl, softcap, TAU,
+    fixed,  # FIX_AXIS 1: this launch's row tile; 2: its vocabulary tile
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, FILTER: tl.constexpr,
+    FIX_AXIS: tl.constexpr,  # 0: the grid covers (row tile, vocab tile); 1: vocab tiles; 2: row tiles
     BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, GROUP: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_D: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -125,9 +115,20 @@ def _lce_bwd_kernel(
     count = tl.load(cnt_ptr)
     n_rt = tl.cdiv(count, BM)
     n_vt = tl.cdiv(V, BV)
-    if pid >= n_rt * n_vt:
-        return
-    i_r, i_v = _grouped(pid, n_rt, n_vt, GROUP)
+    # grids are sized for the static N: tiles past the labeled count have nothing to add
+    if FIX_AXIS == 0:
+        if pid >= n_rt * n_vt:
+            return
+        i_r, i_v = _grouped(pid, n_rt, n_vt, GROUP)
+    else:
+        if FIX_AXIS == 1:
+            i_r = fixed
+            i_v = pid
+        else:
+            i_r = pid
+            i_v = fixed
+        if i_r >= n_rt:
+            return
     o_j = i_r * BM + tl.arange(0, BM)
     m_j, m_r, o_pos, b_t, b_mx, b_logs, b_s = _rows(o_j, count, idx_ptr, t_ptr, stat_ptr, s_ptr, N, V)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -173,114 +174,10 @@ def _lce_bwd_kernel(
                               mask=m_v[:, None] & m_d[None, :], sem="relaxed")
 
 
-@triton.jit
-def _lce_bwd_dh_kernel(
-    h_ptr, w_ptr, b_ptr, t_ptr, idx_ptr, cnt_ptr, stat_ptr, s_ptr,
-    dh_ptr,  # [N, D] float32 by position, zeroed
-    N, V, D,
-    stride_hn, stride_hd, stride_wv, stride_wd,
-    eps, zl, softcap, TAU,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, FILTER: tl.constexpr,
-    BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
-    EVEN_K: tl.constexpr, EVEN_D: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """Deterministic dh: one program per row tile, vocabulary tiles in increasing order, dh rows
-    updated by the one program that owns them (plain load + add + store, same thread each time)."""
-    i_r = tl.program_id(0)
-    count = tl.load(cnt_ptr)
-    if i_r * BM >= count:
-        return
-    n_vt = tl.cdiv(V, BV)
-    o_j = i_r * BM + tl.arange(0, BM)
-    m_j, m_r, o_pos, b_t, b_mx, b_logs, b_s = _rows(o_j, count, idx_ptr, t_ptr, stat_ptr, s_ptr, N, V)
-    inv_cap = 1.0 / softcap
-    o_b = tl.arange(0, BD)
-    for i_v in range(n_vt):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_v = o_v < V
-        b_z = _logit_tile(h_ptr, w_ptr, b_ptr, o_pos, m_j, o_v, m_v, D, stride_hn, stride_hd, stride_wv,
-                          stride_wd, HAS_BIAS, BM, BV, BK, EVEN_K, DOT_F32, PRECISION)
-        b_g = _grad_tile(b_z, o_v, m_v, m_r, b_t, b_mx, b_logs, b_s, V, eps, zl, softcap, inv_cap,
-                         HAS_SOFTCAP, HAS_SMOOTHING)
-        if _keep_tile(b_g, b_s, n_vt, TAU, FILTER) > 0:
-            b_gl = _gemm_operand(b_g, w_ptr, DOT_F32)
-            for d0 in range(0, D, BD):
-                o_d = d0 + o_b
-                if EVEN_D:
-                    m_d = o_b < BD
-                else:
-                    m_d = o_d < D
-                b_w = tl.load(w_ptr + o_v[:, None].to(tl.int64) * stride_wv + o_d[None, :] * stride_wd,
-                              mask=m_v[:, None] & m_d[None, :], other=0.0)
-                if DOT_F32:
-                    b_w = b_w.to(tl.float32)
-                b_dh = tl.dot(b_gl, b_w, input_precision=PRECISION)  # [BM, BD]
-                p_dh = dh_ptr + o_pos[:, None] * D + o_d[None, :]
-                m_dh = m_j[:, None] & m_d[None, :]
-                tl.store(p_dh, tl.load(p_dh, mask=m_dh, other=0.0) + b_dh, mask=m_dh)
-            # the next tile's load of these rows may come from another thread: order it after
-            # this tile's stores (bar.sync orders global memory within the CTA)
-            tl.debug_barrier()
-
-
-@triton.jit
-def _lce_bwd_dw_kernel(
-    h_ptr, w_ptr, b_ptr, t_ptr, idx_ptr, cnt_ptr, stat_ptr, s_ptr,
-    dw_ptr,  # [V, D] float32, zeroed (COMPUTE_DW)
-    db_ptr,  # [V] float32 (COMPUTE_DB), written once
-    N, V, D,
-    stride_hn, stride_hd, stride_wv, stride_wd,
-    eps, zl, softcap, TAU,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, FILTER: tl.constexpr,
-    BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
-    EVEN_K: tl.constexpr, EVEN_D: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """Deterministic dW / db: one program per vocabulary tile, row tiles in increasing order."""
-    i_v = tl.program_id(0)
-    count = tl.load(cnt_ptr)
-    n_rt = tl.cdiv(count, BM)
-    n_vt = tl.cdiv(V, BV)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < V
-    inv_cap = 1.0 / softcap
-    o_b = tl.arange(0, BD)
-    b_db = tl.zeros([BV], dtype=tl.float32)
-    for i_r in range(n_rt):
-        o_j = i_r * BM + tl.arange(0, BM)
-        m_j, m_r, o_pos, b_t, b_mx, b_logs, b_s = _rows(o_j, count, idx_ptr, t_ptr, stat_ptr, s_ptr, N, V)
-        b_z = _logit_tile(h_ptr, w_ptr, b_ptr, o_pos, m_j, o_v, m_v, D, stride_hn, stride_hd, stride_wv,
-                          stride_wd, HAS_BIAS, BM, BV, BK, EVEN_K, DOT_F32, PRECISION)
-        b_g = _grad_tile(b_z, o_v, m_v, m_r, b_t, b_mx, b_logs, b_s, V, eps, zl, softcap, inv_cap,
-                         HAS_SOFTCAP, HAS_SMOOTHING)
-        if _keep_tile(b_g, b_s, n_vt, TAU, FILTER) > 0:
-            if COMPUTE_DB:
-                b_db += tl.sum(b_g, axis=0)
-            if COMPUTE_DW:
-                b_gl = _gemm_operand(b_g, w_ptr, DOT_F32)
-                for d0 in range(0, D, BD):
-                    o_d = d0 + o_b
-                    if EVEN_D:
-                        m_d = o_b < BD
-                    else:
-                        m_d = o_d < D
-                    b_h = tl.load(h_ptr + o_pos[:, None] * stride_hn + o_d[None, :] * stride_hd,
-                                  mask=m_j[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
-                    if DOT_F32:
-                        b_h = b_h.to(tl.float32)
-                    b_dw = tl.dot(tl.trans(b_gl), b_h, input_precision=PRECISION)  # [BV, BD]
-                    p_dw = dw_ptr + o_v[:, None].to(tl.int64) * D + o_d[None, :]
-                    m_dw = m_v[:, None] & m_d[None, :]
-                    tl.store(p_dw, tl.load(p_dw, mask=m_dw, other=0.0) + b_dw, mask=m_dw)
-                tl.debug_barrier()  # as in _lce_bwd_dh_kernel
-    if COMPUTE_DB:
-        tl.store(db_ptr + o_v, b_db, mask=m_v)
-
-
 _PTR_SIG = {
     "t_ptr": "*i64:16", "idx_ptr": "*i32:16", "cnt_ptr": "*i32:16", "stat_ptr": "*fp32:16", "s_ptr": "*fp32:16",
     "N": "i32:16", "V": "i32:16", "D": "i32:16", "stride_hn": "i32:16", "stride_wv": "i32:16",
-    "eps": "fp32", "zl": "fp32", "softcap": "fp32", "TAU": "fp32",
+    "eps": "fp32", "zl": "fp32", "softcap": "fp32", "TAU": "fp32", "fixed": "i32",
 }
 
 
@@ -305,11 +202,12 @@ def _static_bwd(name, kernel, tiles, dtype, has_softcap, flt=False, **switches):
             "num_warps": t["num_warps"], "num_stages": t["num_stages"], "matmul": True}
 
 
-_ALL = dict(COMPUTE_DH=True, COMPUTE_DW=True, COMPUTE_DB=True)
-_DW = dict(COMPUTE_DW=True, COMPUTE_DB=True)
+_ALL = dict(COMPUTE_DH=True, COMPUTE_DW=True, COMPUTE_DB=True, FIX_AXIS=0)
+_DW = dict(COMPUTE_DH=False, COMPUTE_DW=True, COMPUTE_DB=True, FIX_AXIS=1)  # deterministic, dW / db launches
+_DH = dict(COMPUTE_DH=True, COMPUTE_DW=False, COMPUTE_DB=False, FIX_AXIS=2)  # deterministic, dh launches
 _H, _F = "half", "fp32"
-# What ops/fused.py launches on sm_90: each kernel per dtype, with softcap (the heaviest epilogue),
-# without it, and with filtering.
+# What ops/fused.py launches on sm_90: per dtype, with softcap (the heaviest epilogue), without
+# it, with filtering, and the two deterministic launch kinds.
 STATIC_CONFIGS = [
     _static_bwd("lce_fused_bwd/atomic_bf16", _lce_bwd_kernel, BWD_TILES[_H], "bf16", False, **_ALL),
     _static_bwd("lce_fused_bwd/atomic_bf16_softcap", _lce_bwd_kernel, BWD_TILES[_H], "bf16", True, **_ALL),
@@ -317,13 +215,8 @@ STATIC_CONFIGS = [
                 **_ALL),
     _static_bwd("lce_fused_bwd/atomic_fp16_softcap", _lce_bwd_kernel, BWD_TILES[_H], "fp16", True, **_ALL),
     _static_bwd("lce_fused_bwd/atomic_fp32_softcap", _lce_bwd_kernel, BWD_TILES[_F], "fp32", True, **_ALL),
-    _static_bwd("lce_fused_bwd/det_dh_bf16", _lce_bwd_dh_kernel, DH_TILES[_H], "bf16", False),
-    _static_bwd("lce_fused_bwd/det_dh_bf16_softcap", _lce_bwd_dh_kernel, DH_TILES[_H], "bf16", True),
-    _static_bwd("lce_fused_bwd/det_dh_bf16_softcap_filter", _lce_bwd_dh_kernel, DH_TILES[_H], "bf16", True, True),
-    _static_bwd("lce_fused_bwd/det_dh_fp32_softcap", _lce_bwd_dh_kernel, DH_TILES[_F], "fp32", True),
-    _static_bwd("lce_fused_bwd/det_dw_bf16", _lce_bwd_dw_kernel, DW_TILES[_H], "bf16", False, **_DW),
-    _static_bwd("lce_fused_bwd/det_dw_bf16_softcap", _lce_bwd_dw_kernel, DW_TILES[_H], "bf16", True, **_DW),
-    _static_bwd("lce_fused_bwd/det_dw_bf16_softcap_filter", _lce_bwd_dw_kernel, DW_TILES[_H], "bf16", True, True,
-                **_DW),
-    _static_bwd("lce_fused_bwd/det_dw_fp32_softcap", _lce_bwd_dw_kernel, DW_TILES[_F], "fp32", True, **_DW),
+    _static_bwd("lce_fused_bwd/det_dw_bf16_softcap", _lce_bwd_kernel, BWD_TILES[_H], "bf16", True, **_DW),
+    _static_bwd("lce_fused_bwd/det_dh_bf16_softcap", _lce_bwd_kernel, BWD_TILES[_H], "bf16", True, **_DH),
+    _static_bwd("lce_fused_bwd/det_dw_fp32_softcap", _lce_bwd_kernel, BWD_TILES[_F], "fp32", True, **_DW),
+    _static_bwd("lce_fused_bwd/det_dh_fp32_softcap", _lce_bwd_kernel, BWD_TILES[_F], "fp32", True, **_DH),
 ]
