@@ -93,7 +93,7 @@ def _gemm_operand(b_g, w_ptr, DOT_F32: tl.constexpr):
         return b_g.to(w_ptr.dtype.element_ty)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["fixed"])  # one compile for every launch of the ordered sequence
 def _lce_bwd_kernel(
     h_ptr, w_ptr, b_ptr, t_ptr, idx_ptr, cnt_ptr,
     stat_ptr,  # [2, N] float32 by slot: M, log S (the forward combine's)
