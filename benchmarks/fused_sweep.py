@@ -101,6 +101,14 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _floor(inp: dict, shape):
+    """The benchmark harness's floor (providers.Floor: the three GEMMs on the labeled rows, into
+    preallocated outputs), so the sweep's ratios use the suite's own floor."""
+    from benchmarks import providers
+
+    return providers.Floor().prepare(inp, shape, DEVICE)
+
+
 def _kernel_resources(kernel) -> dict:
     """Registers / spills / shared memory of the most recently compiled specialisation."""
     try:
@@ -200,84 +208,82 @@ def tiles_part(sw: Sweep, quick: bool) -> None:
         sw.add(row)
 
     # The GEMM floor on the same operands, for the ratios.
-    g = torch.randn(N, V, device=DEVICE, dtype=h.dtype).mul_(1e-3)
-    outs = (torch.empty(N, V, device=DEVICE, dtype=h.dtype), torch.empty(N, D, device=DEVICE, dtype=h.dtype),
-            torch.empty(V, D, device=DEVICE, dtype=h.dtype))
-    for name, fn in (("gemm_logits", lambda: torch.mm(h, w.T, out=outs[0])),
-                     ("gemm_dh", lambda: torch.mm(g, w, out=outs[1])),
-                     ("gemm_dw", lambda: torch.mm(g.T, h, out=outs[2]))):
+    fl = _floor(inp, shp)
+    for name, fn in (("gemm_logits", fl.fwd), ("gemm_dh", fl.grad_h), ("gemm_dw", fl.grad_w)):
         ms = _bench(fn)
         sw.add(dict(common, kernel=name, ms=ms, tflops=flop / ms / 1e9))
-    del g, outs
+    fl.close()
+
+
+def _op_step(h, w, t, impl, **extra):
+    """One forward + backward of the public op, the gradients reset first."""
+    from dvsft_kernels.ops.function import linear_cross_entropy_with_stats
+
+    def step():
+        h.grad = w.grad = None
+        linear_cross_entropy_with_stats(h, w, t, impl=impl, **extra).loss.backward()
+
+    return step
 
 
 def scaling_part(sw: Sweep, quick: bool) -> None:
     import torch
 
     from benchmarks import shapes
-    from dvsft_kernels.ops.function import linear_cross_entropy_with_stats
-
-    def linear_cross_entropy(*a, **k):
-        return linear_cross_entropy_with_stats(*a, **k).loss
 
     D, V = SMALL[1:] if SMALL else (512, 32000) if quick else shapes.FAMILIES[FAMILY]
     rows = (SMALL[0],) if SMALL else (256, 2048) if quick else SCALING_ROWS
     dtype = "float32" if SMALL else "bfloat16"
-    variants = [("chunked", {}), ("fused", {}), ("fused_filter", {"grad_filter": True})]
     # the largest n again on confident logits, where grad_filter skips tiles (shapes.py)
     for n, dist in [(n, "peaked") for n in rows] + [(rows[-1], "confident")]:
-        shp = shapes.Shape(FAMILY, n, D, V, 1.0, dist, dtype)
-        inp = shapes.make_inputs(shp, DEVICE)
-        h, w, t = inp["hidden"], inp["weight"], inp["targets"]
-        flop3 = 6.0 * n * D * V
-        for name, extra in variants:
-            if sw.over():
-                return
-            impl = "fused" if name.startswith("fused") else name
-            row = {"part": "scaling", "impl": name, "n": n, "D": D, "V": V, "dtype": dtype, "dist": dist}
-
-            def step():
-                h.grad = w.grad = None
-                linear_cross_entropy(h, w, t, impl=impl, **extra).backward()
-
-            try:
-                step()
-                _sync()
-                h.grad = w.grad = None
-                if DEVICE == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated()
-                    step()
-                    torch.cuda.synchronize()
-                    row["peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-                row["ms"] = _bench(step)
-                with torch.no_grad():
-                    row["fwd_ms"] = _bench(lambda: linear_cross_entropy(h, w, t, impl=impl, **extra))
-                row["floor_ratio_tflops"] = flop3 / row["ms"] / 1e9
-            except Exception as e:  # noqa: BLE001
-                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                traceback.print_exc()
-            sw.add(row)
-        # floor: three GEMMs on this n
-        with torch.no_grad():
-            hd, wd = h.detach(), w.detach()
-            g = torch.randn(n, V, device=DEVICE, dtype=hd.dtype).mul_(1e-3)
-            o1 = torch.empty(n, V, device=DEVICE, dtype=hd.dtype)
-            o2 = torch.empty(n, D, device=DEVICE, dtype=hd.dtype)
-            o3 = torch.empty(V, D, device=DEVICE, dtype=hd.dtype)
-
-            def floor():
-                torch.mm(hd, wd.T, out=o1)
-                torch.mm(g, wd, out=o2)
-                torch.mm(g.T, hd, out=o3)
-
-            ms = _bench(floor)
-            sw.add({"part": "scaling", "impl": "floor", "n": n, "D": D, "V": V, "dist": dist, "ms": ms,
-                    "floor_ratio_tflops": flop3 / ms / 1e9})
-            del g, o1, o2, o3
-        del inp, h, w, t
+        if not _scaling_shape(sw, shapes.Shape(FAMILY, n, D, V, 1.0, dist, dtype)):
+            return
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
+
+
+def _scaling_shape(sw: Sweep, shp) -> bool:
+    """chunked, fused, fused with grad_filter and the floor on one all-labeled shape; False when
+    the budget ran out."""
+    import torch
+
+    from benchmarks import shapes
+    from dvsft_kernels.ops.function import linear_cross_entropy_with_stats
+
+    inp = shapes.make_inputs(shp, DEVICE)
+    h, w, t = inp["hidden"], inp["weight"], inp["targets"]
+    n, D, V = shp.N, shp.D, shp.V
+    flop3 = 6.0 * n * D * V
+    for name, extra in (("chunked", {}), ("fused", {}), ("fused_filter", {"grad_filter": True})):
+        if sw.over():
+            return False
+        impl = "fused" if name.startswith("fused") else name
+        row = {"part": "scaling", "impl": name, "n": n, "D": D, "V": V, "dtype": shp.dtype, "dist": shp.dist}
+        step = _op_step(h, w, t, impl, **extra)
+        try:
+            step()
+            _sync()
+            h.grad = w.grad = None
+            if DEVICE == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                step()
+                torch.cuda.synchronize()
+                row["peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            row["ms"] = _bench(step)
+            with torch.no_grad():
+                row["fwd_ms"] = _bench(lambda: linear_cross_entropy_with_stats(h, w, t, impl=impl, **extra))  # noqa: B023
+            row["floor_ratio_tflops"] = flop3 / row["ms"] / 1e9
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            traceback.print_exc()
+        sw.add(row)
+    fl = _floor(inp, shp)
+    ms = _bench(lambda: fl.bwd(fl.fwd()))
+    sw.add({"part": "scaling", "impl": "floor", "n": n, "D": D, "V": V, "dist": shp.dist, "ms": ms,
+            "floor_ratio_tflops": flop3 / ms / 1e9})
+    fl.close()
+    return True
 
 
 def paired_part(sw: Sweep, quick: bool, rounds: int = 7) -> None:
@@ -289,30 +295,19 @@ def paired_part(sw: Sweep, quick: bool, rounds: int = 7) -> None:
     import torch
 
     from benchmarks import shapes
-    from dvsft_kernels.ops.function import linear_cross_entropy_with_stats
 
     N, D, V = SMALL or ((2048, 512, 32000) if quick else (16384, *shapes.FAMILIES[FAMILY]))
     dtype = "float32" if SMALL else "bfloat16"
     rounds = 2 if SMALL else rounds  # the interpreter: seconds a call
-    inp = shapes.make_inputs(shapes.Shape(FAMILY, N, D, V, 1.0, "peaked", dtype), DEVICE)
+    shp = shapes.Shape(FAMILY, N, D, V, 1.0, "peaked", dtype)
+    inp = shapes.make_inputs(shp, DEVICE)
     h, w, t = inp["hidden"], inp["weight"], inp["targets"]
-    hd, wd = h.detach(), w.detach()
-    g = torch.randn(N, V, device=DEVICE, dtype=hd.dtype).mul_(1e-3)
-    outs = (torch.empty(N, V, device=DEVICE, dtype=hd.dtype), torch.empty(N, D, device=DEVICE, dtype=hd.dtype),
-            torch.empty(V, D, device=DEVICE, dtype=hd.dtype))
+    fl = _floor(inp, shp)
 
     def floor():
-        torch.mm(hd, wd.T, out=outs[0])
-        torch.mm(g, wd, out=outs[1])
-        torch.mm(g.T, hd, out=outs[2])
+        fl.bwd(fl.fwd())
 
-    def op(impl):
-        def step():
-            h.grad = w.grad = None
-            linear_cross_entropy_with_stats(h, w, t, impl=impl).loss.backward()
-        return step
-
-    fns = {"floor": floor, "chunked": op("chunked"), "fused": op("fused")}
+    fns = {"floor": floor, "chunked": _op_step(h, w, t, "chunked"), "fused": _op_step(h, w, t, "fused")}
     for f in fns.values():  # compile, allocate
         f()
         f()
@@ -333,7 +328,7 @@ def paired_part(sw: Sweep, quick: bool, rounds: int = 7) -> None:
                 t0 = time.perf_counter()
                 f()
                 times[k].append((time.perf_counter() - t0) * 1e3)
-    del g, outs
+    fl.close()
     n_r = len(times["floor"])
     row = {"part": "paired", "N": N, "D": D, "V": V, "dtype": dtype, "rounds": n_r,
            "ms": {k: v for k, v in times.items()}}

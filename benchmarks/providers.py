@@ -399,11 +399,19 @@ class _FloorRunner(Runner):
 
         return torch.mm(self.h, self.wt, out=self.z)
 
-    def bwd(self, out) -> None:
+    def grad_h(self) -> None:
         import torch
 
         torch.mm(self.g, self.w, out=self.dh)
+
+    def grad_w(self) -> None:
+        import torch
+
         torch.mm(self.g.t(), self.h, out=self.dw)
+
+    def bwd(self, out) -> None:
+        self.grad_h()
+        self.grad_w()
 
     def reset(self) -> None:
         pass
