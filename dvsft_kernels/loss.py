@@ -19,6 +19,10 @@ from torch import nn
 from dvsft_kernels.ops.function import linear_cross_entropy_with_stats
 
 
+# DVLossOutput's detached per-stream figures, in the order metrics() and the trainer report them
+METRIC_NAMES = ("text_loss", "vision_loss", "text_tokens", "vision_tokens", "text_accuracy", "vision_accuracy")
+
+
 @dataclass
 class DVLossOutput:
     loss: torch.Tensor  # differentiable
@@ -31,9 +35,8 @@ class DVLossOutput:
 
     def metrics(self) -> dict[str, float]:
         """Plain floats for logging (one host sync)."""
-        names = ("text_loss", "vision_loss", "text_tokens", "vision_tokens", "text_accuracy", "vision_accuracy")
-        vals = torch.stack([getattr(self, k).float() for k in names]).tolist()
-        return dict(zip(names, vals))
+        vals = torch.stack([getattr(self, k).float() for k in METRIC_NAMES]).tolist()
+        return dict(zip(METRIC_NAMES, vals))
 
 
 def _check_weight(name: str, v) -> float:

@@ -35,17 +35,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from dvsft_kernels.loss import DVLoss, DVLossOutput
+from dvsft_kernels.loss import METRIC_NAMES, DVLoss, DVLossOutput
 
 _OUR_KEYS = ("labels", "vision_labels", "num_items_in_batch", "num_vision_items_in_batch")
-_METRIC_NAMES = (
-    "text_loss",
-    "vision_loss",
-    "text_tokens",
-    "vision_tokens",
-    "text_accuracy",
-    "vision_accuracy",
-)
 
 # model -> handle, so a model is never attached twice; weak, so attach() keeps nothing alive
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, AttachHandle] = weakref.WeakKeyDictionary()
@@ -381,7 +373,7 @@ class AttachHandle:
                 num_text_items=state["n_text"],
                 num_vision_items=state["n_vis"],
             )
-        metrics = {k: getattr(res, k).detach() for k in _METRIC_NAMES}
+        metrics = {k: getattr(res, k).detach() for k in METRIC_NAMES}
         self.last_output = DVLossOutput(loss=res.loss.detach(), **metrics)
         return self._with_loss(output, res.loss, metrics)
 

@@ -28,7 +28,7 @@ import torch
 import transformers
 
 from dvsft_kernels.integrations.attach import attach, get_handle
-from dvsft_kernels.loss import DVLoss
+from dvsft_kernels.loss import METRIC_NAMES, DVLoss
 
 _EXTRA_COLUMNS = ("vision_labels", "num_vision_items_in_batch")
 # window sums: text_loss, vision_loss, text_tokens, vision_tokens, text_correct, vision_correct
@@ -212,15 +212,7 @@ class DVSFTTrainerMixin:
         vals = torch.cat(
             [losses / max(steps, 1), total[2:4] / max(steps, 1), total[4:6] / total[2:4].clamp_min(1)]
         ).tolist()
-        names = (
-            "text_loss",
-            "vision_loss",
-            "text_tokens",
-            "vision_tokens",
-            "text_accuracy",
-            "vision_accuracy",
-        )
-        return {prefix + k: round(v, 6) for k, v in zip(names, vals)}
+        return {prefix + k: round(v, 6) for k, v in zip(METRIC_NAMES, vals)}
 
     def log(self, logs, *args, **kwargs):
         acc = self._dvsft_acc.get("train") if hasattr(self, "_dvsft_acc") else None
