@@ -8,6 +8,8 @@ import torch
 
 from dvsft_kernels.ops.naive import naive_linear_cross_entropy
 
+from .errors import assert_error_rule
+
 OPTION_SETS = {
     "plain": {},
     "bias": {"bias": True},
@@ -52,6 +54,15 @@ def make_case(*, lead=(3, 37), D=72, V=517, ignore_frac=0.3, options=None, reduc
     return Case(hidden, weight, targets, bias, tw, kwargs, cot)
 
 
+def to_device(case: Case, device) -> Case:
+    """The case with its tensors moved to device (in place; returned for chaining)."""
+    for name in ("hidden", "weight", "bias", "targets", "token_weights", "cotangent"):
+        v = getattr(case, name)
+        if v is not None:
+            setattr(case, name, v.to(device))
+    return case
+
+
 def run(fn, case: Case, dtype: torch.dtype, **extra):
     """Loss and gradients of fn on the case's inputs cast to dtype (leaves of their own)."""
     h = case.hidden.to(dtype, copy=True).requires_grad_()
@@ -90,3 +101,19 @@ def reference(case: Case, dtype: torch.dtype = torch.float64):
 def baseline(case: Case, dtype: torch.dtype):
     """Plain PyTorch in the input dtype, upcast to float32 after the head (the HF way)."""
     return run(lambda *a, **k: naive_linear_cross_entropy(*a, **k, upcast_dtype=torch.float32), case, dtype)
+
+
+def check_against_spec(case: Case, dtype: torch.dtype, fn):
+    """fn's loss and gradients on the case in dtype, each of the output dtype and within the error
+    rule of the float64 spec (baseline: plain PyTorch in dtype); returns them."""
+    got = run(fn, case, dtype)
+    ref = reference(case, dtype)
+    base = baseline(case, dtype)
+    for key in ("loss", "hidden", "weight", "bias"):
+        if ref[key] is None:
+            assert got[key] is None
+            continue
+        out_dtype = torch.float32 if key == "loss" else dtype
+        assert got[key].dtype == out_dtype, f"{key}: dtype {got[key].dtype}"
+        assert_error_rule(key, got[key].cpu(), ref[key].cpu(), base[key].cpu(), out_dtype)
+    return got

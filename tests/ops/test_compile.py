@@ -12,7 +12,7 @@ from dvsft_kernels import linear_cross_entropy
 from dvsft_kernels.ops.custom_op import lce_custom_op
 from dvsft_kernels.ops.function import linear_cross_entropy_with_stats
 
-from .cases import OPTION_SETS, make_case, run
+from .cases import OPTION_SETS, make_case, run, to_device
 
 _INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -112,8 +112,7 @@ def test_custom_op_matches_function(impl, reduction):
     and gradients, and passes torch.library's consistency checks (fake shapes, autograd)."""
     case = make_case(lead=(2, 13), options=OPTION_SETS["all"], reduction=reduction, seed=3)
     if impl != "torch" and torch.cuda.is_available():
-        for name in ("hidden", "weight", "bias", "targets", "token_weights", "cotangent"):
-            setattr(case, name, getattr(case, name).cuda())
+        to_device(case, "cuda")
 
     def via_op(h, w, t, b, **kw):
         opts = dict(label_smoothing=kw.pop("label_smoothing"), z_loss=kw.pop("z_loss"), softcap=kw.pop("softcap"),

@@ -16,8 +16,7 @@ from dvsft_kernels.ops.naive import naive_linear_cross_entropy
 
 from ..memory import AllocationRecorder
 from ..syncs import OpLog
-from .cases import OPTION_SETS, baseline, make_case, reference, run
-from .errors import assert_error_rule
+from .cases import OPTION_SETS, check_against_spec, make_case, reference, run, to_device
 
 pytestmark = pytest.mark.interpreter
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -30,32 +29,10 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 MASKED_LANES = pytest.mark.filterwarnings("ignore:(overflow|invalid value|divide by zero) encountered:RuntimeWarning")
 
 
-def on_device(case):
-    for name in ("hidden", "weight", "bias", "targets", "token_weights", "cotangent"):
-        v = getattr(case, name)
-        if v is not None:
-            setattr(case, name, v.to(DEVICE))
-    return case
-
-
 def fused_fn(**extra):
     def fn(*a, **k):
         return linear_cross_entropy_with_stats(*a, **k, impl="fused", **extra).loss
     return fn
-
-
-def check_against_spec(case, dtype, fn):
-    got = run(fn, case, dtype)
-    ref = reference(case, dtype)
-    base = baseline(case, dtype)
-    for key in ("loss", "hidden", "weight", "bias"):
-        if ref[key] is None:
-            assert got[key] is None
-            continue
-        out_dtype = torch.float32 if key == "loss" else dtype
-        assert got[key].dtype == out_dtype, f"{key}: dtype {got[key].dtype}"
-        assert_error_rule(key, got[key].cpu(), ref[key].cpu(), base[key].cpu(), out_dtype)
-    return got
 
 
 @MASKED_LANES
@@ -65,8 +42,8 @@ def check_against_spec(case, dtype, fn):
 def test_fused_matches_spec(dtype, reduction, options, ignore_frac):
     # the op tests' matrix; 37 rows, V = 517, D = 72: no count is a multiple of any tile (16 rows,
     # 64 vocabulary entries, 32 of D) and the vocabulary falls into splits of several tiles
-    case = on_device(make_case(lead=(37,), ignore_frac=ignore_frac, options=OPTION_SETS[options],
-                               reduction=reduction, seed=11))
+    case = to_device(make_case(lead=(37,), ignore_frac=ignore_frac, options=OPTION_SETS[options],
+                               reduction=reduction, seed=11), DEVICE)
     got = check_against_spec(case, dtype, fused_fn())
     if ignore_frac == 1.0:
         for key in ("loss", "hidden", "weight", "bias"):
@@ -76,13 +53,13 @@ def test_fused_matches_spec(dtype, reduction, options, ignore_frac):
 @MASKED_LANES
 @pytest.mark.parametrize("options", ["softcap", "smoothing", "z_loss", "token_weights", "num_items"])
 def test_fused_each_option_with_leading_dims(options):
-    case = on_device(make_case(lead=(2, 19), options=OPTION_SETS[options], seed=3))
+    case = to_device(make_case(lead=(2, 19), options=OPTION_SETS[options], seed=3), DEVICE)
     check_against_spec(case, torch.float32, fused_fn(deterministic=True))
 
 
 @MASKED_LANES
 def test_stats_match_torch_impl():
-    case = on_device(make_case(lead=(29,), options={"softcap": 4.0, "bias": True}, seed=5))
+    case = to_device(make_case(lead=(29,), options={"softcap": 4.0, "bias": True}, seed=5), DEVICE)
     args = (case.hidden.float(), case.weight.float(), case.targets, case.bias.float())
     a = linear_cross_entropy_with_stats(*args, softcap=4.0, impl="fused")
     b = linear_cross_entropy_with_stats(*args, softcap=4.0, impl="torch")
@@ -180,7 +157,7 @@ def test_build_index_order_and_count():
 @MASKED_LANES
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_deterministic_mode_is_bitwise_repeatable(reduction):
-    case = on_device(make_case(lead=(37,), options=OPTION_SETS["all"], reduction=reduction, seed=2))
+    case = to_device(make_case(lead=(37,), options=OPTION_SETS["all"], reduction=reduction, seed=2), DEVICE)
     fn = fused_fn(deterministic=True)
     a = run(fn, case, torch.bfloat16)
     b = run(fn, case, torch.bfloat16)
@@ -444,7 +421,7 @@ def test_cuda_many_tiles_match_spec(options, impl, deterministic):
     splits and GROUP blocks, none of them full: the interpreter tests use small tiles instead."""
     if impl == "chunked" and deterministic:
         pytest.skip("chunked has no atomics")
-    case = on_device(make_case(lead=(1100,), D=200, V=5003, options=OPTION_SETS[options], seed=3))
+    case = to_device(make_case(lead=(1100,), D=200, V=5003, options=OPTION_SETS[options], seed=3), DEVICE)
     extra = {"deterministic": True} if deterministic else {}
     for dtype in (torch.bfloat16, torch.float32):
         check_against_spec(case, dtype, lambda *a, **k: linear_cross_entropy_with_stats(

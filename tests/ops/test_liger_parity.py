@@ -10,7 +10,7 @@ import torch
 
 from dvsft_kernels import linear_cross_entropy
 
-from .cases import make_case, reference, run
+from .cases import make_case, reference, run, to_device
 from .errors import assert_error_rule
 
 liger = pytest.importorskip("liger_kernel.transformers.functional", reason="liger-kernel not installed")
@@ -33,11 +33,7 @@ def liger_fn(h, w, t, b=None, *, token_weights=None, reduction="mean", ignore_in
 @pytest.mark.parametrize("options", [{}, {"bias": True, "z_loss": 1e-3, "label_smoothing": 0.1}])
 def test_matches_liger(dtype, reduction, options):
     case = make_case(lead=(37,), D=72, V=517, options=options, reduction=reduction, seed=3)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    for name in ("hidden", "weight", "bias", "targets", "cotangent"):
-        v = getattr(case, name)
-        if v is not None:
-            setattr(case, name, v.to(dev))
+    to_device(case, "cuda" if torch.cuda.is_available() else "cpu")
     ours = run(lambda *a, **k: linear_cross_entropy(*a, **k, impl="torch"), case, dtype)
     theirs = run(liger_fn, case, dtype)
     ref = reference(case, dtype)

@@ -11,24 +11,10 @@ from dvsft_kernels import linear_cross_entropy
 from dvsft_kernels.ops.function import linear_cross_entropy_with_stats
 from dvsft_kernels.ops.naive import naive_linear_cross_entropy
 
-from .cases import OPTION_SETS, baseline, make_case, reference, run
+from .cases import OPTION_SETS, check_against_spec, make_case, reference, run, to_device
 from .errors import assert_error_rule
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def check_against_spec(case, dtype, fn):
-    got = run(fn, case, dtype)
-    ref = reference(case, dtype)
-    base = baseline(case, dtype)
-    for key in ("loss", "hidden", "weight", "bias"):
-        if ref[key] is None:
-            assert got[key] is None
-            continue
-        out_dtype = torch.float32 if key == "loss" else dtype
-        assert got[key].dtype == out_dtype, f"{key}: dtype {got[key].dtype}"
-        assert_error_rule(key, got[key], ref[key], base[key], out_dtype)
-    return got
 
 
 def torch_impl(chunk_rows=None):
@@ -273,12 +259,7 @@ def _chunked_available():
 
 
 def _on_device(case):
-    if torch.cuda.is_available():
-        for name in ("hidden", "weight", "bias", "targets", "token_weights", "cotangent"):
-            v = getattr(case, name)
-            if v is not None:
-                setattr(case, name, v.cuda())
-    return case
+    return to_device(case, "cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.mark.interpreter
@@ -294,14 +275,7 @@ def test_chunked_impl_matches_spec(dtype, reduction, options, ignore_frac):
     def fn(*a, **k):
         return linear_cross_entropy_with_stats(*a, **k, impl="chunked", chunk_rows=16).loss
 
-    got = run(fn, case, dtype)
-    ref = reference(case, dtype)
-    base = baseline(case, dtype)
-    for key in ("loss", "hidden", "weight", "bias"):
-        if ref[key] is None:
-            continue
-        out_dtype = torch.float32 if key == "loss" else dtype
-        assert_error_rule(key, got[key].cpu(), ref[key].cpu(), base[key].cpu(), out_dtype)
+    check_against_spec(case, dtype, fn)
 
 
 @pytest.mark.interpreter
