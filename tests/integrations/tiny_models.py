@@ -370,69 +370,38 @@ def mistral3(seed=0):
     return Tiny("mistral3", model, pixels)
 
 
+def _text(**kw):
+    """_llama()'s sizes as keyword arguments of a text model's config class."""
+    d = _llama(**kw)
+    del d["model_type"]
+    return d
+
+
 def llama_causal(seed=0):
     torch.manual_seed(seed)
-    model = tf.LlamaForCausalLM(tf.LlamaConfig(**{k: v for k, v in _llama().items() if k != "model_type"}))
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(**_text()))
     return Tiny("llama", model, lambda B: {}, multimodal=False)
 
 
 def gemma2_causal(seed=0):
     """Text model whose forward applies final logit softcapping after the head."""
     torch.manual_seed(seed)
-    cfg = tf.Gemma2Config(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        query_pre_attn_scalar=8,
-        sliding_window=8,
-        max_position_embeddings=512,
-        final_logit_softcapping=0.5,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    cfg = tf.Gemma2Config(**_text(head_dim=8, query_pre_attn_scalar=8, sliding_window=8,
+                                  final_logit_softcapping=0.5))
     return Tiny("gemma2", tf.Gemma2ForCausalLM(cfg), lambda B: {}, multimodal=False)
 
 
 def cohere_causal(seed=0):
     """Text model whose forward multiplies the logits by config.logit_scale."""
     torch.manual_seed(seed)
-    cfg = tf.CohereConfig(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        logit_scale=0.25,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    cfg = tf.CohereConfig(**_text(logit_scale=0.25))
     return Tiny("cohere", tf.CohereForCausalLM(cfg), lambda B: {}, multimodal=False)
 
 
 def granite_causal(seed=0):
     """Text model whose forward divides the logits by config.logits_scaling."""
     torch.manual_seed(seed)
-    cfg = tf.GraniteConfig(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        logits_scaling=4.0,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    cfg = tf.GraniteConfig(**_text(logits_scaling=4.0))
     return Tiny("granite", tf.GraniteForCausalLM(cfg), lambda B: {}, multimodal=False)
 
 
