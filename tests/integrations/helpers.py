@@ -132,3 +132,23 @@ class AllocRecorder(TorchDispatchMode):
 
     def largest(self, k=3):
         return sorted(self.sizes, key=lambda s: -s[0])[:k]
+
+
+def torchrun(script: str, *args: str, world: int = 2, timeout: int = 300) -> None:
+    """tests/integrations/<script> with args on `world` gloo CPU processes (torch.distributed.run,
+    a free local port), bounded by timeout; fails the test with the output's tail on a bad exit."""
+    import os
+    import pathlib
+    import socket
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={port}",
+           "--master_addr=127.0.0.1", str(root / "tests" / "integrations" / script), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

@@ -20,6 +20,7 @@ from tests.integrations.helpers import (
     make_targets,
     plain_run,
     reference_loss,
+    torchrun,
 )
 from tests.integrations.tiny_models import ALL_FAMILIES, VLM_FAMILIES, V, gemma3, llama_causal, qwen2_vl
 
@@ -444,32 +445,9 @@ def test_under_bf16_autocast():
 def _two_process_run(worker: str, family: str, tmp_path, result: str) -> dict:
     """Runs tests/integrations/<worker> on 2 gloo CPU processes (torch.distributed.run) and
     returns what rank 0 saved in tmp_path/<result>."""
-    import os
     import pathlib
-    import socket
-    import subprocess
-    import sys
 
-    root = pathlib.Path(__file__).resolve().parents[2]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={port}",
-        "--master_addr=127.0.0.1",
-        str(root / "tests" / "integrations" / worker),
-        family,
-        str(tmp_path),
-        str(root),
-    ]
-    res = subprocess.run(
-        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    torchrun(worker, family, str(tmp_path), str(pathlib.Path(__file__).resolve().parents[2]))
     return torch.load(tmp_path / result)
 
 

@@ -11,7 +11,7 @@ import transformers
 
 from dvsft_kernels import DVLoss, attach
 from dvsft_kernels.integrations import DVSFTTrainer, get_handle, patch_trainer, unpatch_trainer
-from tests.integrations.helpers import IGN, reference_loss
+from tests.integrations.helpers import IGN, reference_loss, torchrun
 from tests.integrations.tiny_models import IMG, qwen2_vl, tiny_tokenizer
 
 torch.set_num_threads(1)
@@ -298,32 +298,8 @@ def test_trl_sft_trainer(setup, tmp_path):
 def test_two_processes_match_one_batch(setup, tmp_path):
     """2 ranks x 1 sample (gloo, CPU) give the step of 1 process x 2 samples: both streams are
     normalised by the counts of all ranks, and the per-stream logs are global."""
-    import os
-    import pathlib
-    import socket
-    import subprocess
-    import sys
-
     model0, data = setup
-    root = pathlib.Path(__file__).resolve().parents[2]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={port}",
-        "--master_addr=127.0.0.1",
-        str(root / "tests" / "integrations" / "ddp_worker.py"),
-        str(tmp_path),
-        str(root),
-    ]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    got = torch.load(tmp_path / "rank0.pt")
+    got = _run_ranks(tmp_path, 2)
     m_one, t_one = _train(model0, data, tmp_path / "one", bs=2, ga=1, loss=DVLoss(vision_weight=0.5))
     _close(got["delta"], _delta(model0, m_one), "2 ranks x 1 vs 1 x 2")
     log_one = next(x for x in t_one.state.log_history if "loss" in x)
@@ -333,30 +309,11 @@ def test_two_processes_match_one_batch(setup, tmp_path):
 
 def _run_ranks(tmp_path, world, spec=None):
     """The DDP worker on `world` gloo processes, bounded: ddp_timeout 60 s inside, 300 s for the run."""
-    import os
     import pathlib
-    import socket
-    import subprocess
-    import sys
 
     root = pathlib.Path(__file__).resolve().parents[2]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={world}",
-        f"--master_port={port}",
-        "--master_addr=127.0.0.1",
-        str(root / "tests" / "integrations" / "ddp_worker.py"),
-        str(tmp_path),
-        str(root),
-    ] + ([json.dumps(spec)] if spec is not None else [])
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    torchrun("ddp_worker.py", str(tmp_path), str(root), *([json.dumps(spec)] if spec is not None else []),
+             world=world)
     return torch.load(tmp_path / "rank0.pt")
 
 
