@@ -235,7 +235,7 @@ def _args():
 )
 def test_invalid_input_names_the_argument(mutate, name):
     h, w, t = _args()
-    kw = dict(hidden=h, weight=w, targets=t)
+    kw = {"hidden": h, "weight": w, "targets": t}
     mutate(kw)
     with pytest.raises(ValueError, match=rf"^{name}\b"):
         linear_cross_entropy(**kw)
