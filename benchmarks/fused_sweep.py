@@ -4,15 +4,18 @@ the three-GEMM floor across labeled-row counts (the data behind `impl="auto"`).
 
     python benchmarks/fused_sweep.py --out results/fused_sweep.json [--budget-s 150] [--quick]
 
-Part 0 (paired): the floor, chunked and fused at n = 16384 (D 3584, V 151936), timed in
+Part 0 (paired): the floor, chunked, fused and fused staged at n = 16384 (D 3584, V 151936), timed in
 interleaved rounds, so that the ratios to the floor are not skewed by when each ran.
 Part 1 (scaling): for n in {512, 2048, 8192, 16384} all labeled (peaked logits; the largest n
 also on confident logits, shapes.py), forward + backward through the public op for
-impl="chunked", "fused", "fused" with grad_filter, and the floor, with peak extra memory.
+impl="chunked", "fused", "fused" with grad_filter, "fused" deterministic (the staged backward) and
+the floor, with peak extra memory.
 Part 2 (tiles): at n = 16384, D = 3584, V = 151936, bf16, peaked logits, times the forward
 kernels and the atomic backward kernel alone (triton.testing.do_bench, median) for each candidate
 `Tiles`, checks each candidate's loss / lse / dh / dW against the default configuration's
-(relative error), and records the sm_90 resources Triton reports for the compiled kernel.
+(relative error), and records the sm_90 resources Triton reports for the compiled kernel; then
+the staged (deterministic) backward for each staging budget / GEMM tile candidate, and the default
+one with dh only and dW only (its G kernel runs in both: the split of its time).
 Rows are appended to the JSON file as they are measured, so a budget cut or a crash
 keeps what ran. Cells stop being started after --budget-s seconds.
 """
@@ -41,6 +44,14 @@ BWD_CANDIDATES = [  # (BM, BV, BK, BD, warps, stages)
     (128, 128, 64, 32, 8, 3),
     (64, 256, 64, 64, 8, 3),
     (256, 64, 64, 64, 8, 3),
+]
+# staged backward: (stage MiB, BM, BV, BK, BD, warps, stages) of its gradient GEMMs; the first is
+# the default (64 MiB: 2048-entry chunks at n = 16384)
+STAGED_CANDIDATES = [
+    (64, 128, 128, 64, 128, 8, 4),
+    (256, 128, 128, 64, 128, 8, 4),
+    (64, 128, 128, 64, 256, 8, 3),
+    (64, 128, 128, 64, 64, 8, 4),
 ]
 S_MIN_CANDIDATES = (8, 32)
 SCALING_ROWS = (512, 2048, 8192, 16384)
@@ -190,22 +201,38 @@ def tiles_part(sw: Sweep, quick: bool) -> None:
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         sw.add(row)
 
-    for det, filt in ((True, False), (False, True)):
-        if sw.over():
-            return
-        row = dict(common, kernel="bwd_deterministic" if det else "bwd_atomic_filter")
+    def bwd_row(kernel, cfg, **kw):
+        row = dict(common, kernel=kernel, **{k: v for k, v in kw.items() if k in ("grad_h", "grad_w")})
         try:
-            got = fused.fused_backward(h, w, None, t, idx, count, ref[3], scale, config=base,
-                                       deterministic=det, grad_filter=filt)
+            got = fused.fused_backward(h, w, None, t, idx, count, ref[3], scale, config=cfg, **kw)
             _sync()
-            row["err_dh"] = _rel(got[0], ref_b[0])
-            row["err_dw"] = _rel(got[1], ref_b[1])
+            for i, key in ((0, "err_dh"), (1, "err_dw")):
+                if got[i] is not None:
+                    row[key] = _rel(got[i], ref_b[i])
             del got
-            row["ms"] = _bench(lambda: fused.fused_backward(h, w, None, t, idx, count, ref[3], scale, config=base,
-                                                            deterministic=det, grad_filter=filt))
+            row["ms"] = _bench(lambda: fused.fused_backward(h, w, None, t, idx, count, ref[3], scale, config=cfg,
+                                                            **kw))
+            row["tflops_3gemm"] = 3 * flop / row["ms"] / 1e9
         except Exception as e:  # noqa: BLE001
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        return row
+
+    if not sw.over():
+        sw.add(bwd_row("bwd_atomic_filter", base, grad_filter=True))
+    for i, (mib, bm, bv, bk, bd, nw, ns) in enumerate(STAGED_CANDIDATES[:2] if quick else STAGED_CANDIDATES):
+        if sw.over():
+            return
+        st = fused.Tiles(BM=bm, BV=bv, BK=bk, BD=bd, num_warps=nw, num_stages=ns, GROUP=base.stage.GROUP)
+        cfg = dataclasses.replace(base, stage=st, stage_bytes=mib << 20, backward="staged")
+        row = bwd_row("bwd_staged", cfg, deterministic=True)
+        row.update(stage_mib=mib, BM=bm, BV=bv, BK=bk, BD=bd, warps=nw, stages=ns,
+                   VC=cfg.stage_columns(N, V, h.element_size()))
+        row.update(_kernel_resources(kb._lce_stage_dh_kernel))
         sw.add(row)
+        if i == 0:  # where its time goes
+            for part in ({"grad_w": False}, {"grad_h": False}):
+                if not sw.over():
+                    sw.add(bwd_row("bwd_staged", cfg, deterministic=True, **part))
 
     # The GEMM floor on the same operands, for the ratios.
     fl = _floor(inp, shp)
@@ -254,7 +281,8 @@ def _scaling_shape(sw: Sweep, shp) -> bool:
     h, w, t = inp["hidden"], inp["weight"], inp["targets"]
     n, D, V = shp.N, shp.D, shp.V
     flop3 = 6.0 * n * D * V
-    for name, extra in (("chunked", {}), ("fused", {}), ("fused_filter", {"grad_filter": True})):
+    for name, extra in (("chunked", {}), ("fused", {}), ("fused_filter", {"grad_filter": True}),
+                        ("fused_staged", {"deterministic": True})):
         if sw.over():
             return False
         impl = "fused" if name.startswith("fused") else name
@@ -307,7 +335,8 @@ def paired_part(sw: Sweep, quick: bool, rounds: int = 7) -> None:
     def floor():
         fl.bwd(fl.fwd())
 
-    fns = {"floor": floor, "chunked": _op_step(h, w, t, "chunked"), "fused": _op_step(h, w, t, "fused")}
+    fns = {"floor": floor, "chunked": _op_step(h, w, t, "chunked"), "fused": _op_step(h, w, t, "fused"),
+           "fused_staged": _op_step(h, w, t, "fused", deterministic=True)}
     for f in fns.values():  # compile, allocate
         f()
         f()

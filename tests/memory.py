@@ -16,6 +16,7 @@ class AllocationRecorder(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.sizes: list[tuple[str, tuple[int, ...], int]] = []  # (op, shape, numel)
+        self.dtypes: list[torch.dtype] = []  # of each entry of sizes
         self._seen: set[int] = set()
         self.live = 0
         self.peak = 0
@@ -34,6 +35,7 @@ class AllocationRecorder(TorchDispatchMode):
             self._seen.add(ptr)
             nbytes = st.nbytes()
             self.sizes.append((str(func), tuple(t.shape), t.numel()))
+            self.dtypes.append(t.dtype)
             self.live += nbytes
             self.peak = max(self.peak, self.live)
             weakref.finalize(st, self._free, ptr, nbytes)

@@ -5,21 +5,24 @@ buffer sized by the static number of positions N, plus the count as a device sca
 Triton kernels gather hidden rows through that index, so hidden states are never copied. The
 forward (`kernels/lce_fused_fwd.py`) keeps per-row max, sum-exp, target logit, argmax and the
 smoothing sum over vocabulary splits and merges them; the backward (`kernels/lce_fused_bwd.py`)
-recomputes each logit tile from the saved row max and log-sum-exp and accumulates dh (at the
-rows' original positions) and dW in float32.
+recomputes each logit tile from the saved row max and log-sum-exp and forms dh (at the rows'
+original positions) and dW, in one of two designs: atomic (float32 atomics from every tile, the
+default) or staged (deterministic: G of a chunk of the vocabulary into a bounded buffer, then
+two GEMMs without atomics).
 
 Gradients are formed in the autograd backward for every reduction: the logits are recomputed there
 in any case, so forming them in the forward (as the compacting implementations do) would save no
 FLOPs and would hold float32 dh and dW from the forward to the backward.
 
-Extra memory (beyond inputs, outputs and the float32 gradient accumulators dh (N, D), dW (V, D)):
-the index and per-row statistics, O(N), and the forward partials, O(N x S_MIN + rows in flight).
+Extra memory (beyond inputs, outputs and the float32 gradient accumulators dh (N, D) and, atomic
+only, dW (V, D)): the index and per-row statistics, O(N), the forward partials, O(N x S_MIN + rows
+in flight), and, staged only, the G buffer (FusedConfig.stage_bytes, 64 MiB on CUDA).
 
 Differences from the compacting implementations, both so that nothing waits on the device:
 - a target outside [0, V) (and not ignore_index) is not a ValueError: that row's loss and lse are
   NaN and it gets no gradient;
-- the gradients are accumulated with float32 atomics, in any order unless `deterministic` (default:
-  `torch.are_deterministic_algorithms_enabled()`) orders them by launches, see kernels/README.md.
+- the gradients are accumulated with float32 atomics, in any order, unless `deterministic` (default:
+  `torch.are_deterministic_algorithms_enabled()`) selects the staged backward, see kernels/README.md.
 """
 
 from __future__ import annotations
@@ -56,12 +59,39 @@ class Tiles:
 @dataclass(frozen=True)
 class FusedConfig:
     fwd: Tiles
-    bwd: Tiles  # the backward kernel, atomic or deterministic launches
+    bwd: Tiles  # the atomic backward kernel; the staged backward's G kernel (the same logit tile)
+    stage: Tiles  # the staged backward's gradient GEMMs (BM: dh rows, BV: dW rows, BD, BK)
     s_min: int = 16  # vocabulary splits at least (README: programs running together share row tiles)
     s_max: int = 256
     target_programs: int | None = None  # None: 2 per SM on CUDA, 4 in the interpreter
     # forward tiles when a bias or label smoothing widens the epilogue (None: `fwd`)
     fwd_epilogue: Tiles | None = None
+    # the staged backward's G buffer (labeled rows x a chunk of the vocabulary) in bytes: at least
+    # N x (one tile of columns) whatever the budget
+    stage_bytes: int = 64 << 20
+    # "atomic", "staged", or None: "staged" when deterministic, else "atomic"
+    backward: str | None = None
+
+    def __post_init__(self):
+        if self.backward not in (None, "atomic", "staged"):
+            raise ValueError(f"fused_config: backward must be None, 'atomic' or 'staged', got {self.backward!r}")
+        if self.stage_bytes <= 0:
+            raise ValueError(f"fused_config: stage_bytes must be positive, got {self.stage_bytes}")
+
+    def backward_design(self, deterministic: bool) -> str:
+        if self.backward is None:
+            return "staged" if deterministic else "atomic"
+        if deterministic and self.backward == "atomic":
+            raise ValueError("fused_config: backward='atomic' adds in any order; deterministic=True needs "
+                             "backward='staged' or None")
+        return self.backward
+
+    def stage_columns(self, N: int, V: int, esize: int) -> int:
+        """VC, the vocabulary entries per chunk of the staged backward: the most that keep N x VC
+        G entries of esize bytes within stage_bytes, a multiple of every tile that steps through it."""
+        align = max(self.bwd.BV, self.stage.BV, self.stage.BK)
+        vc = self.stage_bytes // (max(N, 1) * esize) // align * align
+        return max(align, min(vc, triton.cdiv(V, align) * align))
 
     def fwd_tiles(self, has_bias: bool, has_smoothing: bool) -> Tiles:
         return self.fwd_epilogue if (has_bias or has_smoothing) and self.fwd_epilogue else self.fwd
@@ -70,7 +100,7 @@ class FusedConfig:
 def _cuda_config(width: str) -> FusedConfig:
     epi = _fwd.FWD_TILES.get(width + "_epilogue")
     return FusedConfig(fwd=Tiles(**_fwd.FWD_TILES[width]), bwd=Tiles(**_bwd.BWD_TILES[width]),
-                       fwd_epilogue=Tiles(**epi) if epi else None)
+                       stage=Tiles(**_bwd.STAGE_TILES[width]), fwd_epilogue=Tiles(**epi) if epi else None)
 
 
 # sm_90 choices (kernels/README.md) for 16-bit and float32 operands: the same tiles as the kernels'
@@ -80,9 +110,11 @@ CUDA_CONFIGS = {"half": _cuda_config("half"), "fp32": _cuda_config("fp32")}
 INTERPRETER_CONFIG = FusedConfig(
     fwd=Tiles(BM=16, BV=64, BK=32, GROUP=2),
     bwd=Tiles(BM=16, BV=64, BK=32, BD=32, GROUP=2),
+    stage=Tiles(BM=16, BV=32, BK=32, BD=32, GROUP=2),
     s_min=2,
     s_max=8,
     target_programs=4,
+    stage_bytes=16 << 10,  # several chunks on the test shapes
 )
 
 _SM_COUNT: dict[int, int] = {}
@@ -121,16 +153,16 @@ def check_device(device: torch.device) -> None:
 
 def check_deterministic(deterministic: bool, device: torch.device) -> None:
     """The first deterministic backward (read-modify-write kernels) returned wrong gradients (NaN,
-    garbage, an illegal address) on an H100 with Triton 3.6 (benchmarks/results/2026-11-27-h100/,
-    kernels/README.md). Its replacement, ordered launches of the atomic kernel that passed there,
+    garbage, an illegal address) on an H100 with Triton 3.6 while the interpreter passed it
+    (benchmarks/results/2026-11-27-h100/, kernels/README.md). Its replacement, the staged backward,
     has not run on a GPU yet: until it has, CUDA calls need DVSFT_FUSED_DETERMINISTIC=1, and the
     error names the deterministic alternative."""
     if deterministic and device.type == "cuda" and os.environ.get("DVSFT_FUSED_DETERMINISTIC") != "1":
         raise ValueError(
-            "deterministic: the fused deterministic backward is disabled on CUDA (its first version "
-            "returned wrong gradients on an H100; the replacement is not yet verified on a GPU). Use "
-            "impl='chunked' (deterministic: cuBLAS products and a Triton pass without atomics), or "
-            "deterministic=False; DVSFT_FUSED_DETERMINISTIC=1 runs it anyway, to verify it.")
+            "deterministic: the fused deterministic (staged) backward is disabled on CUDA until a GPU run "
+            "verifies it (a first design returned wrong gradients on an H100). Use impl='chunked' "
+            "(deterministic: cuBLAS products and a Triton pass without atomics), or deterministic=False; "
+            "DVSFT_FUSED_DETERMINISTIC=1 runs it anyway, to verify it.")
 
 
 def _wants_deterministic(opts) -> bool:
@@ -218,16 +250,19 @@ def fused_forward(h2, weight, bias, flat_t, idx, count, *, label_smoothing=0.0, 
 def fused_backward(h2, weight, bias, flat_t, idx, count, stat, scale, *, label_smoothing=0.0, z_loss=0.0,
                    softcap=None, grad_h=True, grad_w=True, grad_b=False, deterministic=False, grad_filter=False,
                    config: FusedConfig | None = None):
-    """Float32 dh (N, D) by position (zero where unlabeled), dW (V, D), db (V,) (None where not
-    requested) for the row gradient scales `scale` (N,) float32 by position."""
+    """dh (N, D) float32 by position (zero where unlabeled), dW (V, D), db (V,) (None where not
+    requested) for the row gradient scales `scale` (N,) float32 by position. dW and db are float32
+    from the atomic backward, in the weight's / bias's dtype from the staged one."""
     N, D = h2.shape
     V = weight.shape[0]
     dev = h2.device
     cfg = config or default_config(dev, weight.dtype)
     dot_f32, precision = _dot_options(weight.dtype)
+    staged = cfg.backward_design(deterministic) == "staged"
     dh = torch.zeros(N, D, dtype=torch.float32, device=dev) if grad_h else None
-    dW = torch.zeros(V, D, dtype=torch.float32, device=dev) if grad_w else None
-    db = torch.zeros(V, dtype=torch.float32, device=dev) if grad_b else None
+    zeros = N == 0 or not staged  # the staged kernels write dW / db whole, in the operand dtypes
+    dW = torch.zeros(V, D, dtype=torch.float32, device=dev) if grad_w and zeros else None
+    db = torch.zeros(V, dtype=torch.float32, device=dev) if grad_b and zeros else None
     if N == 0 or not (grad_h or grad_w or grad_b):
         return dh, dW, db
     dummy = stat
@@ -237,32 +272,57 @@ def fused_backward(h2, weight, bias, flat_t, idx, count, stat, scale, *, label_s
     flags = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=label_smoothing > 0,
                  FILTER=bool(grad_filter), DOT_F32=dot_f32, PRECISION=precision)
 
-    def tile_args(t: Tiles):
-        return dict(BM=t.BM, BV=t.BV, BK=t.BK, BD=t.BD, EVEN_K=D % t.BK == 0, EVEN_D=D % t.BD == 0,
-                    num_warps=t.num_warps, num_stages=t.num_stages)
-
+    if staged:
+        return _staged_backward(common, scalars, flags, cfg, dh, grad_w, grad_b, N, V, D)
     t = cfg.bwd
-    n_rt, n_vt = triton.cdiv(N, t.BM), triton.cdiv(V, t.BV)  # row tiles for the static bound N
-    outs = (dh if grad_h else dummy, dW if grad_w else dummy, db if grad_b else dummy)
+    _bwd._lce_bwd_kernel[(triton.cdiv(N, t.BM) * triton.cdiv(V, t.BV),)](  # grid for the static bound N
+        *common, dh if grad_h else dummy, dW if grad_w else dummy, db if grad_b else dummy, *scalars,
+        COMPUTE_DH=grad_h, COMPUTE_DW=grad_w, COMPUTE_DB=grad_b, GROUP=t.GROUP, **flags,
+        BM=t.BM, BV=t.BV, BK=t.BK, BD=t.BD, EVEN_K=D % t.BK == 0, EVEN_D=D % t.BD == 0,
+        num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    return dh, dW, db
 
-    def launch(grid, fixed, fix_axis, dh_, dw_, db_):
-        _bwd._lce_bwd_kernel[(grid,)](
-            *common, *outs, *scalars, fixed, COMPUTE_DH=dh_, COMPUTE_DW=dw_, COMPUTE_DB=db_, FIX_AXIS=fix_axis,
-            GROUP=t.GROUP, **flags, **tile_args(t),
+
+def _staged_backward(common, scalars, flags, cfg: FusedConfig, dh, grad_w, grad_b, N, V, D):
+    """The deterministic design (kernels/README.md): per chunk of VC vocabulary entries, G of every
+    labeled row into a bounded buffer, then dW of the chunk's rows and dh += G W_chunk as GEMMs
+    without atomics. The chunk loop is static (V, N), so a CUDA graph captures it."""
+    h2, weight, bias = common[:3]
+    idx, count = common[4], common[5]
+    dev = h2.device
+    tg, ts = cfg.bwd, cfg.stage
+    VC = cfg.stage_columns(N, V, weight.element_size())
+    g = torch.empty(N, VC, dtype=weight.dtype, device=dev)  # rows past count are never read
+    # written whole by the dW kernel (every chunk row, every D tile): no zero fill, no float32 copy
+    dW = torch.empty(V, D, dtype=weight.dtype, device=dev) if grad_w else None
+    db = torch.empty(V, dtype=bias.dtype, device=dev) if grad_b else None
+    pdb = torch.empty(triton.cdiv(N, tg.BM), VC, dtype=torch.float32, device=dev) if grad_b else g
+    dummy = common[6]
+    dot = {"DOT_F32": flags["DOT_F32"], "PRECISION": flags["PRECISION"]}
+    n_rt_g, n_rt_s = triton.cdiv(N, tg.BM), triton.cdiv(N, ts.BM)
+    n_dt = triton.cdiv(D, ts.BD)
+    for v0 in range(0, V, VC):
+        vc = min(VC, V - v0)
+        _bwd._lce_stage_g_kernel[(n_rt_g * triton.cdiv(vc, tg.BV),)](
+            *common, g, pdb, v0, N, V, D, VC, *scalars[3:],
+            HAS_BIAS=flags["HAS_BIAS"], HAS_SOFTCAP=flags["HAS_SOFTCAP"], HAS_SMOOTHING=flags["HAS_SMOOTHING"],
+            COMPUTE_DB=grad_b, FILTER=flags["FILTER"], BM=tg.BM, BV=tg.BV, BK=tg.BK, GROUP=tg.GROUP,
+            EVEN_K=D % tg.BK == 0, **dot, num_warps=tg.num_warps, num_stages=tg.num_stages,
         )
-
-    if not deterministic:
-        launch(n_rt * n_vt, 0, 0, grad_h, grad_w, grad_b)
-        return dh, dW, db
-    # Each launch adds at most once to any element (one row tile: its vocabulary tiles own disjoint
-    # dW rows; one vocabulary tile: its row tiles own disjoint dh rows) and launches run in stream
-    # order, so every sum is formed in the same order on every run.
-    if grad_w or grad_b:
-        for r in range(n_rt):
-            launch(n_vt, r, 1, False, grad_w, grad_b)
-    if grad_h:
-        for v in range(n_vt):
-            launch(n_rt, v, 2, True, False, False)
+        if grad_w or grad_b:
+            _bwd._lce_stage_dw_kernel[(triton.cdiv(vc, ts.BV) * (n_dt if grad_w else 1),)](
+                h2, idx, count, g, pdb, dW if grad_w else dummy, db if grad_b else dummy,
+                v0, V, D, VC, h2.stride(0), h2.stride(1), COMPUTE_DW=grad_w, COMPUTE_DB=grad_b,
+                BV=ts.BV, BD=ts.BD, BK=ts.BK, GROUP=ts.GROUP, BM_G=tg.BM, **dot,
+                num_warps=ts.num_warps, num_stages=ts.num_stages,
+            )
+        if dh is not None:
+            _bwd._lce_stage_dh_kernel[(n_rt_s * n_dt,)](
+                weight, idx, count, g, dh, v0, V, D, VC, weight.stride(0), weight.stride(1),
+                BM=ts.BM, BD=ts.BD, BK=ts.BK, GROUP=ts.GROUP, **dot,
+                num_warps=ts.num_warps, num_stages=ts.num_stages,
+            )
     return dh, dW, db
 
 

@@ -407,12 +407,13 @@ def test_fused_sweep_smoke_under_the_interpreter(tmp_path):
     assert not [r for r in rows if "error" in r]
     scaling = [r for r in rows if r["part"] == "scaling"]
     assert {(r["impl"], r["dist"]) for r in scaling} >= {("chunked", "peaked"), ("fused_filter", "confident"),
-                                                        ("floor", "confident")}
-    tiles = [r for r in rows if r["part"] == "tiles" and r["kernel"] in ("fwd", "bwd_atomic")]
-    assert len(tiles) >= 4
+                                                        ("fused_staged", "peaked"), ("floor", "confident")}
+    tiles = [r for r in rows if r["part"] == "tiles" and r["kernel"] in ("fwd", "bwd_atomic", "bwd_staged")]
+    assert len(tiles) >= 8 and sum(r["kernel"] == "bwd_staged" for r in tiles) >= 4
     for r in tiles:
         errs = [v for k, v in r.items() if k.startswith("err_")]
         assert errs and max(errs) < 1e-5, r
     paired = [r for r in rows if r["part"] == "paired"]
-    assert len(paired) == 1 and paired[0]["rounds"] >= 1 and set(paired[0]["x_floor"]) == {"chunked", "fused"}
+    assert len(paired) == 1 and paired[0]["rounds"] >= 1 and set(paired[0]["x_floor"]) == {"chunked", "fused",
+                                                                                               "fused_staged"}
     assert rows[-1]["part"] == "done"

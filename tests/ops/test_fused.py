@@ -4,6 +4,7 @@ within its documented bound, memory, and the absence of host synchronisations.""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -94,8 +95,8 @@ def test_argmax_first_index_across_tiles_and_splits(config):
     t = torch.tensor(targets)
     cfg = None
     if config == "one_split":
-        cfg = fused.FusedConfig(fwd=fused.Tiles(BM=16, BV=64, BK=16), bwd=fused.INTERPRETER_CONFIG.bwd, s_min=1,
-                                s_max=1, target_programs=1)
+        cfg = dataclasses.replace(fused.INTERPRETER_CONFIG, fwd=fused.Tiles(BM=16, BV=64, BK=16), s_min=1,
+                                  s_max=1, target_programs=1)
     idx, count = fused.build_index(t.to(DEVICE), -100)
     _, _, correct, _ = fused.fused_forward(h.to(DEVICE), w.to(DEVICE), None, t.to(DEVICE), idx, count, config=cfg)
     assert correct.cpu().tolist() == [r % 2 == 0 for r in range(6)]
@@ -110,8 +111,8 @@ def test_split_choices_agree(s_min, target, bv):
                      seed=9)
     h, w, b = (x.float().to(DEVICE) for x in (case.hidden, case.weight, case.bias))
     t = case.targets.to(DEVICE)
-    cfg = fused.FusedConfig(fwd=fused.Tiles(BM=16, BV=bv, BK=16), bwd=fused.INTERPRETER_CONFIG.bwd, s_min=s_min,
-                            s_max=8, target_programs=target)
+    cfg = dataclasses.replace(fused.INTERPRETER_CONFIG, fwd=fused.Tiles(BM=16, BV=bv, BK=16), s_min=s_min,
+                              s_max=8, target_programs=target)
     idx, count = fused.build_index(t, -100)
     loss, lse, correct, _ = fused.fused_forward(h, w, b, t, idx, count, label_smoothing=0.1, softcap=5.0, config=cfg)
     ref_loss = naive_linear_cross_entropy(case.hidden, case.weight, case.targets, case.bias, reduction="none",
@@ -168,6 +169,83 @@ def test_deterministic_mode_is_bitwise_repeatable(reduction):
     d = run(fused_fn(deterministic=True), case, torch.float32)
     for key in ("hidden", "weight", "bias"):
         torch.testing.assert_close(c[key], d[key], rtol=1e-5, atol=1e-6)
+
+
+def _stage_inputs(dtype):
+    """37 rows (9 ignored) of the op matrix's shape with bias, softcap, smoothing and z-loss, the
+    forward's statistics and row scales: the backward's inputs."""
+    case = make_case(lead=(37,), options=OPTION_SETS["all"], seed=5)
+    h, w, b = (x.to(dtype).to(DEVICE) for x in (case.hidden, case.weight, case.bias))
+    t = case.targets.to(DEVICE)
+    opts = {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 4.0}
+    idx, count = fused.build_index(t, -100)
+    stat = fused.fused_forward(h, w, b, t, idx, count, **opts)[3]
+    s = torch.rand(37, generator=torch.Generator().manual_seed(1)).to(DEVICE) + 0.5
+    return (h, w, b, t, idx, count, stat, s), opts
+
+
+@MASKED_LANES
+@pytest.mark.parametrize("grads", [(1, 1, 1), (1, 0, 0), (0, 1, 0), (0, 0, 1)], ids=["all", "h", "w", "b"])
+@pytest.mark.parametrize("stage_bytes", [1, 37 * 192 * 4, 1 << 30], ids=["tile_chunks", "3_chunks", "one_chunk"])
+def test_staged_backward_matches_atomic_for_any_chunking(stage_bytes, grads):
+    """The staged backward (chunks of one column tile up to the whole vocabulary, the last one
+    partial; each gradient alone, db without dW) against the atomic kernel in float32, which the
+    spec tests pin; two runs bitwise equal."""
+    args, opts = _stage_inputs(torch.float32)
+    cfg = fused.INTERPRETER_CONFIG
+    staged = dataclasses.replace(cfg, backward="staged", stage_bytes=stage_bytes)
+    vc = staged.stage_columns(37, 517, 4)
+    assert vc == {1: 64, 37 * 192 * 4: 192}.get(stage_bytes, 576), vc
+    kw = dict(opts, grad_h=bool(grads[0]), grad_w=bool(grads[1]), grad_b=bool(grads[2]))
+    want = fused.fused_backward(*args, config=cfg, **kw)
+    got = fused.fused_backward(*args, config=staged, **kw)
+    again = fused.fused_backward(*args, config=staged, **kw)
+    for name, g, w_, a in zip(("dh", "dW", "db"), got, want, again):
+        assert (g is None) == (w_ is None), name
+        if g is not None:
+            torch.testing.assert_close(g.float(), w_, rtol=1e-5, atol=1e-6 * float(w_.abs().max()), msg=name)
+            assert torch.equal(g, a), f"{name}: two staged runs differ"
+
+
+def test_staged_outputs_use_the_operand_dtypes():
+    """The staged backward writes dW / db once, in the weight's / bias's dtype (no float32 (V, D)
+    buffer and cast); dh accumulates over chunks in float32."""
+    args, opts = _stage_inputs(torch.bfloat16)
+    dh, dw, db = fused.fused_backward(*args, **opts, grad_b=True, deterministic=True)
+    assert (dh.dtype, dw.dtype, db.dtype) == (torch.float32, torch.bfloat16, torch.bfloat16)
+    dh0, dw0, db0 = fused.fused_backward(*args, **opts, grad_b=True, deterministic=False)
+    # G is rounded to bf16 before the products in both designs (the GEMM operand on a GPU; the
+    # interpreter's atomic kernel keeps it float32): agreement to bf16 resolution
+    for g, w_ in ((dh, dh0), (dw, dw0), (db, db0)):
+        torch.testing.assert_close(g.float(), w_, rtol=2e-2, atol=2e-2 * float(w_.abs().max()))
+
+
+def test_fused_config_errors():
+    cfg = fused.INTERPRETER_CONFIG
+    with pytest.raises(ValueError, match="^fused_config: backward"):
+        dataclasses.replace(cfg, backward="ordered")
+    with pytest.raises(ValueError, match="^fused_config: stage_bytes"):
+        dataclasses.replace(cfg, stage_bytes=0)
+    with pytest.raises(ValueError, match="^fused_config: backward='atomic'.*deterministic"):
+        dataclasses.replace(cfg, backward="atomic").backward_design(True)
+    assert cfg.backward_design(True) == "staged" and cfg.backward_design(False) == "atomic"
+    assert dataclasses.replace(cfg, backward="staged").backward_design(False) == "staged"
+
+
+@pytest.mark.parametrize("N, V, esize", [(16384, 151936, 2), (100, 1000, 2), (1, 50, 4), (10**6, 151936, 2),
+                                          (16384, 262144, 4)])
+def test_stage_columns_rule(N, V, esize):
+    """Chunk width: a multiple of every tile stepping through it, within stage_bytes unless one
+    tile of columns is already over, never past the vocabulary rounded up to that tile."""
+    for cfg in (fused.CUDA_CONFIGS["half"], fused.CUDA_CONFIGS["fp32"], fused.INTERPRETER_CONFIG):
+        align = max(cfg.bwd.BV, cfg.stage.BV, cfg.stage.BK)
+        vc = cfg.stage_columns(N, V, esize)
+        assert vc % align == 0 and align <= vc <= -(-V // align) * align
+        assert N * vc * esize <= cfg.stage_bytes or vc == align
+        if vc + align <= -(-V // align) * align:  # a wider chunk would break the budget
+            assert N * (vc + align) * esize > cfg.stage_bytes
+    # the target shape (README): 2048-entry chunks of a 64 MiB bf16 G
+    assert fused.CUDA_CONFIGS["half"].stage_columns(16384, 151936, 2) == 2048
 
 
 def test_deterministic_default_follows_torch_flag(monkeypatch):
@@ -351,8 +429,9 @@ def test_no_host_synchronising_ops(reduction):
 @MASKED_LANES
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_no_logit_sized_allocation(deterministic):
-    """Nothing larger than O(rows) + O(tiles) besides the float32 gradient accumulators and their
-    casts: no (rows, V) or chunk-of-V tensor at any point."""
+    """Nothing larger than O(rows) + O(tiles) besides the gradients, their float32 accumulators and
+    (staged backward, deterministic=True) the G staging buffer within FusedConfig.stage_bytes: no
+    (rows, V) tensor at any point."""
     n, d, v = 128, 16, 1024
     g = torch.Generator().manual_seed(0)
     h = torch.randn(n, d, generator=g).bfloat16().to(DEVICE).requires_grad_()
@@ -367,12 +446,23 @@ def test_no_logit_sized_allocation(deterministic):
     entries, _, _ = fused.partial_entries(n, v, cfg, fused._target_programs(cfg, h.device),
                                           cfg.fwd_tiles(True, True))
     gradients = {(n, d), (v, d), (v,)}
-    others = [(op, shape, k) for op, shape, k in rec.sizes if shape not in gradients]
+    vc = cfg.stage_columns(n, v, 2)
+    staging = {(n, vc), (-(-n // cfg.bwd.BM), vc)} if deterministic else set()  # G (bf16), db partials (f32)
+    others = [(op, shape, k) for op, shape, k in rec.sizes if shape not in gradients | staging]
     largest_other = max(k for _, _, k in others)
     assert largest_other <= max(2 * n, entries), f"{max(others, key=lambda s: s[2])}"
     assert entries < n * v // 8
-    # live at once: dW float32 and its cast, dh float32 and its cast, O(n) statistics
-    bound = 2 * v * d * (4 + 2) + n * d * (4 + 2) + 64 * n * 4 + 8 * entries
+    small = 64 * n * 4 + 8 * entries  # O(n) statistics and the forward partials
+    if deterministic:
+        assert vc < v and n * vc * 2 <= cfg.stage_bytes, (vc, cfg.stage_bytes)
+        assert {shape for _, shape, _ in rec.sizes} >= staging, "the staged backward did not run"
+        wide = [(s, dt) for (_, s, _), dt in zip(rec.sizes, rec.dtypes) if s in {(v, d), (v,)} and dt != w.dtype]
+        assert not wide, f"the staged backward writes dW / db in the weight's dtype, not {wide}"
+        # dW and db in bf16, dh float32 and its cast, G and the db partials
+        bound = v * d * 2 + v * 2 + n * d * (4 + 2) + 3 * cfg.stage_bytes + small
+    else:
+        # live at once: dW float32 and its cast, dh float32 and its cast
+        bound = 2 * v * d * (4 + 2) + n * d * (4 + 2) + small
     assert rec.peak <= bound < n * v * 4, f"peak {rec.peak} bytes, bound {bound}"
 
 

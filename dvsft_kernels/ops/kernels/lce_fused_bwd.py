@@ -9,14 +9,16 @@ dL/d row_loss; 0 for a target outside [0, V)):
     G_ij = s_i [(1 + 2 zl lse_i) exp(y_ij - M_i - log S_i) - (1 - eps) [j == t_i] - eps / V] dy/dz
     dh_i += sum_j G_ij W_j,   dW_j += sum_i G_ij h_i,   db_j += sum_i G_ij
 
-One kernel, `_lce_bwd_kernel`: a program takes one (row tile, vocabulary tile), computes z and G
-once and adds both products to dh / dW with float32 atomics. Two ways to launch it (README.md):
-- default (FIX_AXIS 0): one launch over every (row tile, vocabulary tile). 8 n D V FLOPs with the
+Two designs (README.md beside this file):
+- atomic (default), `_lce_bwd_kernel`: a program takes one (row tile, vocabulary tile), computes z
+  and G once and adds both products to dh / dW with float32 atomics. 8 n D V FLOPs with the
   forward; the order of the additions varies from run to run (results differ in the last bits).
-- deterministic: launches that each add at most once to any output element, run in stream order,
-  so every sum has a fixed order: one launch per row tile over the vocabulary tiles for dW / db
-  (FIX_AXIS 1), then one per vocabulary tile over the row tiles for dh (FIX_AXIS 2). Bitwise
-  repeatable; z computed twice (10 n D V FLOPs); N / BM + V / BV launches.
+- staged (deterministic), per chunk of VC vocabulary entries: `_lce_stage_g_kernel` writes G for
+  every labeled row into a bounded staging buffer (N x VC in the GEMM operand dtype), then
+  `_lce_stage_dw_kernel` forms dW of the chunk's rows as a GEMM over the labeled rows (written once,
+  in the weight's dtype) and `_lce_stage_dh_kernel` adds G W_chunk to dh, each program owning its
+  output tile. No atomics, every sum in a fixed order: bitwise repeatable. Also 8 n D V FLOPs; the
+  bytes are G written once and read twice plus one float32 read-modify-write of dh per chunk.
 
 FILTER skips the products of a tile in which every row's gradient mass sum_j |G_ij| is at most
 TAU |s_i| / n_vt (n_vt = vocabulary tiles): the skipped mass of a row is at most TAU |s_i| in all,
@@ -35,6 +37,12 @@ from dvsft_kernels.ops.kernels.lce_fused_fwd import _grouped, _logit_tile, _targ
 BWD_TILES = {
     "half": dict(BM=128, BV=128, BK=64, BD=64, num_warps=8, num_stages=3, GROUP=8),
     "fp32": dict(BM=128, BV=64, BK=32, BD=32, num_warps=8, num_stages=3, GROUP=8),
+}
+# The staged backward's gradient GEMMs (dh: BM rows x BD of D; dW: BV vocabulary entries x BD; K
+# steps of BK), plain GEMM tiles with a float32 accumulator of 64 registers per thread at 8 warps.
+STAGE_TILES = {
+    "half": {"BM": 128, "BV": 128, "BK": 64, "BD": 128, "num_warps": 8, "num_stages": 4, "GROUP": 8},
+    "fp32": {"BM": 128, "BV": 128, "BK": 32, "BD": 64, "num_warps": 8, "num_stages": 3, "GROUP": 8},
 }
 
 
@@ -93,7 +101,7 @@ def _gemm_operand(b_g, w_ptr, DOT_F32: tl.constexpr):
         return b_g.to(w_ptr.dtype.element_ty)
 
 
-@triton.jit(do_not_specialize=["fixed"])  # one compile for every launch of the ordered sequence
+@triton.jit
 def _lce_bwd_kernel(
     h_ptr, w_ptr, b_ptr, t_ptr, idx_ptr, cnt_ptr,
     stat_ptr,  # [2, N] float32 by slot: M, log S (the forward combine's)
@@ -104,10 +112,8 @@ def _lce_bwd_kernel(
     N, V, D,
     stride_hn, stride_hd, stride_wv, stride_wd,
     eps, zl, softcap, TAU,
-    fixed,  # FIX_AXIS 1: this launch's row tile; 2: its vocabulary tile
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, FILTER: tl.constexpr,
-    FIX_AXIS: tl.constexpr,  # 0: the grid covers (row tile, vocab tile); 1: vocab tiles; 2: row tiles
     BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, GROUP: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_D: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -115,20 +121,10 @@ def _lce_bwd_kernel(
     count = tl.load(cnt_ptr)
     n_rt = tl.cdiv(count, BM)
     n_vt = tl.cdiv(V, BV)
-    # grids are sized for the static N: tiles past the labeled count have nothing to add
-    if FIX_AXIS == 0:
-        if pid >= n_rt * n_vt:
-            return
-        i_r, i_v = _grouped(pid, n_rt, n_vt, GROUP)
-    else:
-        if FIX_AXIS == 1:
-            i_r = fixed
-            i_v = pid
-        else:
-            i_r = pid
-            i_v = fixed
-        if i_r >= n_rt:
-            return
+    # the grid is sized for the static N: tiles past the labeled count have nothing to add
+    if pid >= n_rt * n_vt:
+        return
+    i_r, i_v = _grouped(pid, n_rt, n_vt, GROUP)
     o_j = i_r * BM + tl.arange(0, BM)
     m_j, m_r, o_pos, b_t, b_mx, b_logs, b_s = _rows(o_j, count, idx_ptr, t_ptr, stat_ptr, s_ptr, N, V)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -174,40 +170,174 @@ def _lce_bwd_kernel(
                               mask=m_v[:, None] & m_d[None, :], sem="relaxed")
 
 
+# ------------------------------------------------------------------ staged (deterministic) backward
+@triton.jit
+def _lce_stage_g_kernel(
+    h_ptr, w_ptr, b_ptr, t_ptr, idx_ptr, cnt_ptr, stat_ptr, s_ptr,
+    g_ptr,  # [N, VC] staging buffer by slot, in the GEMM operand dtype: G of vocabulary v0 + [0, VC)
+    pdb_ptr,  # [N / BM, VC] float32 column sums of G per row tile (COMPUTE_DB)
+    v0,  # first vocabulary entry of the chunk, a multiple of BV
+    N, V, D, VC,
+    stride_hn, stride_hd, stride_wv, stride_wd,
+    eps, zl, softcap, TAU,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    COMPUTE_DB: tl.constexpr, FILTER: tl.constexpr,
+    BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    count = tl.load(cnt_ptr)
+    n_rt = tl.cdiv(count, BM)
+    n_ct = tl.cdiv(tl.minimum(VC, V - v0), BV)
+    if pid >= n_rt * n_ct:
+        return
+    i_r, i_c = _grouped(pid, n_rt, n_ct, GROUP)
+    o_j = i_r * BM + tl.arange(0, BM)
+    m_j, m_r, o_pos, b_t, b_mx, b_logs, b_s = _rows(o_j, count, idx_ptr, t_ptr, stat_ptr, s_ptr, N, V)
+    o_c = i_c * BV + tl.arange(0, BV)  # column in the chunk
+    o_v = v0 + o_c
+    m_v = o_v < V
+    b_z = _logit_tile(h_ptr, w_ptr, b_ptr, o_pos, m_j, o_v, m_v, D, stride_hn, stride_hd, stride_wv, stride_wd,
+                      HAS_BIAS, BM, BV, BK, EVEN_K, DOT_F32, PRECISION)
+    b_g = _grad_tile(b_z, o_v, m_v, m_r, b_t, b_mx, b_logs, b_s, V, eps, zl, softcap, 1.0 / softcap,
+                     HAS_SOFTCAP, HAS_SMOOTHING)  # [BM, BV], 0 past V
+    if FILTER:  # chunks start on tile boundaries: the atomic kernel's tiles and criterion
+        b_g = b_g * _keep_tile(b_g, b_s, tl.cdiv(V, BV), TAU, FILTER).to(tl.float32)
+    if COMPUTE_DB:  # from float32 G, as the atomic kernel adds it
+        tl.store(pdb_ptr + i_r.to(tl.int64) * VC + o_c, tl.sum(b_g, axis=0))
+    tl.store(g_ptr + o_j[:, None].to(tl.int64) * VC + o_c[None, :], b_g.to(g_ptr.dtype.element_ty),
+             mask=m_j[:, None])
+
+
+@triton.jit
+def _lce_stage_dw_kernel(
+    h_ptr, idx_ptr, cnt_ptr, g_ptr, pdb_ptr,
+    dw_ptr,  # [V, D] in the weight's dtype: rows v0 + [0, VC) written here, once
+    db_ptr,  # [V] in the bias's dtype (COMPUTE_DB)
+    v0, V, D, VC,
+    stride_hn, stride_hd,
+    COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    BV: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr, BM_G: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dW[v0 + c] = sum over slots k < count of G[k, c] h[idx[k]]: a GEMM whose K runs over the
+    labeled rows, a fixed order. Grid: chunk vocabulary tiles x D tiles (1 D tile for db only)."""
+    pid = tl.program_id(0)
+    count = tl.load(cnt_ptr)
+    vc = tl.minimum(VC, V - v0)
+    n_ct = tl.cdiv(vc, BV)
+    if COMPUTE_DW:
+        n_dt = tl.cdiv(D, BD)
+    else:
+        n_dt = 1
+    i_c, i_d = _grouped(pid, n_ct, n_dt, GROUP)
+    o_c = i_c * BV + tl.arange(0, BV)
+    m_c = o_c < vc
+    if COMPUTE_DW:
+        o_d = i_d * BD + tl.arange(0, BD)
+        m_d = o_d < D
+        o_kb = tl.arange(0, BK)
+        b_acc = tl.zeros([BV, BD], dtype=tl.float32)
+        for k0 in range(0, count, BK):
+            o_k = k0 + o_kb
+            m_k = o_k < count  # staged rows past count were never written
+            o_pos = tl.load(idx_ptr + o_k, mask=m_k, other=0).to(tl.int64)
+            b_g = tl.load(g_ptr + o_k[:, None].to(tl.int64) * VC + o_c[None, :], mask=m_k[:, None], other=0.0)
+            b_h = tl.load(h_ptr + o_pos[:, None] * stride_hn + o_d[None, :] * stride_hd,
+                          mask=m_k[:, None] & m_d[None, :], other=0.0)  # [BK, BD]
+            if DOT_F32:
+                b_g = b_g.to(tl.float32)
+                b_h = b_h.to(tl.float32)
+            b_acc = tl.dot(tl.trans(b_g), b_h, b_acc, input_precision=PRECISION)  # [BV, BD]
+        tl.store(dw_ptr + (v0 + o_c)[:, None].to(tl.int64) * D + o_d[None, :],
+                 b_acc.to(dw_ptr.dtype.element_ty), mask=m_c[:, None] & m_d[None, :])
+    if COMPUTE_DB:  # noqa: SIM102 - a constexpr branch around a runtime one
+        if i_d == 0:
+            b_db = tl.zeros([BV], dtype=tl.float32)
+            for r in range(tl.cdiv(count, BM_G)):
+                b_db += tl.load(pdb_ptr + r * VC + o_c, mask=m_c, other=0.0)
+            tl.store(db_ptr + v0 + o_c, b_db.to(db_ptr.dtype.element_ty), mask=m_c)
+
+
+@triton.jit
+def _lce_stage_dh_kernel(
+    w_ptr, idx_ptr, cnt_ptr, g_ptr,
+    dh_ptr,  # [N, D] float32 by position: += this chunk's G W
+    v0, V, D, VC,
+    stride_wv, stride_wd,
+    BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dh[idx[j]] += sum over the chunk's columns c of G[j, c] W[v0 + c]. A program owns a
+    (row tile, D tile) of dh, so its read-modify-write after the K loop races with nothing; chunks
+    are separate launches in stream order."""
+    pid = tl.program_id(0)
+    count = tl.load(cnt_ptr)
+    n_rt = tl.cdiv(count, BM)
+    n_dt = tl.cdiv(D, BD)
+    if pid >= n_rt * n_dt:
+        return
+    i_r, i_d = _grouped(pid, n_rt, n_dt, GROUP)
+    o_j = i_r * BM + tl.arange(0, BM)
+    m_j = o_j < count
+    o_pos = tl.load(idx_ptr + o_j, mask=m_j, other=0).to(tl.int64)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    vc = tl.minimum(VC, V - v0)
+    o_kb = tl.arange(0, BK)
+    b_acc = tl.zeros([BM, BD], dtype=tl.float32)
+    for k0 in range(0, vc, BK):
+        o_k = k0 + o_kb
+        m_k = o_k < vc
+        b_g = tl.load(g_ptr + o_j[:, None].to(tl.int64) * VC + o_k[None, :], mask=m_j[:, None] & m_k[None, :],
+                      other=0.0)  # [BM, BK]
+        b_w = tl.load(w_ptr + (v0 + o_k)[:, None].to(tl.int64) * stride_wv + o_d[None, :] * stride_wd,
+                      mask=m_k[:, None] & m_d[None, :], other=0.0)  # [BK, BD]
+        if DOT_F32:
+            b_g = b_g.to(tl.float32)
+            b_w = b_w.to(tl.float32)
+        b_acc = tl.dot(b_g, b_w, b_acc, input_precision=PRECISION)
+    p_dh = dh_ptr + o_pos[:, None] * D + o_d[None, :]
+    m = m_j[:, None] & m_d[None, :]
+    tl.store(p_dh, tl.load(p_dh, mask=m, other=0.0) + b_acc, mask=m)
+
+
 _PTR_SIG = {
     "t_ptr": "*i64:16", "idx_ptr": "*i32:16", "cnt_ptr": "*i32:16", "stat_ptr": "*fp32:16", "s_ptr": "*fp32:16",
     "N": "i32:16", "V": "i32:16", "D": "i32:16", "stride_hn": "i32:16", "stride_wv": "i32:16",
-    "eps": "fp32", "zl": "fp32", "softcap": "fp32", "TAU": "fp32", "fixed": "i32",
+    "eps": "fp32", "zl": "fp32", "softcap": "fp32", "TAU": "fp32", "v0": "i32", "VC": "i32:16",
+    "pdb_ptr": "*fp32:16",
 }
 
 
 def _static_bwd(name, kernel, tiles, dtype, has_softcap, flt=False, **switches):
     """One sm_90 compile of a backward kernel for scripts/kernel_report.py, typed as the launcher
-    specialises a real call (see lce_fused_fwd._static_fwd)."""
+    specialises a real call (see lce_fused_fwd._static_fwd). The staged kernels write G, dW and db
+    in the operand dtype; every other output is float32."""
     t = dict(tiles)
-    sig = dict(_PTR_SIG, h_ptr=f"*{dtype}:16", w_ptr=f"*{dtype}:16", b_ptr=f"*{dtype}:16")
-    for out in ("dh_ptr", "dw_ptr", "db_ptr"):
-        if out in kernel.arg_names:
-            sig[out] = "*fp32:16"
+    names = kernel.arg_names
+    sig = dict(_PTR_SIG, h_ptr=f"*{dtype}:16", w_ptr=f"*{dtype}:16", b_ptr=f"*{dtype}:16", dh_ptr="*fp32:16")
+    staged = "g_ptr" in names
+    for out in ("g_ptr", "dw_ptr", "db_ptr"):
+        sig[out] = f"*{dtype}:16" if staged else "*fp32:16"
     constexprs = {
         "stride_hd": 1, "stride_wd": 1,
         "HAS_BIAS": True, "HAS_SOFTCAP": has_softcap, "HAS_SMOOTHING": True, "FILTER": flt,
-        "BM": t["BM"], "BV": t["BV"], "BK": t["BK"], "BD": t["BD"],
         "EVEN_K": True, "EVEN_D": True, "DOT_F32": False, "PRECISION": "tf32x3" if dtype == "fp32" else "tf32",
+        **{k: t[k] for k in ("BM", "BV", "BK", "BD", "GROUP")},
+        **switches,
     }
-    if "GROUP" in kernel.arg_names:
-        constexprs["GROUP"] = t["GROUP"]
-    constexprs.update(switches)
-    return {"name": name, "kernel": kernel, "signature": sig, "constexprs": constexprs,
+    return {"name": name, "kernel": kernel,
+            "signature": {k: v for k, v in sig.items() if k in names},
+            "constexprs": {k: v for k, v in constexprs.items() if k in names},
             "num_warps": t["num_warps"], "num_stages": t["num_stages"], "matmul": True}
 
 
-_ALL = dict(COMPUTE_DH=True, COMPUTE_DW=True, COMPUTE_DB=True, FIX_AXIS=0)
-_DW = dict(COMPUTE_DH=False, COMPUTE_DW=True, COMPUTE_DB=True, FIX_AXIS=1)  # deterministic, dW / db launches
-_DH = dict(COMPUTE_DH=True, COMPUTE_DW=False, COMPUTE_DB=False, FIX_AXIS=2)  # deterministic, dh launches
+_ALL = {"COMPUTE_DH": True, "COMPUTE_DW": True, "COMPUTE_DB": True}
+_DB = {"COMPUTE_DW": True, "COMPUTE_DB": True}
 _H, _F = "half", "fp32"
-# What ops/fused.py launches on sm_90: per dtype, with softcap (the heaviest epilogue), without
-# it, with filtering, and the two deterministic launch kinds.
+# What ops/fused.py launches on sm_90: per dtype, the atomic kernel with softcap (the heaviest
+# epilogue), without it and with filtering; the staged kernels (G at its widest epilogue, both GEMMs).
 STATIC_CONFIGS = [
     _static_bwd("lce_fused_bwd/atomic_bf16", _lce_bwd_kernel, BWD_TILES[_H], "bf16", False, **_ALL),
     _static_bwd("lce_fused_bwd/atomic_bf16_softcap", _lce_bwd_kernel, BWD_TILES[_H], "bf16", True, **_ALL),
@@ -215,8 +345,14 @@ STATIC_CONFIGS = [
                 **_ALL),
     _static_bwd("lce_fused_bwd/atomic_fp16_softcap", _lce_bwd_kernel, BWD_TILES[_H], "fp16", True, **_ALL),
     _static_bwd("lce_fused_bwd/atomic_fp32_softcap", _lce_bwd_kernel, BWD_TILES[_F], "fp32", True, **_ALL),
-    _static_bwd("lce_fused_bwd/det_dw_bf16_softcap", _lce_bwd_kernel, BWD_TILES[_H], "bf16", True, **_DW),
-    _static_bwd("lce_fused_bwd/det_dh_bf16_softcap", _lce_bwd_kernel, BWD_TILES[_H], "bf16", True, **_DH),
-    _static_bwd("lce_fused_bwd/det_dw_fp32_softcap", _lce_bwd_kernel, BWD_TILES[_F], "fp32", True, **_DW),
-    _static_bwd("lce_fused_bwd/det_dh_fp32_softcap", _lce_bwd_kernel, BWD_TILES[_F], "fp32", True, **_DH),
+] + [
+    cfg
+    for w, dt in ((_H, "bf16"), (_H, "fp16"), (_F, "fp32"))
+    for cfg in (
+        _static_bwd(f"lce_fused_bwd/stage_g_{dt}_softcap_filter", _lce_stage_g_kernel, BWD_TILES[w], dt, True, True,
+                    COMPUTE_DB=True),
+        _static_bwd(f"lce_fused_bwd/stage_dw_{dt}", _lce_stage_dw_kernel, STAGE_TILES[w], dt, False,
+                    BM_G=BWD_TILES[w]["BM"], **_DB),
+        _static_bwd(f"lce_fused_bwd/stage_dh_{dt}", _lce_stage_dh_kernel, STAGE_TILES[w], dt, False),
+    )
 ]
