@@ -48,10 +48,10 @@ BWD_CANDIDATES = [  # (BM, BV, BK, BD, warps, stages)
 # staged backward: (stage MiB, BM, BV, BK, BD, warps, stages) of its gradient GEMMs; the first is
 # the default (64 MiB: 2048-entry chunks at n = 16384)
 STAGED_CANDIDATES = [
-    (64, 128, 128, 64, 128, 8, 4),
-    (256, 128, 128, 64, 128, 8, 4),
-    (64, 128, 128, 64, 256, 8, 3),
-    (64, 128, 128, 64, 64, 8, 4),
+    (64, 128, 128, 64, 128, 8, 5),
+    (256, 128, 128, 64, 128, 8, 5),  # a quarter of the dh read-modify-write passes
+    (64, 128, 128, 64, 128, 8, 7),  # dW's gathered h pipelined 4 deep instead of 3
+    (64, 128, 128, 64, 64, 8, 5),  # twice the programs per chunk (waves), twice the G re-reads
 ]
 S_MIN_CANDIDATES = (8, 32)
 SCALING_ROWS = (512, 2048, 8192, 16384)

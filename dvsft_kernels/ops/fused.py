@@ -77,6 +77,8 @@ class FusedConfig:
             raise ValueError(f"fused_config: backward must be None, 'atomic' or 'staged', got {self.backward!r}")
         if self.stage_bytes <= 0:
             raise ValueError(f"fused_config: stage_bytes must be positive, got {self.stage_bytes}")
+        if self.bwd.BV % self.stage.BK:  # the dh kernel reads G past the chunk's end up to a BK step
+            raise ValueError(f"fused_config: stage.BK ({self.stage.BK}) must divide bwd.BV ({self.bwd.BV})")
 
     def backward_design(self, deterministic: bool) -> str:
         if self.backward is None:

@@ -226,6 +226,8 @@ def test_fused_config_errors():
         dataclasses.replace(cfg, backward="ordered")
     with pytest.raises(ValueError, match="^fused_config: stage_bytes"):
         dataclasses.replace(cfg, stage_bytes=0)
+    with pytest.raises(ValueError, match=r"^fused_config: stage.BK \(64\) must divide bwd.BV \(32\)"):
+        dataclasses.replace(cfg, bwd=fused.Tiles(BM=16, BV=32, BK=32), stage=fused.Tiles(BM=16, BV=32, BK=64))
     with pytest.raises(ValueError, match="^fused_config: backward='atomic'.*deterministic"):
         dataclasses.replace(cfg, backward="atomic").backward_design(True)
     assert cfg.backward_design(True) == "staged" and cfg.backward_design(False) == "atomic"

@@ -40,9 +40,11 @@ BWD_TILES = {
 }
 # The staged backward's gradient GEMMs (dh: BM rows x BD of D; dW: BV vocabulary entries x BD; K
 # steps of BK), plain GEMM tiles with a float32 accumulator of 64 registers per thread at 8 warps.
+# 5 stages: dW's K steps gather h through idx, and Triton pipelines that load chain 3 deep at 5
+# stages (2 at 3 or 4); dh then keeps 5 W and G tiles in flight (160 KB of shared memory).
 STAGE_TILES = {
-    "half": {"BM": 128, "BV": 128, "BK": 64, "BD": 128, "num_warps": 8, "num_stages": 4, "GROUP": 8},
-    "fp32": {"BM": 128, "BV": 128, "BK": 32, "BD": 64, "num_warps": 8, "num_stages": 3, "GROUP": 8},
+    "half": {"BM": 128, "BV": 128, "BK": 64, "BD": 128, "num_warps": 8, "num_stages": 5, "GROUP": 8},
+    "fp32": {"BM": 128, "BV": 128, "BK": 32, "BD": 64, "num_warps": 8, "num_stages": 5, "GROUP": 8},
 }
 
 
@@ -286,11 +288,13 @@ def _lce_stage_dh_kernel(
     vc = tl.minimum(VC, V - v0)
     o_kb = tl.arange(0, BK)
     b_acc = tl.zeros([BM, BD], dtype=tl.float32)
+    o_grow = o_j.to(tl.int64) * VC
     for k0 in range(0, vc, BK):
         o_k = k0 + o_kb
         m_k = o_k < vc
-        b_g = tl.load(g_ptr + o_j[:, None].to(tl.int64) * VC + o_k[None, :], mask=m_j[:, None] & m_k[None, :],
-                      other=0.0)  # [BM, BK]
+        # no column mask: G is written (0 past V) up to vc rounded up to the G kernel's BV, a
+        # multiple of BK; a mask along the contiguous axis would stop the async-copy pipelining
+        b_g = tl.load(g_ptr + o_grow[:, None] + o_k[None, :], mask=m_j[:, None], other=0.0)  # [BM, BK]
         b_w = tl.load(w_ptr + (v0 + o_k)[:, None].to(tl.int64) * stride_wv + o_d[None, :] * stride_wd,
                       mask=m_k[:, None] & m_d[None, :], other=0.0)  # [BK, BD]
         if DOT_F32:
