@@ -45,6 +45,9 @@ LOG=$RES/gpu_check.log
 START=$(date +%s)
 
 log() { echo "gpu_check: $*" | tee -a "$LOG"; }
+# the fused deterministic (staged) backward is refused on CUDA until a GPU run verifies it: the
+# tests, the suite's dvsft_fused_det rows and the sweep's staged rows are that check
+export DVSFT_FUSED_DETERMINISTIC=${DVSFT_FUSED_DETERMINISTIC:-1}
 
 status() { # status STATUS REASON TESTS_RC BENCH_RC
     "$PY" - "$RES/gpu_check.json" "$1" "$2" "${3:-}" "${4:-}" "$START" "$WHEEL_LIST" <<'PYEOF'
@@ -128,8 +131,6 @@ fi
 bench_rc=0
 if [ "$BUDGET" -gt 0 ]; then
 log "GPU suite (cells start within ${BUDGET}s)"
-# the deterministic fused kernels are refused on CUDA until a GPU run verifies their fix: this is one
-export DVSFT_FUSED_DETERMINISTIC=${DVSFT_FUSED_DETERMINISTIC:-1}
 set -f  # $DVSFT_BENCH_ARGS may hold shape patterns such as '*N16384/f1/*': no globbing
 # shellcheck disable=SC2086
 timeout -k 10 $((BUDGET + 70)) "$PY" benchmarks/run.py --suite gpu --out "$RES" --budget-s "$BUDGET" \

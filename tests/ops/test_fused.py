@@ -430,11 +430,14 @@ def test_no_host_synchronising_ops(reduction):
 # ---------------------------------------------------------------- memory
 @MASKED_LANES
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_no_logit_sized_allocation(deterministic):
+def test_no_logit_sized_allocation(deterministic, monkeypatch):
     """Nothing larger than O(rows) + O(tiles) besides the gradients, their float32 accumulators and
     (staged backward, deterministic=True) the G staging buffer within FusedConfig.stage_bytes: no
     (rows, V) tensor at any point."""
     n, d, v = 128, 16, 1024
+    real = fused.default_config  # a G chunk of 128 columns on every device's tiles
+    monkeypatch.setattr(fused, "default_config",
+                        lambda dev, dt: dataclasses.replace(real(dev, dt), stage_bytes=n * 128 * 2))
     g = torch.Generator().manual_seed(0)
     h = torch.randn(n, d, generator=g).bfloat16().to(DEVICE).requires_grad_()
     w = (torch.randn(v, d, generator=g) * 0.3).bfloat16().to(DEVICE).requires_grad_()
@@ -471,11 +474,16 @@ def test_no_logit_sized_allocation(deterministic):
 # ---------------------------------------------------------------- CUDA only
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_capture():
-    """A training step through impl="fused" is captured in a CUDA graph and replays with new data;
-    "auto" picks "fused" while capturing."""
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cuda_graph_capture(deterministic, monkeypatch):
+    """A training step through impl="fused" is captured in a CUDA graph and replays with new data
+    (loss and gradients); "auto" picks "fused" while capturing; deterministic: the staged
+    backward's chunk loop (4 chunks here) inside the graph."""
     torch.manual_seed(0)
     n, d, v = 300, 64, 1000
+    real = fused.default_config
+    monkeypatch.setattr(fused, "default_config",
+                        lambda dev, dt: dataclasses.replace(real(dev, dt), stage_bytes=n * 256 * 2))
     h = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(v, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     t = torch.randint(0, v, (n,), device="cuda")
@@ -483,14 +491,14 @@ def test_cuda_graph_capture():
 
     def step():
         h.grad = w.grad = None
-        loss = linear_cross_entropy(h, w, t, impl="auto")
+        loss = linear_cross_entropy_with_stats(h, w, t, impl="auto", deterministic=deterministic).loss
         loss.backward()
         return loss
 
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        linear_cross_entropy(h, w, t, impl="fused").backward()  # compile the kernels
+        linear_cross_entropy_with_stats(h, w, t, impl="fused", deterministic=deterministic).loss.backward()
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -499,8 +507,13 @@ def test_cuda_graph_capture():
     t[::5] = -100
     graph.replay()
     torch.cuda.synchronize()
-    ref = linear_cross_entropy(h.detach().float(), w.detach().float(), t, impl="torch")
+    hf = h.detach().float().requires_grad_()
+    wf = w.detach().float().requires_grad_()
+    ref = linear_cross_entropy(hf, wf, t, impl="torch")
+    ref.backward()
     torch.testing.assert_close(loss.float(), ref, rtol=2e-2, atol=2e-2)
+    for got, want in ((h.grad, hf.grad), (w.grad, wf.grad)):
+        torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
 
 
 @pytest.mark.cuda
@@ -508,13 +521,17 @@ def test_cuda_graph_capture():
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("impl", ["fused", "chunked"])
 @pytest.mark.parametrize("options", ["plain", "all"])
-def test_cuda_many_tiles_match_spec(options, impl, deterministic):
+def test_cuda_many_tiles_match_spec(options, impl, deterministic, monkeypatch):
     """The GPU tiles (128 rows x 128 vocabulary) on a shape with several row tiles, vocabulary
     splits and GROUP blocks, none of them full: the interpreter tests use small tiles instead."""
     if impl == "chunked" and deterministic:
         pytest.skip("chunked has no atomics")
     case = to_device(make_case(lead=(1100,), D=200, V=5003, options=OPTION_SETS[options], seed=3), DEVICE)
     extra = {"deterministic": True} if deterministic else {}
+    if deterministic:  # the staged backward in 1024-entry chunks (5, the last partial), not one
+        real = fused.default_config
+        monkeypatch.setattr(fused, "default_config", lambda dev, dt: dataclasses.replace(
+            real(dev, dt), stage_bytes=1100 * 1024 * (4 if dt == torch.float32 else 2)))
     for dtype in (torch.bfloat16, torch.float32):
         check_against_spec(case, dtype, lambda *a, **k: linear_cross_entropy_with_stats(
             *a, **k, impl=impl, **extra).loss)
