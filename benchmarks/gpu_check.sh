@@ -7,7 +7,8 @@
 #   2. puts this working tree on PYTHONPATH (no pip install: no build isolation, no network);
 #   3. runs the CUDA tests: the op tests (tests/ops pick CUDA when present) and every test marked
 #      `cuda` elsewhere, within $DVSFT_TEST_TIMEOUT s in all (default 230; xdist workers when
-#      pytest-xdist is there: $DVSFT_TEST_WORKERS, default 8);
+#      pytest-xdist is there: $DVSFT_TEST_WORKERS, default 8); first the fused tests matching
+#      $DVSFT_TEST_FIRST_K (default "staged or deterministic or cuda": what no GPU has run yet);
 #   4. runs the GPU benchmark suite (`run.py --suite gpu`), starting cells for $DVSFT_BENCH_BUDGET s
 #      (default 150; 0 skips it) with a hard stop 70 s later;
 #   5. runs the fused tile and row-count sweep (`fused_sweep.py`), starting cells for
@@ -114,7 +115,13 @@ if [ -d tests ]; then
         [ "$rc" -ne 0 ] && [ "$tests_rc" -eq 0 ] && tests_rc=$rc
         return 0
     }
-    run_tests $((TEST_TIMEOUT / 2)) "${xdist[@]}" -m "not static" "${first[@]}" tests/loss
+    # what waits for a GPU to be verified at all (the staged backward, CUDA graphs, the GPU tiles)
+    # before the rest of the fused tests: $DVSFT_TEST_FIRST_K, a pytest -k expression
+    verify=${DVSFT_TEST_FIRST_K:-staged or deterministic or cuda}
+    run_tests $((TEST_TIMEOUT / 3)) "${xdist[@]}" -m "not static" -k "$verify" tests/ops/test_fused.py
+    left=$((TEST_TIMEOUT / 2 - ($(date +%s) - START)))
+    [ "$left" -lt 30 ] && left=30
+    run_tests "$left" "${xdist[@]}" -m "not static" -k "not ($verify)" "${first[@]}" tests/loss
     left=$((TEST_TIMEOUT - ($(date +%s) - START)))
     [ "$left" -lt 30 ] && left=30
     ignore=()
