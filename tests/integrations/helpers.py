@@ -7,8 +7,6 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from tests.integrations.tiny_models import IMG, TEXT_IDS
 
@@ -114,24 +112,6 @@ def compare_to_reference(make_model, batch, labels, vision, *, prepare=None, **a
         nonzero += bool(g_ref[n].abs().max() > 0)
     assert nonzero > 0
     return out, handle
-
-
-class AllocRecorder(TorchDispatchMode):
-    """Records the element count of every tensor an aten op returns (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.sizes: list[tuple[int, str, tuple]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.sizes.append((t.numel(), str(func), tuple(t.shape)))
-        return out
-
-    def largest(self, k=3):
-        return sorted(self.sizes, key=lambda s: -s[0])[:k]
 
 
 def torchrun(script: str, *args: str, world: int = 2, timeout: int = 300) -> None:
