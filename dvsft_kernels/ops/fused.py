@@ -16,7 +16,8 @@ FLOPs and would hold float32 dh and dW from the forward to the backward.
 
 Extra memory (beyond inputs, outputs and the float32 gradient accumulators dh (N, D) and, atomic
 only, dW (V, D)): the index and per-row statistics, O(N), the forward partials, O(N x S_MIN + rows
-in flight), and, staged only, the G buffer (FusedConfig.stage_bytes, 64 MiB on CUDA).
+in flight), and, staged only, the G buffer (max(FusedConfig.stage_bytes, N x stage_min_cols x 2 B):
+64 MiB on CUDA up to N = 16384, then 4 KiB per position).
 
 Differences from the compacting implementations, both so that nothing waits on the device:
 - a target outside [0, V) (and not ignore_index) is not a ValueError: that row's loss and lse are
@@ -66,17 +67,20 @@ class FusedConfig:
     target_programs: int | None = None  # None: 2 per SM on CUDA, 4 in the interpreter
     # forward tiles when a bias or label smoothing widens the epilogue (None: `fwd`)
     fwd_epilogue: Tiles | None = None
-    # the staged backward's G buffer (labeled rows x a chunk of the vocabulary) in bytes: at least
-    # N x (one tile of columns) whatever the budget
+    # the staged backward's G buffer (N slots x a chunk of VC vocabulary entries) in bytes, and the
+    # fewest columns per chunk whatever the budget: dh is read and written once per chunk, so for
+    # large N a budget-sized chunk would turn the backward into dh traffic (kernels/README.md)
     stage_bytes: int = 64 << 20
+    stage_min_cols: int = 2048
     # "atomic", "staged", or None: "staged" when deterministic, else "atomic"
     backward: str | None = None
 
     def __post_init__(self):
         if self.backward not in (None, "atomic", "staged"):
             raise ValueError(f"fused_config: backward must be None, 'atomic' or 'staged', got {self.backward!r}")
-        if self.stage_bytes <= 0:
-            raise ValueError(f"fused_config: stage_bytes must be positive, got {self.stage_bytes}")
+        if self.stage_bytes <= 0 or self.stage_min_cols < 0:
+            raise ValueError(f"fused_config: stage_bytes must be positive and stage_min_cols >= 0, got "
+                             f"{self.stage_bytes} and {self.stage_min_cols}")
         if self.bwd.BV % self.stage.BK:  # the dh kernel reads G past the chunk's end up to a BK step
             raise ValueError(f"fused_config: stage.BK ({self.stage.BK}) must divide bwd.BV ({self.bwd.BV})")
 
@@ -90,9 +94,10 @@ class FusedConfig:
 
     def stage_columns(self, N: int, V: int, esize: int) -> int:
         """VC, the vocabulary entries per chunk of the staged backward: the most that keep N x VC
-        G entries of esize bytes within stage_bytes, a multiple of every tile that steps through it."""
+        G entries of esize bytes within stage_bytes, at least stage_min_cols, a multiple of every
+        tile that steps through it, at most the vocabulary rounded up to that tile."""
         align = max(self.bwd.BV, self.stage.BV, self.stage.BK)
-        vc = self.stage_bytes // (max(N, 1) * esize) // align * align
+        vc = max(self.stage_bytes // (max(N, 1) * esize), self.stage_min_cols) // align * align
         return max(align, min(vc, triton.cdiv(V, align) * align))
 
     def fwd_tiles(self, has_bias: bool, has_smoothing: bool) -> Tiles:
@@ -117,6 +122,7 @@ INTERPRETER_CONFIG = FusedConfig(
     s_max=8,
     target_programs=4,
     stage_bytes=16 << 10,  # several chunks on the test shapes
+    stage_min_cols=0,
 )
 
 _SM_COUNT: dict[int, int] = {}

@@ -228,6 +228,8 @@ def test_fused_config_errors():
         dataclasses.replace(cfg, backward="ordered")
     with pytest.raises(ValueError, match="^fused_config: stage_bytes"):
         dataclasses.replace(cfg, stage_bytes=0)
+    with pytest.raises(ValueError, match="^fused_config: stage_bytes.*stage_min_cols"):
+        dataclasses.replace(cfg, stage_min_cols=-1)
     with pytest.raises(ValueError, match=r"^fused_config: stage.BK \(64\) must divide bwd.BV \(32\)"):
         dataclasses.replace(cfg, bwd=fused.Tiles(BM=16, BV=32, BK=32), stage=fused.Tiles(BM=16, BV=32, BK=64))
     with pytest.raises(ValueError, match="^fused_config: backward='atomic'.*deterministic"):
@@ -243,13 +245,16 @@ def test_stage_columns_rule(N, V, esize):
     tile of columns is already over, never past the vocabulary rounded up to that tile."""
     for cfg in (fused.CUDA_CONFIGS["half"], fused.CUDA_CONFIGS["fp32"], fused.INTERPRETER_CONFIG):
         align = max(cfg.bwd.BV, cfg.stage.BV, cfg.stage.BK)
+        v_up = -(-V // align) * align
+        floor = max(align, min(cfg.stage_min_cols // align * align, v_up))
         vc = cfg.stage_columns(N, V, esize)
-        assert vc % align == 0 and align <= vc <= -(-V // align) * align
-        assert N * vc * esize <= cfg.stage_bytes or vc == align
-        if vc + align <= -(-V // align) * align:  # a wider chunk would break the budget
+        assert vc % align == 0 and floor <= vc <= v_up
+        assert N * vc * esize <= cfg.stage_bytes or vc == floor
+        if vc + align <= v_up:  # a wider chunk would break the budget
             assert N * (vc + align) * esize > cfg.stage_bytes
-    # the target shape (README): 2048-entry chunks of a 64 MiB bf16 G
-    assert fused.CUDA_CONFIGS["half"].stage_columns(16384, 151936, 2) == 2048
+    half = fused.CUDA_CONFIGS["half"]
+    # the target shape (README): 2048-entry chunks of a 64 MiB bf16 G; N = 10^6: still 2048, not 128
+    assert half.stage_columns(16384, 151936, 2) == 2048 and half.stage_columns(10**6, 151936, 2) == 2048
 
 
 def test_deterministic_default_follows_torch_flag(monkeypatch):
@@ -439,7 +444,7 @@ def test_no_logit_sized_allocation(deterministic, monkeypatch):
     n, d, v = 128, 16, 1024
     real = fused.default_config  # a G chunk of 128 columns on every device's tiles
     monkeypatch.setattr(fused, "default_config",
-                        lambda dev, dt: dataclasses.replace(real(dev, dt), stage_bytes=n * 128 * 2))
+                        lambda dev, dt: dataclasses.replace(real(dev, dt), stage_bytes=n * 128 * 2, stage_min_cols=0))
     g = torch.Generator().manual_seed(0)
     h = torch.randn(n, d, generator=g).bfloat16().to(DEVICE).requires_grad_()
     w = (torch.randn(v, d, generator=g) * 0.3).bfloat16().to(DEVICE).requires_grad_()
@@ -485,7 +490,7 @@ def test_cuda_graph_capture(deterministic, monkeypatch):
     n, d, v = 300, 64, 1000
     real = fused.default_config
     monkeypatch.setattr(fused, "default_config",
-                        lambda dev, dt: dataclasses.replace(real(dev, dt), stage_bytes=n * 256 * 2))
+                        lambda dev, dt: dataclasses.replace(real(dev, dt), stage_bytes=n * 256 * 2, stage_min_cols=0))
     h = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(v, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     t = torch.randint(0, v, (n,), device="cuda")
@@ -533,7 +538,7 @@ def test_cuda_many_tiles_match_spec(options, impl, deterministic, monkeypatch):
     if deterministic:  # the staged backward in 1024-entry chunks (5, the last partial), not one
         real = fused.default_config
         monkeypatch.setattr(fused, "default_config", lambda dev, dt: dataclasses.replace(
-            real(dev, dt), stage_bytes=1100 * 1024 * (4 if dt == torch.float32 else 2)))
+            real(dev, dt), stage_bytes=1100 * 1024 * (4 if dt == torch.float32 else 2), stage_min_cols=0))
     for dtype in (torch.bfloat16, torch.float32):
         check_against_spec(case, dtype, lambda *a, **k: linear_cross_entropy_with_stats(
             *a, **k, impl=impl, **extra).loss)
