@@ -45,13 +45,14 @@ BWD_CANDIDATES = [  # (BM, BV, BK, BD, warps, stages)
     (64, 256, 64, 64, 8, 3),
     (256, 64, 64, 64, 8, 3),
 ]
-# staged backward: (stage MiB, BM, BV, BK, BD, warps, stages) of its gradient GEMMs; the first is
-# the default (64 MiB: 2048-entry chunks at n = 16384)
+# staged backward: (stage MiB, BM, BV, BK, BD, warps, stages, compact h) of its gradient GEMMs;
+# the first is the default (64 MiB: 2048-entry chunks at n = 16384)
 STAGED_CANDIDATES = [
-    (64, 128, 128, 64, 128, 8, 5),
-    (256, 128, 128, 64, 128, 8, 5),  # a quarter of the dh read-modify-write passes
-    (64, 128, 128, 64, 128, 8, 7),  # dW's gathered h pipelined 4 deep instead of 3
-    (64, 128, 128, 64, 64, 8, 5),  # twice the programs per chunk (waves), twice the G re-reads
+    (64, 128, 128, 64, 128, 8, 5, False),
+    (256, 128, 128, 64, 128, 8, 5, False),  # a quarter of the dh read-modify-write passes
+    (64, 128, 128, 64, 128, 8, 5, True),  # dW reads slot-ordered h: 5 stages deep instead of 3
+    (64, 128, 128, 64, 128, 8, 7, False),  # dW's gathered h pipelined 4 deep instead of 3
+    (64, 128, 128, 64, 64, 8, 5, False),  # twice the programs per chunk (waves), twice the G re-reads
 ]
 S_MIN_CANDIDATES = (8, 32)
 SCALING_ROWS = (512, 2048, 8192, 16384)
@@ -219,13 +220,13 @@ def tiles_part(sw: Sweep, quick: bool) -> None:
 
     if not sw.over():
         sw.add(bwd_row("bwd_atomic_filter", base, grad_filter=True))
-    for i, (mib, bm, bv, bk, bd, nw, ns) in enumerate(STAGED_CANDIDATES[:2] if quick else STAGED_CANDIDATES):
+    for i, (mib, bm, bv, bk, bd, nw, ns, compact) in enumerate(STAGED_CANDIDATES[:3] if quick else STAGED_CANDIDATES):
         if sw.over():
             return
         st = fused.Tiles(BM=bm, BV=bv, BK=bk, BD=bd, num_warps=nw, num_stages=ns, GROUP=base.stage.GROUP)
-        cfg = dataclasses.replace(base, stage=st, stage_bytes=mib << 20, backward="staged")
+        cfg = dataclasses.replace(base, stage=st, stage_bytes=mib << 20, backward="staged", stage_compact_h=compact)
         row = bwd_row("bwd_staged", cfg, deterministic=True)
-        row.update(stage_mib=mib, BM=bm, BV=bv, BK=bk, BD=bd, warps=nw, stages=ns,
+        row.update(stage_mib=mib, BM=bm, BV=bv, BK=bk, BD=bd, warps=nw, stages=ns, compact_h=compact,
                    VC=cfg.stage_columns(N, V, h.element_size()))
         row.update(_kernel_resources(kb._lce_stage_dh_kernel))
         sw.add(row)

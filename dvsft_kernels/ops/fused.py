@@ -72,6 +72,9 @@ class FusedConfig:
     # large N a budget-sized chunk would turn the backward into dh traffic (kernels/README.md)
     stage_bytes: int = 64 << 20
     stage_min_cols: int = 2048
+    # copy the labeled hidden rows into slot order once (N x D, the size of the hidden states) so the
+    # dW GEMM reads them without the per-step index gather; off: that copy exceeds 64 MiB at 16k rows
+    stage_compact_h: bool = False
     # "atomic", "staged", or None: "staged" when deterministic, else "atomic"
     backward: str | None = None
 
@@ -310,6 +313,8 @@ def _staged_backward(common, scalars, flags, cfg: FusedConfig, dh, grad_w, grad_
     dot = {"DOT_F32": flags["DOT_F32"], "PRECISION": flags["PRECISION"]}
     n_rt_g, n_rt_s = triton.cdiv(N, tg.BM), triton.cdiv(N, ts.BM)
     n_dt = triton.cdiv(D, ts.BD)
+    # slots past count gather row 0: a static-size copy, no host sync; the kernel never reads them
+    hs = h2.index_select(0, idx) if cfg.stage_compact_h and grad_w else h2
     for v0 in range(0, V, VC):
         vc = min(VC, V - v0)
         _bwd._lce_stage_g_kernel[(n_rt_g * triton.cdiv(vc, tg.BV),)](
@@ -320,8 +325,8 @@ def _staged_backward(common, scalars, flags, cfg: FusedConfig, dh, grad_w, grad_
         )
         if grad_w or grad_b:
             _bwd._lce_stage_dw_kernel[(triton.cdiv(vc, ts.BV) * (n_dt if grad_w else 1),)](
-                h2, idx, count, g, pdb, dW if grad_w else dummy, db if grad_b else dummy,
-                v0, V, D, VC, h2.stride(0), h2.stride(1), COMPUTE_DW=grad_w, COMPUTE_DB=grad_b,
+                hs, idx, count, g, pdb, dW if grad_w else dummy, db if grad_b else dummy,
+                v0, V, D, VC, hs.stride(0), hs.stride(1), COMPUTE_DW=grad_w, COMPUTE_DB=grad_b, GATHER=hs is h2,
                 BV=ts.BV, BD=ts.BD, BK=ts.BK, GROUP=ts.GROUP, BM_G=tg.BM, **dot,
                 num_warps=ts.num_warps, num_stages=ts.num_stages,
             )

@@ -209,6 +209,20 @@ def test_staged_backward_matches_atomic_for_any_chunking(stage_bytes, grads):
             assert torch.equal(g, a), f"{name}: two staged runs differ"
 
 
+@MASKED_LANES
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_staged_compact_h_is_the_same_sum(dtype):
+    """stage_compact_h: the dW GEMM reads a slot-ordered copy of the labeled rows instead of
+    gathering them; the same products in the same order, so bitwise the same gradients."""
+    args, opts = _stage_inputs(dtype)
+    cfg = dataclasses.replace(fused.INTERPRETER_CONFIG, backward="staged")
+    kw = dict(opts, grad_b=True)
+    want = fused.fused_backward(*args, config=cfg, **kw)
+    got = fused.fused_backward(*args, config=dataclasses.replace(cfg, stage_compact_h=True), **kw)
+    for name, g, w_ in zip(("dh", "dW", "db"), got, want):
+        assert torch.equal(g, w_), name
+
+
 def test_staged_outputs_use_the_operand_dtypes():
     """The staged backward writes dW / db once, in the weight's / bias's dtype (no float32 (V, D)
     buffer and cast); dh accumulates over chunks in float32."""

@@ -219,6 +219,7 @@ def _lce_stage_dw_kernel(
     v0, V, D, VC,
     stride_hn, stride_hd,
     COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    GATHER: tl.constexpr,  # h rows by position through idx; False: h_ptr holds them by slot
     BV: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr, BM_G: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -243,7 +244,10 @@ def _lce_stage_dw_kernel(
         for k0 in range(0, count, BK):
             o_k = k0 + o_kb
             m_k = o_k < count  # staged rows past count were never written
-            o_pos = tl.load(idx_ptr + o_k, mask=m_k, other=0).to(tl.int64)
+            if GATHER:
+                o_pos = tl.load(idx_ptr + o_k, mask=m_k, other=0).to(tl.int64)
+            else:
+                o_pos = o_k.to(tl.int64)
             b_g = tl.load(g_ptr + o_k[:, None].to(tl.int64) * VC + o_c[None, :], mask=m_k[:, None], other=0.0)
             b_h = tl.load(h_ptr + o_pos[:, None] * stride_hn + o_d[None, :] * stride_hd,
                           mask=m_k[:, None] & m_d[None, :], other=0.0)  # [BK, BD]
@@ -356,7 +360,11 @@ STATIC_CONFIGS = [
         _static_bwd(f"lce_fused_bwd/stage_g_{dt}_softcap_filter", _lce_stage_g_kernel, BWD_TILES[w], dt, True, True,
                     COMPUTE_DB=True),
         _static_bwd(f"lce_fused_bwd/stage_dw_{dt}", _lce_stage_dw_kernel, STAGE_TILES[w], dt, False,
-                    BM_G=BWD_TILES[w]["BM"], **_DB),
+                    BM_G=BWD_TILES[w]["BM"], GATHER=True, **_DB),
         _static_bwd(f"lce_fused_bwd/stage_dh_{dt}", _lce_stage_dh_kernel, STAGE_TILES[w], dt, False),
     )
+] + [
+    # the dW kernel over a slot-ordered copy of the labeled rows (FusedConfig.stage_compact_h)
+    _static_bwd("lce_fused_bwd/stage_dw_bf16_compact", _lce_stage_dw_kernel, STAGE_TILES[_H], "bf16", False,
+                BM_G=BWD_TILES[_H]["BM"], GATHER=False, **_DB),
 ]
