@@ -45,14 +45,16 @@ BWD_CANDIDATES = [  # (BM, BV, BK, BD, warps, stages)
     (64, 256, 64, 64, 8, 3),
     (256, 64, 64, 64, 8, 3),
 ]
-# staged backward: (stage MiB, BM, BV, BK, BD, warps, stages, compact h) of its gradient GEMMs;
+# staged backward: FusedConfig fields and the gradient GEMMs' tiles (BM, BV, BK, BD, warps, stages);
 # the first is the default (64 MiB: 2048-entry chunks at n = 16384)
+_ST = (128, 128, 64, 128, 8, 5)
 STAGED_CANDIDATES = [
-    (64, 128, 128, 64, 128, 8, 5, False),
-    (256, 128, 128, 64, 128, 8, 5, False),  # a quarter of the dh read-modify-write passes
-    (64, 128, 128, 64, 128, 8, 5, True),  # dW reads slot-ordered h: 5 stages deep instead of 3
-    (64, 128, 128, 64, 128, 8, 7, False),  # dW's gathered h pipelined 4 deep instead of 3
-    (64, 128, 128, 64, 64, 8, 5, False),  # twice the programs per chunk (waves), twice the G re-reads
+    {"stage_mib": 64, "tiles": _ST},
+    {"stage_mib": 256, "tiles": _ST},  # a quarter of the dh read-modify-write passes
+    {"stage_mib": 64, "tiles": _ST, "stage_gemm": "torch"},  # cuBLAS gradient GEMMs over G by position
+    {"stage_mib": 64, "tiles": _ST, "stage_compact_h": True},  # dW reads slot-ordered h: 5 deep, not 3
+    {"stage_mib": 64, "tiles": (128, 128, 64, 128, 8, 7)},  # dW's gathered h pipelined 4 deep
+    {"stage_mib": 64, "tiles": (128, 128, 64, 64, 8, 5)},  # twice the programs a chunk, twice the G reads
 ]
 S_MIN_CANDIDATES = (8, 32)
 SCALING_ROWS = (512, 2048, 8192, 16384)
@@ -220,14 +222,16 @@ def tiles_part(sw: Sweep, quick: bool) -> None:
 
     if not sw.over():
         sw.add(bwd_row("bwd_atomic_filter", base, grad_filter=True))
-    for i, (mib, bm, bv, bk, bd, nw, ns, compact) in enumerate(STAGED_CANDIDATES[:3] if quick else STAGED_CANDIDATES):
+    for i, cand in enumerate(STAGED_CANDIDATES[:3] if quick else STAGED_CANDIDATES):
         if sw.over():
             return
+        bm, bv, bk, bd, nw, ns = cand["tiles"]
         st = fused.Tiles(BM=bm, BV=bv, BK=bk, BD=bd, num_warps=nw, num_stages=ns, GROUP=base.stage.GROUP)
-        cfg = dataclasses.replace(base, stage=st, stage_bytes=mib << 20, backward="staged", stage_compact_h=compact)
+        extra = {k: v for k, v in cand.items() if k.startswith("stage_") and k != "stage_mib"}
+        cfg = dataclasses.replace(base, stage=st, stage_bytes=cand["stage_mib"] << 20, backward="staged", **extra)
         row = bwd_row("bwd_staged", cfg, deterministic=True)
-        row.update(stage_mib=mib, BM=bm, BV=bv, BK=bk, BD=bd, warps=nw, stages=ns, compact_h=compact,
-                   VC=cfg.stage_columns(N, V, h.element_size()))
+        row.update(stage_mib=cand["stage_mib"], BM=bm, BV=bv, BK=bk, BD=bd, warps=nw, stages=ns,
+                   VC=cfg.stage_columns(N, V, h.element_size()), **extra)
         row.update(_kernel_resources(kb._lce_stage_dh_kernel))
         sw.add(row)
         if i == 0:  # where its time goes

@@ -37,6 +37,7 @@ import triton
 from dvsft_kernels.ops.kernels import lce_fused_bwd as _bwd
 from dvsft_kernels.ops.kernels import lce_fused_fwd as _fwd
 from dvsft_kernels.ops.launch import _interpreting
+from dvsft_kernels.ops.torch_impl import _accum_f32
 
 # Filtering threshold per output dtype: its unit roundoff (half the spacing of floats in [1, 2)).
 FILTER_TAU = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
@@ -75,12 +76,17 @@ class FusedConfig:
     # copy the labeled hidden rows into slot order once (N x D, the size of the hidden states) so the
     # dW GEMM reads them without the per-step index gather; off: that copy exceeds 64 MiB at 16k rows
     stage_compact_h: bool = False
+    # the staged gradient GEMMs: "triton" (K and rows stop at the labeled count) or "torch" (cuBLAS
+    # over G by position: all N positions, unlabeled rows zero; no gather, no scatter)
+    stage_gemm: str = "triton"
     # "atomic", "staged", or None: "staged" when deterministic, else "atomic"
     backward: str | None = None
 
     def __post_init__(self):
         if self.backward not in (None, "atomic", "staged"):
             raise ValueError(f"fused_config: backward must be None, 'atomic' or 'staged', got {self.backward!r}")
+        if self.stage_gemm not in ("triton", "torch"):
+            raise ValueError(f"fused_config: stage_gemm must be 'triton' or 'torch', got {self.stage_gemm!r}")
         if self.stage_bytes <= 0 or self.stage_min_cols < 0:
             raise ValueError(f"fused_config: stage_bytes must be positive and stage_min_cols >= 0, got "
                              f"{self.stage_bytes} and {self.stage_min_cols}")
@@ -298,14 +304,18 @@ def fused_backward(h2, weight, bias, flat_t, idx, count, stat, scale, *, label_s
 def _staged_backward(common, scalars, flags, cfg: FusedConfig, dh, grad_w, grad_b, N, V, D):
     """The deterministic design (kernels/README.md): per chunk of VC vocabulary entries, G of every
     labeled row into a bounded buffer, then dW of the chunk's rows and dh += G W_chunk as GEMMs
-    without atomics. The chunk loop is static (V, N), so a CUDA graph captures it."""
+    without atomics (Triton, or torch.mm over all N positions with stage_gemm="torch"). The chunk
+    loop is static (V, N), so a CUDA graph captures it."""
     h2, weight, bias = common[:3]
     idx, count = common[4], common[5]
     dev = h2.device
     tg, ts = cfg.bwd, cfg.stage
     VC = cfg.stage_columns(N, V, weight.element_size())
-    g = torch.empty(N, VC, dtype=weight.dtype, device=dev)  # rows past count are never read
-    # written whole by the dW kernel (every chunk row, every D tile): no zero fill, no float32 copy
+    by_pos = cfg.stage_gemm == "torch"
+    # by slot: rows past count are never read; by position: unlabeled rows are never written, and
+    # the GEMMs read them, so they start (and stay) zero
+    g = (torch.zeros if by_pos else torch.empty)(N, VC, dtype=weight.dtype, device=dev)
+    # written whole, chunk by chunk (every row, every D tile): no zero fill, no float32 copy
     dW = torch.empty(V, D, dtype=weight.dtype, device=dev) if grad_w else None
     db = torch.empty(V, dtype=bias.dtype, device=dev) if grad_b else None
     pdb = torch.empty(triton.cdiv(N, tg.BM), VC, dtype=torch.float32, device=dev) if grad_b else g
@@ -314,23 +324,28 @@ def _staged_backward(common, scalars, flags, cfg: FusedConfig, dh, grad_w, grad_
     n_rt_g, n_rt_s = triton.cdiv(N, tg.BM), triton.cdiv(N, ts.BM)
     n_dt = triton.cdiv(D, ts.BD)
     # slots past count gather row 0: a static-size copy, no host sync; the kernel never reads them
-    hs = h2.index_select(0, idx) if cfg.stage_compact_h and grad_w else h2
+    hs = h2.index_select(0, idx) if cfg.stage_compact_h and grad_w and not by_pos else h2
+    triton_dw = grad_w and not by_pos
     for v0 in range(0, V, VC):
         vc = min(VC, V - v0)
         _bwd._lce_stage_g_kernel[(n_rt_g * triton.cdiv(vc, tg.BV),)](
             *common, g, pdb, v0, N, V, D, VC, *scalars[3:],
             HAS_BIAS=flags["HAS_BIAS"], HAS_SOFTCAP=flags["HAS_SOFTCAP"], HAS_SMOOTHING=flags["HAS_SMOOTHING"],
-            COMPUTE_DB=grad_b, FILTER=flags["FILTER"], BM=tg.BM, BV=tg.BV, BK=tg.BK, GROUP=tg.GROUP,
-            EVEN_K=D % tg.BK == 0, **dot, num_warps=tg.num_warps, num_stages=tg.num_stages,
+            COMPUTE_DB=grad_b, FILTER=flags["FILTER"], BY_POSITION=by_pos, BM=tg.BM, BV=tg.BV, BK=tg.BK,
+            GROUP=tg.GROUP, EVEN_K=D % tg.BK == 0, **dot, num_warps=tg.num_warps, num_stages=tg.num_stages,
         )
-        if grad_w or grad_b:
-            _bwd._lce_stage_dw_kernel[(triton.cdiv(vc, ts.BV) * (n_dt if grad_w else 1),)](
-                hs, idx, count, g, pdb, dW if grad_w else dummy, db if grad_b else dummy,
-                v0, V, D, VC, hs.stride(0), hs.stride(1), COMPUTE_DW=grad_w, COMPUTE_DB=grad_b, GATHER=hs is h2,
-                BV=ts.BV, BD=ts.BD, BK=ts.BK, GROUP=ts.GROUP, BM_G=tg.BM, **dot,
+        if triton_dw or grad_b:
+            _bwd._lce_stage_dw_kernel[(triton.cdiv(vc, ts.BV) * (n_dt if triton_dw else 1),)](
+                hs, idx, count, g, pdb, dW if triton_dw else dummy, db if grad_b else dummy,
+                v0, V, D, VC, hs.stride(0), hs.stride(1), COMPUTE_DW=triton_dw, COMPUTE_DB=grad_b,
+                GATHER=hs is h2, BV=ts.BV, BD=ts.BD, BK=ts.BK, GROUP=ts.GROUP, BM_G=tg.BM, **dot,
                 num_warps=ts.num_warps, num_stages=ts.num_stages,
             )
-        if dh is not None:
+        if grad_w and by_pos:  # float32 accumulation inside the GEMM, written in the weight's dtype
+            torch.mm(g[:, :vc].t(), h2, out=dW[v0:v0 + vc])
+        if dh is not None and by_pos:
+            _accum_f32(dh, g[:, :vc], weight[v0:v0 + vc])
+        elif dh is not None:
             _bwd._lce_stage_dh_kernel[(n_rt_s * n_dt,)](
                 weight, idx, count, g, dh, v0, V, D, VC, weight.stride(0), weight.stride(1),
                 BM=ts.BM, BD=ts.BD, BK=ts.BK, GROUP=ts.GROUP, **dot,

@@ -40,14 +40,19 @@ def fused_fn(**extra):
 @pytest.mark.parametrize("options, ignore_frac", [("plain", 0.3), ("all", 0.3), ("all", 1.0), ("plain", 0.0)])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backward", ["atomic", "staged"])
-def test_fused_matches_spec(backward, dtype, reduction, options, ignore_frac):
+@pytest.mark.parametrize("backward", ["atomic", "staged", "staged_torch_gemm"])
+def test_fused_matches_spec(backward, dtype, reduction, options, ignore_frac, monkeypatch):
     # the op tests' matrix; 37 rows, V = 517, D = 72: no count is a multiple of any tile (16 rows,
     # 64 vocabulary entries, 32 of D) and the vocabulary falls into splits of several tiles; the
-    # staged (deterministic) backward in chunks of 64-192 entries (INTERPRETER_CONFIG.stage_bytes)
+    # staged (deterministic) backward in chunks of 64-192 entries (INTERPRETER_CONFIG.stage_bytes),
+    # its gradient GEMMs in Triton or torch.mm
+    if backward == "staged_torch_gemm":
+        real = fused.default_config
+        monkeypatch.setattr(fused, "default_config",
+                            lambda dev, dt: dataclasses.replace(real(dev, dt), stage_gemm="torch"))
     case = to_device(make_case(lead=(37,), ignore_frac=ignore_frac, options=OPTION_SETS[options],
                                reduction=reduction, seed=11), DEVICE)
-    got = check_against_spec(case, dtype, fused_fn(deterministic=backward == "staged"))
+    got = check_against_spec(case, dtype, fused_fn(deterministic=backward != "atomic"))
     if ignore_frac == 1.0:
         for key in ("loss", "hidden", "weight", "bias"):
             assert torch.count_nonzero(got[key]) == 0, f"{key} must be exactly zero when all ignored"
@@ -189,13 +194,14 @@ def _stage_inputs(dtype):
 @MASKED_LANES
 @pytest.mark.parametrize("grads", [(1, 1, 1), (1, 0, 0), (0, 1, 0), (0, 0, 1)], ids=["all", "h", "w", "b"])
 @pytest.mark.parametrize("stage_bytes", [1, 37 * 192 * 4, 1 << 30], ids=["tile_chunks", "3_chunks", "one_chunk"])
-def test_staged_backward_matches_atomic_for_any_chunking(stage_bytes, grads):
+@pytest.mark.parametrize("gemm", ["triton", "torch"])
+def test_staged_backward_matches_atomic_for_any_chunking(gemm, stage_bytes, grads):
     """The staged backward (chunks of one column tile up to the whole vocabulary, the last one
-    partial; each gradient alone, db without dW) against the atomic kernel in float32, which the
-    spec tests pin; two runs bitwise equal."""
+    partial; each gradient alone, db without dW; gradient GEMMs in Triton or torch.mm) against the
+    atomic kernel in float32, which the spec tests pin; two runs bitwise equal."""
     args, opts = _stage_inputs(torch.float32)
     cfg = fused.INTERPRETER_CONFIG
-    staged = dataclasses.replace(cfg, backward="staged", stage_bytes=stage_bytes)
+    staged = dataclasses.replace(cfg, backward="staged", stage_bytes=stage_bytes, stage_gemm=gemm)
     vc = staged.stage_columns(37, 517, 4)
     assert vc == {1: 64, 37 * 192 * 4: 192}.get(stage_bytes, 576), vc
     kw = dict(opts, grad_h=bool(grads[0]), grad_w=bool(grads[1]), grad_b=bool(grads[2]))
@@ -240,6 +246,8 @@ def test_fused_config_errors():
     cfg = fused.INTERPRETER_CONFIG
     with pytest.raises(ValueError, match="^fused_config: backward"):
         dataclasses.replace(cfg, backward="ordered")
+    with pytest.raises(ValueError, match="^fused_config: stage_gemm"):
+        dataclasses.replace(cfg, stage_gemm="cublas")
     with pytest.raises(ValueError, match="^fused_config: stage_bytes"):
         dataclasses.replace(cfg, stage_bytes=0)
     with pytest.raises(ValueError, match="^fused_config: stage_bytes.*stage_min_cols"):

@@ -176,14 +176,15 @@ def _lce_bwd_kernel(
 @triton.jit
 def _lce_stage_g_kernel(
     h_ptr, w_ptr, b_ptr, t_ptr, idx_ptr, cnt_ptr, stat_ptr, s_ptr,
-    g_ptr,  # [N, VC] staging buffer by slot, in the GEMM operand dtype: G of vocabulary v0 + [0, VC)
+    g_ptr,  # [N, VC] staging buffer in the GEMM operand dtype: G of vocabulary v0 + [0, VC) by slot
+    # (BY_POSITION: by position, rows of unlabeled positions left as they are, zero)
     pdb_ptr,  # [N / BM, VC] float32 column sums of G per row tile (COMPUTE_DB)
     v0,  # first vocabulary entry of the chunk, a multiple of BV
     N, V, D, VC,
     stride_hn, stride_hd, stride_wv, stride_wd,
     eps, zl, softcap, TAU,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    COMPUTE_DB: tl.constexpr, FILTER: tl.constexpr,
+    COMPUTE_DB: tl.constexpr, FILTER: tl.constexpr, BY_POSITION: tl.constexpr,
     BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -207,8 +208,11 @@ def _lce_stage_g_kernel(
         b_g = b_g * _keep_tile(b_g, b_s, tl.cdiv(V, BV), TAU, FILTER).to(tl.float32)
     if COMPUTE_DB:  # from float32 G, as the atomic kernel adds it
         tl.store(pdb_ptr + i_r.to(tl.int64) * VC + o_c, tl.sum(b_g, axis=0))
-    tl.store(g_ptr + o_j[:, None].to(tl.int64) * VC + o_c[None, :], b_g.to(g_ptr.dtype.element_ty),
-             mask=m_j[:, None])
+    if BY_POSITION:
+        o_row = o_pos
+    else:
+        o_row = o_j.to(tl.int64)
+    tl.store(g_ptr + o_row[:, None] * VC + o_c[None, :], b_g.to(g_ptr.dtype.element_ty), mask=m_j[:, None])
 
 
 @triton.jit
@@ -358,7 +362,7 @@ STATIC_CONFIGS = [
     for w, dt in ((_H, "bf16"), (_H, "fp16"), (_F, "fp32"))
     for cfg in (
         _static_bwd(f"lce_fused_bwd/stage_g_{dt}_softcap_filter", _lce_stage_g_kernel, BWD_TILES[w], dt, True, True,
-                    COMPUTE_DB=True),
+                    COMPUTE_DB=True, BY_POSITION=False),
         _static_bwd(f"lce_fused_bwd/stage_dw_{dt}", _lce_stage_dw_kernel, STAGE_TILES[w], dt, False,
                     BM_G=BWD_TILES[w]["BM"], GATHER=True, **_DB),
         _static_bwd(f"lce_fused_bwd/stage_dh_{dt}", _lce_stage_dh_kernel, STAGE_TILES[w], dt, False),
@@ -367,4 +371,7 @@ STATIC_CONFIGS = [
     # the dW kernel over a slot-ordered copy of the labeled rows (FusedConfig.stage_compact_h)
     _static_bwd("lce_fused_bwd/stage_dw_bf16_compact", _lce_stage_dw_kernel, STAGE_TILES[_H], "bf16", False,
                 BM_G=BWD_TILES[_H]["BM"], GATHER=False, **_DB),
+    # G by position for torch.mm gradient GEMMs (FusedConfig.stage_gemm="torch")
+    _static_bwd("lce_fused_bwd/stage_g_bf16_by_position", _lce_stage_g_kernel, BWD_TILES[_H], "bf16", True,
+                COMPUTE_DB=False, BY_POSITION=True),
 ]
