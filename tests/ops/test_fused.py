@@ -547,20 +547,24 @@ def test_cuda_graph_capture(deterministic, monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("deterministic", [False, True, "torch_gemm"])
 @pytest.mark.parametrize("impl", ["fused", "chunked"])
 @pytest.mark.parametrize("options", ["plain", "all"])
 def test_cuda_many_tiles_match_spec(options, impl, deterministic, monkeypatch):
     """The GPU tiles (128 rows x 128 vocabulary) on a shape with several row tiles, vocabulary
-    splits and GROUP blocks, none of them full: the interpreter tests use small tiles instead."""
+    splits and GROUP blocks, none of them full: the interpreter tests use small tiles instead.
+    deterministic: the staged backward in 1024-entry chunks (5, the last partial), its gradient
+    GEMMs in Triton or ("torch_gemm") cuBLAS."""
     if impl == "chunked" and deterministic:
         pytest.skip("chunked has no atomics")
     case = to_device(make_case(lead=(1100,), D=200, V=5003, options=OPTION_SETS[options], seed=3), DEVICE)
     extra = {"deterministic": True} if deterministic else {}
-    if deterministic:  # the staged backward in 1024-entry chunks (5, the last partial), not one
+    if deterministic:
         real = fused.default_config
+        gemm = "torch" if deterministic == "torch_gemm" else "triton"
         monkeypatch.setattr(fused, "default_config", lambda dev, dt: dataclasses.replace(
-            real(dev, dt), stage_bytes=1100 * 1024 * (4 if dt == torch.float32 else 2), stage_min_cols=0))
+            real(dev, dt), stage_bytes=1100 * 1024 * (4 if dt == torch.float32 else 2), stage_min_cols=0,
+            stage_gemm=gemm))
     for dtype in (torch.bfloat16, torch.float32):
         check_against_spec(case, dtype, lambda *a, **k: linear_cross_entropy_with_stats(
             *a, **k, impl=impl, **extra).loss)
