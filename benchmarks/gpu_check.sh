@@ -8,7 +8,8 @@
 #   3. runs the CUDA tests: the op tests (tests/ops pick CUDA when present) and every test marked
 #      `cuda` elsewhere, within $DVSFT_TEST_TIMEOUT s in all (default 230; xdist workers when
 #      pytest-xdist is there: $DVSFT_TEST_WORKERS, default 8); first the fused tests matching
-#      $DVSFT_TEST_FIRST_K (default "staged or deterministic or cuda": what no GPU has run yet);
+#      $DVSFT_TEST_FIRST_K (default "cuda or deterministic or chunking or compact": the GPU-only
+#      tests and the staged backward, which no GPU has run yet);
 #   4. runs the GPU benchmark suite (`run.py --suite gpu`), starting cells for $DVSFT_BENCH_BUDGET s
 #      (default 150; 0 skips it) with a hard stop 70 s later;
 #   5. runs the fused tile and row-count sweep (`fused_sweep.py`), starting cells for
@@ -117,7 +118,7 @@ if [ -d tests ]; then
     }
     # what waits for a GPU to be verified at all (the staged backward, CUDA graphs, the GPU tiles)
     # before the rest of the fused tests: $DVSFT_TEST_FIRST_K, a pytest -k expression
-    verify=${DVSFT_TEST_FIRST_K:-staged or deterministic or cuda}
+    verify=${DVSFT_TEST_FIRST_K:-cuda or deterministic or chunking or compact}
     run_tests $((TEST_TIMEOUT / 3)) "${xdist[@]}" -m "not static" -k "$verify" tests/ops/test_fused.py
     left=$((TEST_TIMEOUT / 2 - ($(date +%s) - START)))
     [ "$left" -lt 30 ] && left=30
