@@ -431,11 +431,18 @@ def test_target_out_of_range_is_nan_without_a_host_sync():
 
 
 @MASKED_LANES
+@pytest.mark.parametrize("backward", ["atomic", "staged", "staged_compact_h", "staged_torch_gemm"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_no_host_synchronising_ops(reduction):
+def test_no_host_synchronising_ops(reduction, backward, monkeypatch):
     """Every torch op of a fused forward + backward, none that waits on the device (the kernels
-    read the labeled count on the device). On CUDA the same step is captured in a CUDA graph in
-    test_cuda_graph_capture."""
+    read the labeled count on the device), for each backward design and its options. On CUDA the
+    same step is captured in a CUDA graph in test_cuda_graph_capture."""
+    real = fused.default_config
+    options = {"atomic": {}, "staged": {"backward": "staged"},
+               "staged_compact_h": {"backward": "staged", "stage_compact_h": True},
+               "staged_torch_gemm": {"backward": "staged", "stage_gemm": "torch"}}
+    monkeypatch.setattr(fused, "default_config",
+                        lambda dev, dt: dataclasses.replace(real(dev, dt), **options[backward]))
     case = make_case(lead=(3, 11), options={"bias": True, "token_weights": True, "num_items": 20, "softcap": 3.0},
                      reduction=reduction, seed=6)
     h = case.hidden.float().to(DEVICE).requires_grad_()
