@@ -5,8 +5,9 @@ view pixels. Defaults are the transformers processor *class* defaults (checkpoin
 checkpoint's values, or use :func:`grid_from_processor`, which reads them from the processor).
 Resize arithmetic calls transformers' own functions (``smart_resize``, ``select_best_resolution``,
 ``get_patch_output_size``, ``get_optimal_tiled_canvas``, ...); the few steps transformers only has
-inside methods (LLaVA-NeXT unpadding, OneVision downsizing, Idefics3 ``resize_for_vision_encoder``)
-are mirrored here and pinned by tests against the real processors.
+inside methods (OneVision downsizing, Idefics3 ``resize_for_vision_encoder``) are mirrored here and
+pinned by tests against the real processors; LLaVA-NeXT unpadding calls the modeling file's
+``unpad_image`` on a zero-stride stand-in.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def _tf(name: str):
         "get_patch_output_size": ("transformers.image_processing_utils",),
         "get_image_size_for_max_height_width": ("transformers.image_utils",),
         "ChannelDimension": ("transformers.image_utils",),
+        "unpad_image": ("transformers.models.llava_next.modeling_llava_next",),
         "get_optimal_tiled_canvas": (
             "transformers.models.got_ocr2.image_processing_pil_got_ocr2",
             "transformers.models.got_ocr2.image_processing_got_ocr2",
@@ -314,15 +316,9 @@ def _anyres_view(H, W, pinpoints, tile, n, patch, offset, max_num_patches, name=
     nh, nw = _tf("get_patch_output_size")(_dummy(H, W), (bh, bw), first)
     mp = _Map().scale(nw / W, nh / H).shift((bw - nw) // 2, (bh - nh) // 2)
     cur_h, cur_w = n * (bh // tile), n * (bw // tile)
-    # mirrors LlavaNextProcessor._get_unpadded_features / modeling unpad_image
-    r0, r1, c0, c1 = 0, cur_h, 0, cur_w
-    if W / H > cur_w / cur_h:
-        pad = (cur_h - int(round(H * (cur_w / W), 7))) // 2
-        r0, r1 = pad, cur_h - pad
-    else:
-        pad = (cur_w - int(round(W * (cur_h / H), 7))) // 2
-        c0, c1 = pad, cur_w - pad
-    kh, kw = r1 - r0, c1 - c0
+    # transformers' own unpadding of the feature grid (it crops the same padding from both sides)
+    kh, kw = _tf("unpad_image")(_dummy(cur_h, cur_w), (H, W)).shape[1:]
+    r0, c0 = (cur_h - kh) // 2, (cur_w - kw) // 2
     oh, ow = kh, kw
     if max_num_patches is not None:  # OneVision: bilinear downsizing when above max_num_patches tiles
         ratio = math.sqrt(kh * kw / (max_num_patches * n**2))
