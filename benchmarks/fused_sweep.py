@@ -185,25 +185,6 @@ def tiles_part(sw: Sweep, quick: bool) -> None:
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             sw.add(row)
 
-    for bm, bv, bk, bd, nw, ns in bwd_c:
-        if sw.over():
-            return
-        tl_ = fused.Tiles(BM=bm, BV=bv, BK=bk, BD=bd, num_warps=nw, num_stages=ns, GROUP=base.bwd.GROUP)
-        cfg = dataclasses.replace(base, bwd=tl_)
-        row = dict(common, kernel="bwd_atomic", BM=bm, BV=bv, BK=bk, BD=bd, warps=nw, stages=ns)
-        try:
-            got = fused.fused_backward(h, w, None, t, idx, count, ref[3], scale, config=cfg)
-            _sync()
-            row.update(_kernel_resources(kb._lce_bwd_kernel))
-            row["err_dh"] = _rel(got[0], ref_b[0])
-            row["err_dw"] = _rel(got[1], ref_b[1])
-            del got
-            row["ms"] = _bench(lambda: fused.fused_backward(h, w, None, t, idx, count, ref[3], scale, config=cfg))
-            row["tflops_3gemm"] = 3 * flop / row["ms"] / 1e9
-        except Exception as e:  # noqa: BLE001
-            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        sw.add(row)
-
     def bwd_row(kernel, cfg, **kw):
         row = dict(common, kernel=kernel, **{k: v for k, v in kw.items() if k in ("grad_h", "grad_w")})
         try:
@@ -219,6 +200,14 @@ def tiles_part(sw: Sweep, quick: bool) -> None:
         except Exception as e:  # noqa: BLE001
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         return row
+
+    for bm, bv, bk, bd, nw, ns in bwd_c:
+        if sw.over():
+            return
+        tl_ = fused.Tiles(BM=bm, BV=bv, BK=bk, BD=bd, num_warps=nw, num_stages=ns, GROUP=base.bwd.GROUP)
+        row = bwd_row("bwd_atomic", dataclasses.replace(base, bwd=tl_))
+        row.update(BM=bm, BV=bv, BK=bk, BD=bd, warps=nw, stages=ns, **_kernel_resources(kb._lce_bwd_kernel))
+        sw.add(row)
 
     if not sw.over():
         sw.add(bwd_row("bwd_atomic_filter", base, grad_filter=True))

@@ -277,20 +277,23 @@ def fused_backward(h2, weight, bias, flat_t, idx, count, stat, scale, *, label_s
     dot_f32, precision = _dot_options(weight.dtype)
     staged = cfg.backward_design(deterministic) == "staged"
     dh = torch.zeros(N, D, dtype=torch.float32, device=dev) if grad_h else None
-    zeros = N == 0 or not staged  # the staged kernels write dW / db whole, in the operand dtypes
-    dW = torch.zeros(V, D, dtype=torch.float32, device=dev) if grad_w and zeros else None
-    db = torch.zeros(V, dtype=torch.float32, device=dev) if grad_b and zeros else None
+
+    def zero_dw_db():
+        return (torch.zeros(V, D, dtype=torch.float32, device=dev) if grad_w else None,
+                torch.zeros(V, dtype=torch.float32, device=dev) if grad_b else None)
+
     if N == 0 or not (grad_h or grad_w or grad_b):
-        return dh, dW, db
+        return (dh, *zero_dw_db())
     dummy = stat
     common = (h2, weight, bias if bias is not None else dummy, flat_t, idx, count, stat, scale.float().contiguous())
     scalars = (N, V, D, *_strides(h2, weight), float(label_smoothing), float(z_loss),
                float(softcap) if softcap is not None else 1.0, FILTER_TAU[weight.dtype])
-    flags = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=label_smoothing > 0,
-                 FILTER=bool(grad_filter), DOT_F32=dot_f32, PRECISION=precision)
+    flags = {"HAS_BIAS": bias is not None, "HAS_SOFTCAP": softcap is not None, "HAS_SMOOTHING": label_smoothing > 0,
+             "FILTER": bool(grad_filter), "DOT_F32": dot_f32, "PRECISION": precision}
 
-    if staged:
-        return _staged_backward(common, scalars, flags, cfg, dh, grad_w, grad_b, N, V, D)
+    if staged:  # writes dW / db whole, in the operand dtypes
+        return _staged_backward(common, scalars, flags, cfg, dh, grad_w, grad_b)
+    dW, db = zero_dw_db()
     t = cfg.bwd
     _bwd._lce_bwd_kernel[(triton.cdiv(N, t.BM) * triton.cdiv(V, t.BV),)](  # grid for the static bound N
         *common, dh if grad_h else dummy, dW if grad_w else dummy, db if grad_b else dummy, *scalars,
@@ -301,13 +304,13 @@ def fused_backward(h2, weight, bias, flat_t, idx, count, stat, scale, *, label_s
     return dh, dW, db
 
 
-def _staged_backward(common, scalars, flags, cfg: FusedConfig, dh, grad_w, grad_b, N, V, D):
+def _staged_backward(common, scalars, flags, cfg: FusedConfig, dh, grad_w, grad_b):
     """The deterministic design (kernels/README.md): per chunk of VC vocabulary entries, G of every
     labeled row into a bounded buffer, then dW of the chunk's rows and dh += G W_chunk as GEMMs
     without atomics (Triton, or torch.mm over all N positions with stage_gemm="torch"). The chunk
     loop is static (V, N), so a CUDA graph captures it."""
-    h2, weight, bias = common[:3]
-    idx, count = common[4], common[5]
+    h2, weight, bias, _, idx, count, dummy, _ = common  # bias: the dummy when there is none
+    N, V, D = scalars[:3]
     dev = h2.device
     tg, ts = cfg.bwd, cfg.stage
     VC = cfg.stage_columns(N, V, weight.element_size())
@@ -319,7 +322,6 @@ def _staged_backward(common, scalars, flags, cfg: FusedConfig, dh, grad_w, grad_
     dW = torch.empty(V, D, dtype=weight.dtype, device=dev) if grad_w else None
     db = torch.empty(V, dtype=bias.dtype, device=dev) if grad_b else None
     pdb = torch.empty(triton.cdiv(N, tg.BM), VC, dtype=torch.float32, device=dev) if grad_b else g
-    dummy = common[6]
     dot = {"DOT_F32": flags["DOT_F32"], "PRECISION": flags["PRECISION"]}
     n_rt_g, n_rt_s = triton.cdiv(N, tg.BM), triton.cdiv(N, ts.BM)
     n_dt = triton.cdiv(D, ts.BD)
@@ -329,10 +331,9 @@ def _staged_backward(common, scalars, flags, cfg: FusedConfig, dh, grad_w, grad_
     for v0 in range(0, V, VC):
         vc = min(VC, V - v0)
         _bwd._lce_stage_g_kernel[(n_rt_g * triton.cdiv(vc, tg.BV),)](
-            *common, g, pdb, v0, N, V, D, VC, *scalars[3:],
-            HAS_BIAS=flags["HAS_BIAS"], HAS_SOFTCAP=flags["HAS_SOFTCAP"], HAS_SMOOTHING=flags["HAS_SMOOTHING"],
-            COMPUTE_DB=grad_b, FILTER=flags["FILTER"], BY_POSITION=by_pos, BM=tg.BM, BV=tg.BV, BK=tg.BK,
-            GROUP=tg.GROUP, EVEN_K=D % tg.BK == 0, **dot, num_warps=tg.num_warps, num_stages=tg.num_stages,
+            *common, g, pdb, *scalars, v0, VC, **flags, COMPUTE_DB=grad_b, BY_POSITION=by_pos,
+            BM=tg.BM, BV=tg.BV, BK=tg.BK, GROUP=tg.GROUP, EVEN_K=D % tg.BK == 0,
+            num_warps=tg.num_warps, num_stages=tg.num_stages,
         )
         if triton_dw or grad_b:
             _bwd._lce_stage_dw_kernel[(triton.cdiv(vc, ts.BV) * (n_dt if triton_dw else 1),)](

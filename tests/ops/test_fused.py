@@ -36,6 +36,12 @@ def fused_fn(**extra):
     return fn
 
 
+def use_config(monkeypatch, **fields):
+    """Every fused call in this test runs its device's default config with `fields` replaced."""
+    real = fused.default_config
+    monkeypatch.setattr(fused, "default_config", lambda dev, dt: dataclasses.replace(real(dev, dt), **fields))
+
+
 @MASKED_LANES
 @pytest.mark.parametrize("options, ignore_frac", [("plain", 0.3), ("all", 0.3), ("all", 1.0), ("plain", 0.0)])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -47,9 +53,7 @@ def test_fused_matches_spec(backward, dtype, reduction, options, ignore_frac, mo
     # staged (deterministic) backward in chunks of 64-192 entries (INTERPRETER_CONFIG.stage_bytes),
     # its gradient GEMMs in Triton or torch.mm
     if backward == "staged_torch_gemm":
-        real = fused.default_config
-        monkeypatch.setattr(fused, "default_config",
-                            lambda dev, dt: dataclasses.replace(real(dev, dt), stage_gemm="torch"))
+        use_config(monkeypatch, stage_gemm="torch")
     case = to_device(make_case(lead=(37,), ignore_frac=ignore_frac, options=OPTION_SETS[options],
                                reduction=reduction, seed=11), DEVICE)
     got = check_against_spec(case, dtype, fused_fn(deterministic=backward != "atomic"))
@@ -353,12 +357,11 @@ def test_filtering_error_within_bound(kind, deterministic):
     h, w, b, t, s = (x.to(DEVICE) for x in _filter_case(kind))
     idx, count = fused.build_index(t, -100)
     _, _, _, stat = fused.fused_forward(h, w, b, t, idx, count)
-    kw = dict(grad_h=True, grad_w=True, grad_b=True, deterministic=deterministic)
+    kw = {"grad_h": True, "grad_w": True, "grad_b": True, "deterministic": deterministic}
     dh0, dw0, db0 = fused.fused_backward(h, w, b, t, idx, count, stat, s, **kw)
     dh1, dw1, db1 = fused.fused_backward(h, w, b, t, idx, count, stat, s, grad_filter=True, **kw)
     tau = fused.FILTER_TAU[torch.bfloat16]
-    full = fused.default_config(h.device, torch.bfloat16)  # the tiles this device runs
-    cfg = full.bwd
+    cfg = fused.default_config(h.device, torch.bfloat16).bwd  # the tiles this device runs
     n_vt = -(-w.shape[0] // cfg.BV)
     slack = 1e-6  # float32 accumulation-order differences
     err_h = (dh1 - dh0).abs().max(dim=1).values.cpu()
@@ -437,12 +440,10 @@ def test_no_host_synchronising_ops(reduction, backward, monkeypatch):
     """Every torch op of a fused forward + backward, none that waits on the device (the kernels
     read the labeled count on the device), for each backward design and its options. On CUDA the
     same step is captured in a CUDA graph in test_cuda_graph_capture."""
-    real = fused.default_config
     options = {"atomic": {}, "staged": {"backward": "staged"},
                "staged_compact_h": {"backward": "staged", "stage_compact_h": True},
                "staged_torch_gemm": {"backward": "staged", "stage_gemm": "torch"}}
-    monkeypatch.setattr(fused, "default_config",
-                        lambda dev, dt: dataclasses.replace(real(dev, dt), **options[backward]))
+    use_config(monkeypatch, **options[backward])
     case = make_case(lead=(3, 11), options={"bias": True, "token_weights": True, "num_items": 20, "softcap": 3.0},
                      reduction=reduction, seed=6)
     h = case.hidden.float().to(DEVICE).requires_grad_()
@@ -471,9 +472,7 @@ def test_no_logit_sized_allocation(deterministic, monkeypatch):
     (staged backward, deterministic=True) the G staging buffer within FusedConfig.stage_bytes: no
     (rows, V) tensor at any point."""
     n, d, v = 128, 16, 1024
-    real = fused.default_config  # a G chunk of 128 columns on every device's tiles
-    monkeypatch.setattr(fused, "default_config",
-                        lambda dev, dt: dataclasses.replace(real(dev, dt), stage_bytes=n * 128 * 2, stage_min_cols=0))
+    use_config(monkeypatch, stage_bytes=n * 128 * 2, stage_min_cols=0)  # G chunks of 128 columns on any tiles
     g = torch.Generator().manual_seed(0)
     h = torch.randn(n, d, generator=g).bfloat16().to(DEVICE).requires_grad_()
     w = (torch.randn(v, d, generator=g) * 0.3).bfloat16().to(DEVICE).requires_grad_()
@@ -517,9 +516,7 @@ def test_cuda_graph_capture(deterministic, monkeypatch):
     backward's chunk loop (4 chunks here) inside the graph."""
     torch.manual_seed(0)
     n, d, v = 300, 64, 1000
-    real = fused.default_config
-    monkeypatch.setattr(fused, "default_config",
-                        lambda dev, dt: dataclasses.replace(real(dev, dt), stage_bytes=n * 256 * 2, stage_min_cols=0))
+    use_config(monkeypatch, stage_bytes=n * 256 * 2, stage_min_cols=0)
     h = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(v, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     t = torch.randint(0, v, (n,), device="cuda")
@@ -560,18 +557,15 @@ def test_cuda_graph_capture(deterministic, monkeypatch):
 def test_cuda_many_tiles_match_spec(options, impl, deterministic, monkeypatch):
     """The GPU tiles (128 rows x 128 vocabulary) on a shape with several row tiles, vocabulary
     splits and GROUP blocks, none of them full: the interpreter tests use small tiles instead.
-    deterministic: the staged backward in 1024-entry chunks (5, the last partial), its gradient
-    GEMMs in Triton or ("torch_gemm") cuBLAS."""
+    deterministic: the staged backward in several chunks, its gradient GEMMs in Triton or
+    ("torch_gemm") cuBLAS."""
     if impl == "chunked" and deterministic:
         pytest.skip("chunked has no atomics")
     case = to_device(make_case(lead=(1100,), D=200, V=5003, options=OPTION_SETS[options], seed=3), DEVICE)
     extra = {"deterministic": True} if deterministic else {}
-    if deterministic:
-        real = fused.default_config
-        gemm = "torch" if deterministic == "torch_gemm" else "triton"
-        monkeypatch.setattr(fused, "default_config", lambda dev, dt: dataclasses.replace(
-            real(dev, dt), stage_bytes=1100 * 1024 * (4 if dt == torch.float32 else 2), stage_min_cols=0,
-            stage_gemm=gemm))
+    if deterministic:  # 1024-column chunks of a 16-bit G (5, the last partial), 512 of a float32 one (10)
+        use_config(monkeypatch, stage_bytes=1100 * 1024 * 2, stage_min_cols=0,
+                   stage_gemm="torch" if deterministic == "torch_gemm" else "triton")
     for dtype in (torch.bfloat16, torch.float32):
         check_against_spec(case, dtype, lambda *a, **k: linear_cross_entropy_with_stats(
             *a, **k, impl=impl, **extra).loss)

@@ -35,8 +35,8 @@ from dvsft_kernels.ops.kernels.lce_fused_fwd import _grouped, _logit_tile, _targ
 # static report): a 128 x 128 logit / gradient tile (64 float32 per thread at 8 warps), gradient
 # products in 64-wide slices of D; float32 operands (three TF32 products) take BV 64, BK 32.
 BWD_TILES = {
-    "half": dict(BM=128, BV=128, BK=64, BD=64, num_warps=8, num_stages=3, GROUP=8),
-    "fp32": dict(BM=128, BV=64, BK=32, BD=32, num_warps=8, num_stages=3, GROUP=8),
+    "half": {"BM": 128, "BV": 128, "BK": 64, "BD": 64, "num_warps": 8, "num_stages": 3, "GROUP": 8},
+    "fp32": {"BM": 128, "BV": 64, "BK": 32, "BD": 32, "num_warps": 8, "num_stages": 3, "GROUP": 8},
 }
 # The staged backward's gradient GEMMs (dh: BM rows x BD of D; dW: BV vocabulary entries x BD; K
 # steps of BK), plain GEMM tiles with a float32 accumulator of 64 registers per thread at 8 warps.
@@ -179,10 +179,11 @@ def _lce_stage_g_kernel(
     g_ptr,  # [N, VC] staging buffer in the GEMM operand dtype: G of vocabulary v0 + [0, VC) by slot
     # (BY_POSITION: by position, rows of unlabeled positions left as they are, zero)
     pdb_ptr,  # [N / BM, VC] float32 column sums of G per row tile (COMPUTE_DB)
-    v0,  # first vocabulary entry of the chunk, a multiple of BV
-    N, V, D, VC,
+    N, V, D,
     stride_hn, stride_hd, stride_wv, stride_wd,
     eps, zl, softcap, TAU,
+    v0,  # first vocabulary entry of the chunk, a multiple of BV
+    VC,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     COMPUTE_DB: tl.constexpr, FILTER: tl.constexpr, BY_POSITION: tl.constexpr,
     BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
@@ -346,7 +347,7 @@ def _static_bwd(name, kernel, tiles, dtype, has_softcap, flt=False, **switches):
 
 
 _ALL = {"COMPUTE_DH": True, "COMPUTE_DW": True, "COMPUTE_DB": True}
-_DB = {"COMPUTE_DW": True, "COMPUTE_DB": True}
+_DW_DB = {"COMPUTE_DW": True, "COMPUTE_DB": True}
 _H, _F = "half", "fp32"
 # What ops/fused.py launches on sm_90: per dtype, the atomic kernel with softcap (the heaviest
 # epilogue), without it and with filtering; the staged kernels (G at its widest epilogue, both GEMMs).
@@ -364,13 +365,13 @@ STATIC_CONFIGS = [
         _static_bwd(f"lce_fused_bwd/stage_g_{dt}_softcap_filter", _lce_stage_g_kernel, BWD_TILES[w], dt, True, True,
                     COMPUTE_DB=True, BY_POSITION=False),
         _static_bwd(f"lce_fused_bwd/stage_dw_{dt}", _lce_stage_dw_kernel, STAGE_TILES[w], dt, False,
-                    BM_G=BWD_TILES[w]["BM"], GATHER=True, **_DB),
+                    BM_G=BWD_TILES[w]["BM"], GATHER=True, **_DW_DB),
         _static_bwd(f"lce_fused_bwd/stage_dh_{dt}", _lce_stage_dh_kernel, STAGE_TILES[w], dt, False),
     )
 ] + [
     # the dW kernel over a slot-ordered copy of the labeled rows (FusedConfig.stage_compact_h)
     _static_bwd("lce_fused_bwd/stage_dw_bf16_compact", _lce_stage_dw_kernel, STAGE_TILES[_H], "bf16", False,
-                BM_G=BWD_TILES[_H]["BM"], GATHER=False, **_DB),
+                BM_G=BWD_TILES[_H]["BM"], GATHER=False, **_DW_DB),
     # G by position for torch.mm gradient GEMMs (FusedConfig.stage_gemm="torch")
     _static_bwd("lce_fused_bwd/stage_g_bf16_by_position", _lce_stage_g_kernel, BWD_TILES[_H], "bf16", True,
                 COMPUTE_DB=False, BY_POSITION=True),
