@@ -4,10 +4,11 @@ Every constructor returns a :class:`VisualGrid` whose views map original pixels 
 view pixels. Defaults are the transformers processor *class* defaults (checkpoints differ: pass the
 checkpoint's values, or use :func:`grid_from_processor`, which reads them from the processor).
 Resize arithmetic calls transformers' own functions (``smart_resize``, ``select_best_resolution``,
-``get_patch_output_size``, ``get_optimal_tiled_canvas``, ...); the few steps transformers only has
-inside methods (OneVision downsizing, Idefics3 ``resize_for_vision_encoder``) are mirrored here and
-pinned by tests against the real processors; LLaVA-NeXT unpadding calls the modeling file's
-``unpad_image`` on a zero-stride stand-in.
+``get_patch_output_size``, ``get_optimal_tiled_canvas``, ...) on zero-stride stand-in images;
+LLaVA-NeXT unpadding calls the modeling file's ``unpad_image``. The two steps transformers only has
+as methods (OneVision's downsizing in ``LlavaOnevisionProcessor._get_unpadded_features``, Idefics3's
+``resize_for_vision_encoder``) are called unbound with a stand-in ``self`` holding the one attribute
+each reads; tests pin all of it against the real processors.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Mapping, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -63,6 +65,8 @@ def _tf(name: str):
             "transformers.models.idefics3.image_processing_idefics3",
         ),
         "Gemma3ImageProcessorPil": ("transformers.models.gemma3.image_processing_pil_gemma3",),
+        "Idefics3ImageProcessorPil": ("transformers.models.idefics3.image_processing_pil_idefics3",),
+        "LlavaOnevisionProcessor": ("transformers.models.llava_onevision.processing_llava_onevision",),
         "pixtral_output_size": (
             "transformers.models.pixtral.image_processing_pil_pixtral",
             "transformers.models.pixtral.image_processing_pixtral",
@@ -321,9 +325,12 @@ def _anyres_view(H, W, pinpoints, tile, n, patch, offset, max_num_patches, name=
     r0, c0 = (cur_h - kh) // 2, (cur_w - kw) // 2
     oh, ow = kh, kw
     if max_num_patches is not None:  # OneVision: bilinear downsizing when above max_num_patches tiles
-        ratio = math.sqrt(kh * kw / (max_num_patches * n**2))
-        if ratio > 1.1:
-            oh, ow = int(kh // ratio), int(kw // ratio)
+        # the processor's own count (its unpadding, then the downsized rows x cols) for a stand-in
+        # processor holding only the attribute the method reads
+        stub = SimpleNamespace(vision_aspect_ratio=f"anyres_max_{int(max_num_patches)}")
+        feats, oh = _tf("LlavaOnevisionProcessor")._get_unpadded_features(
+            stub, H, W, n, n, bh // tile, bw // tile)
+        ow = feats // oh if oh else 0  # a sliver image can lose every row: no cells, no newlines
 
     def g(u: float, end: bool) -> float:  # feature coordinate -> canvas px (cells end short of tiles)
         t = (math.ceil(u / n) - 1) if end else math.floor(u / n)
@@ -466,15 +473,10 @@ def internvl(
 # ------------------------------------------------------------------------------------------------
 # Idefics3 / SmolVLM
 def _vision_encoder_size(h: int, w: int, m: int) -> tuple[int, int]:
-    # mirrors Idefics3ImageProcessor.resize_for_vision_encoder (a method; no size-only helper exists)
-    ar = w / h
-    if w >= h:
-        w = math.ceil(w / m) * m
-        h = math.ceil(int(w / ar) / m) * m
-    else:
-        h = math.ceil(h / m) * m
-        w = math.ceil(int(h * ar) / m) * m
-    return h, w
+    # transformers' Idefics3 resize_for_vision_encoder (a method, no size-only helper): called with a
+    # stand-in self whose resize returns the size it is asked for instead of resizing
+    stub = SimpleNamespace(resize=lambda image, size, resample=None: (size.height, size.width))
+    return _tf("Idefics3ImageProcessorPil").resize_for_vision_encoder(stub, _dummy(h, w), m)
 
 
 def idefics3(
