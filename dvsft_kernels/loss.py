@@ -18,7 +18,6 @@ from torch import nn
 
 from dvsft_kernels.ops.function import linear_cross_entropy_with_stats
 
-
 # DVLossOutput's detached per-stream figures, in the order metrics() and the trainer report them
 METRIC_NAMES = ("text_loss", "vision_loss", "text_tokens", "vision_tokens", "text_accuracy", "vision_accuracy")
 
