@@ -3,6 +3,7 @@ variable must be set before triton is first imported, so it is set here, at coll
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -23,3 +24,23 @@ def pytest_runtest_logreport(report):
     if _DURATION_LOG and (report.when == "call" or report.outcome != "passed"):
         with open(_DURATION_LOG, "a") as f:
             f.write(f"{report.outcome}\t{report.when}\t{report.duration:.2f}\t{report.nodeid}\n")
+
+
+@pytest.fixture(autouse=True)
+def sanitize_kernels(request):
+    """Every test's interpreter launches run under tests/sanitizer.py (bounds and races; ~15 %
+    slower); DVSFT_SANITIZE=0 turns it off. tests/ops/test_sanitizer.py checks a chosen matrix
+    under its own sanitizer whatever the variable says."""
+    if (os.environ.get("DVSFT_SANITIZE", "1") == "0" or os.environ.get("TRITON_INTERPRET") != "1"
+            or request.module.__name__.endswith("test_sanitizer")):
+        yield
+        return
+    try:
+        import triton.runtime.interpreter  # noqa: F401 - the sanitizer patches it
+    except ImportError:  # no Triton: nothing to sanitize (its tests skip)
+        yield
+        return
+    from .sanitizer import KernelSanitizer
+
+    with KernelSanitizer():
+        yield

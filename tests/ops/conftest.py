@@ -1,5 +1,3 @@
-import os
-
 import pytest
 import torch
 
@@ -35,17 +33,3 @@ def fused_deterministic_kernels(monkeypatch):
     monkeypatch.setenv("DVSFT_FUSED_DETERMINISTIC", "1")
     yield
 
-
-@pytest.fixture(autouse=True)
-def sanitize_kernels(request):
-    """Every op test's interpreter launches run under tests/sanitizer.py (bounds and races; ~15 %
-    slower); DVSFT_SANITIZE=0 turns it off. tests/ops/test_sanitizer.py checks a chosen matrix
-    under its own sanitizer whatever the variable says."""
-    if (os.environ.get("DVSFT_SANITIZE", "1") == "0" or os.environ.get("TRITON_INTERPRET") != "1"
-            or request.module.__name__.endswith("test_sanitizer")):
-        yield
-        return
-    from ..sanitizer import KernelSanitizer
-
-    with KernelSanitizer():
-        yield
