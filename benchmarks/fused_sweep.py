@@ -4,18 +4,21 @@ the three-GEMM floor across labeled-row counts (the data behind `impl="auto"`).
 
     python benchmarks/fused_sweep.py --out results/fused_sweep.json [--budget-s 150] [--quick]
 
-Part 0 (paired): the floor, chunked, fused and fused staged at n = 16384 (D 3584, V 151936), timed in
-interleaved rounds, so that the ratios to the floor are not skewed by when each ran.
+Part 0 (paired): at n = 16384 (D 3584, V 151936), the floor and the implementations timed in
+interleaved rounds, so that the ratios to the floor are not skewed by when each ran: on peaked
+logits chunked, fused and the staged backward (Triton and cuBLAS gradient GEMMs); on confident
+logits chunked, fused and fused with grad_filter (PAIRED).
 Part 1 (scaling): for n in {512, 2048, 8192, 16384} all labeled (peaked logits; the largest n
 also on confident logits, shapes.py), forward + backward through the public op for
 impl="chunked", "fused", "fused" with grad_filter, "fused" deterministic (the staged backward) and
 the floor, with peak extra memory.
-Part 2 (tiles): at n = 16384, D = 3584, V = 151936, bf16, peaked logits, times the forward
-kernels and the atomic backward kernel alone (triton.testing.do_bench, median) for each candidate
-`Tiles`, checks each candidate's loss / lse / dh / dW against the default configuration's
-(relative error), and records the sm_90 resources Triton reports for the compiled kernel; then
-the staged (deterministic) backward for each staging budget / GEMM tile candidate, and the default
-one with dh only and dW only (its G kernel runs in both: the split of its time).
+Part 2 (tiles): at n = 16384, D = 3584, V = 151936, bf16, peaked logits, the kernels alone
+(triton.testing.do_bench, median), each checked against the default configuration's results
+(relative error) and with the sm_90 resources Triton reports: first what no GPU has timed yet, the
+atomic backward's default as the reference, then the staged (deterministic) backward for each
+staging budget / GEMM option / tile candidate and the default one with dh only and dW only (its
+G kernel runs in both: the split of its time), and the three GEMMs of the floor; then the forward
+and atomic backward tile candidates, and the atomic backward with grad_filter.
 Rows are appended to the JSON file as they are measured, so a budget cut or a crash
 keeps what ran. Cells stop being started after --budget-s seconds.
 """
@@ -166,25 +169,6 @@ def tiles_part(sw: Sweep, quick: bool) -> None:
     _sync()
     common = {"part": "tiles", "N": N, "D": D, "V": V, "dtype": dtype}
 
-    for bm, bv, bk, nw, ns in fwd_c:
-        for s_min in (base.s_min,) + (() if (bm, bv, bk, nw, ns) != FWD_CANDIDATES[0] or quick else S_MIN_CANDIDATES):
-            if sw.over():
-                return
-            tl_ = fused.Tiles(BM=bm, BV=bv, BK=bk, num_warps=nw, num_stages=ns, GROUP=base.fwd.GROUP)
-            cfg = dataclasses.replace(base, fwd=tl_, s_min=s_min)
-            row = dict(common, kernel="fwd", BM=bm, BV=bv, BK=bk, warps=nw, stages=ns, s_min=s_min)
-            try:
-                got = fused.fused_forward(h, w, None, t, idx, count, config=cfg)
-                _sync()
-                row.update(_kernel_resources(kf._lce_fwd_kernel))
-                row["err_loss"] = _rel(got[0], ref[0])
-                row["err_lse"] = _rel(got[1], ref[1])
-                row["ms"] = _bench(lambda: fused.fused_forward(h, w, None, t, idx, count, config=cfg))
-                row["tflops"] = flop / row["ms"] / 1e9
-            except Exception as e:  # noqa: BLE001 - a config that fails to compile or launch is a row
-                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            sw.add(row)
-
     def bwd_row(kernel, cfg, **kw):
         row = dict(common, kernel=kernel, **{k: v for k, v in kw.items() if k in ("grad_h", "grad_w")})
         try:
@@ -201,19 +185,17 @@ def tiles_part(sw: Sweep, quick: bool) -> None:
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         return row
 
-    for bm, bv, bk, bd, nw, ns in bwd_c:
-        if sw.over():
-            return
-        tl_ = fused.Tiles(BM=bm, BV=bv, BK=bk, BD=bd, num_warps=nw, num_stages=ns, GROUP=base.bwd.GROUP)
-        row = bwd_row("bwd_atomic", dataclasses.replace(base, bwd=tl_))
-        row.update(BM=bm, BV=bv, BK=bk, BD=bd, warps=nw, stages=ns, **_kernel_resources(kb._lce_bwd_kernel))
-        sw.add(row)
-
-    if not sw.over():
-        sw.add(bwd_row("bwd_atomic_filter", base, grad_filter=True))
+    # What no GPU has measured yet comes first (a short slot still decides the backward default):
+    # the atomic backward's default tiles as the reference, the staged candidates, the GEMM floor;
+    # then the forward and atomic tile candidates measured before.
+    b = base.bwd
+    default_bwd = (b.BM, b.BV, b.BK, b.BD, b.num_warps, b.num_stages)
+    row = bwd_row("bwd_atomic", base)
+    row.update(zip(("BM", "BV", "BK", "BD", "warps", "stages"), default_bwd), **_kernel_resources(kb._lce_bwd_kernel))
+    sw.add(row)
     for i, cand in enumerate(STAGED_CANDIDATES[:3] if quick else STAGED_CANDIDATES):
         if sw.over():
-            return
+            break
         bm, bv, bk, bd, nw, ns = cand["tiles"]
         st = fused.Tiles(BM=bm, BV=bv, BK=bk, BD=bd, num_warps=nw, num_stages=ns, GROUP=base.stage.GROUP)
         extra = {k: v for k, v in cand.items() if k.startswith("stage_") and k != "stage_mib"}
@@ -228,12 +210,44 @@ def tiles_part(sw: Sweep, quick: bool) -> None:
                 if not sw.over():
                     sw.add(bwd_row("bwd_staged", cfg, deterministic=True, **part))
 
+    if sw.over():
+        return
     # The GEMM floor on the same operands, for the ratios.
     fl = _floor(inp, shp)
     for name, fn in (("gemm_logits", fl.fwd), ("gemm_dh", fl.grad_h), ("gemm_dw", fl.grad_w)):
         ms = _bench(fn)
         sw.add(dict(common, kernel=name, ms=ms, tflops=flop / ms / 1e9))
     fl.close()
+
+    for bm, bv, bk, nw, ns in fwd_c:
+        for s_min in (base.s_min,) + (() if (bm, bv, bk, nw, ns) != FWD_CANDIDATES[0] or quick else S_MIN_CANDIDATES):
+            if sw.over():
+                return
+            tl_ = fused.Tiles(BM=bm, BV=bv, BK=bk, num_warps=nw, num_stages=ns, GROUP=base.fwd.GROUP)
+            cfg = dataclasses.replace(base, fwd=tl_, s_min=s_min)
+            row = dict(common, kernel="fwd", BM=bm, BV=bv, BK=bk, warps=nw, stages=ns, s_min=s_min)
+            try:
+                got = fused.fused_forward(h, w, None, t, idx, count, config=cfg)
+                _sync()
+                row.update(_kernel_resources(kf._lce_fwd_kernel))
+                row["err_loss"] = _rel(got[0], ref[0])
+                row["err_lse"] = _rel(got[1], ref[1])
+                row["ms"] = _bench(lambda cfg=cfg: fused.fused_forward(h, w, None, t, idx, count, config=cfg))
+                row["tflops"] = flop / row["ms"] / 1e9
+            except Exception as e:  # noqa: BLE001 - a config that fails to compile or launch is a row
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            sw.add(row)
+
+    for bm, bv, bk, bd, nw, ns in [c for c in bwd_c if c != default_bwd]:  # the default ran first
+        if sw.over():
+            return
+        tl_ = fused.Tiles(BM=bm, BV=bv, BK=bk, BD=bd, num_warps=nw, num_stages=ns, GROUP=base.bwd.GROUP)
+        row = bwd_row("bwd_atomic", dataclasses.replace(base, bwd=tl_))
+        row.update(BM=bm, BV=bv, BK=bk, BD=bd, warps=nw, stages=ns, **_kernel_resources(kb._lce_bwd_kernel))
+        sw.add(row)
+
+    if not sw.over():
+        sw.add(bwd_row("bwd_atomic_filter", base, grad_filter=True))
 
 
 def _op_step(h, w, t, impl, **extra):
@@ -308,10 +322,51 @@ def _scaling_shape(sw: Sweep, shp) -> bool:
     return True
 
 
+# the paired part's variants: (impl, op keyword arguments, FusedConfig fields)
+PAIRED_VARIANTS = {
+    "chunked": ("chunked", {}, {}),
+    "fused": ("fused", {}, {}),
+    "fused_filter": ("fused", {"grad_filter": True}, {}),
+    "fused_staged": ("fused", {"deterministic": True}, {}),
+    "fused_staged_torch_gemm": ("fused", {"deterministic": True}, {"stage_gemm": "torch"}),
+}
+# per logit distribution, what is timed against the floor: on "peaked" logits the backward designs
+# (the 1.4x target); on "confident" ones grad_filter against chunked (the filtering target)
+PAIRED = {
+    "peaked": ("chunked", "fused", "fused_staged", "fused_staged_torch_gemm"),
+    "confident": ("chunked", "fused", "fused_filter"),
+}
+
+
+def _with_config(step, **fields):
+    """step with every fused call's default config changed in `fields` (forward and backward)."""
+    if not fields:
+        return step
+    from dvsft_kernels.ops import fused
+
+    def patched():
+        real = fused.default_config
+        fused.default_config = lambda dev, dt: dataclasses.replace(real(dev, dt), **fields)
+        try:
+            step()
+        finally:
+            fused.default_config = real
+
+    return patched
+
+
 def paired_part(sw: Sweep, quick: bool, rounds: int = 7) -> None:
     """The floor and the implementations at the target shape, interleaved: each round times one
     call of each with CUDA events, so slow drifts (clocks under sustained GEMM load) hit all of
-    them alike; ratios are taken within a round, then the median over rounds."""
+    them alike; ratios are taken within a round, then the median over rounds. One row per logit
+    distribution in PAIRED."""
+    for dist, names in PAIRED.items():
+        if sw.over():
+            return
+        _paired_dist(sw, quick, rounds, dist, names)
+
+
+def _paired_dist(sw: Sweep, quick: bool, rounds: int, dist: str, names) -> None:
     import statistics
 
     import torch
@@ -321,7 +376,7 @@ def paired_part(sw: Sweep, quick: bool, rounds: int = 7) -> None:
     N, D, V = SMALL or ((2048, 512, 32000) if quick else (16384, *shapes.FAMILIES[FAMILY]))
     dtype = "float32" if SMALL else "bfloat16"
     rounds = 2 if SMALL else rounds  # the interpreter: seconds a call
-    shp = shapes.Shape(FAMILY, N, D, V, 1.0, "peaked", dtype)
+    shp = shapes.Shape(FAMILY, N, D, V, 1.0, dist, dtype)
     inp = shapes.make_inputs(shp, DEVICE)
     h, w, t = inp["hidden"], inp["weight"], inp["targets"]
     fl = _floor(inp, shp)
@@ -329,11 +384,19 @@ def paired_part(sw: Sweep, quick: bool, rounds: int = 7) -> None:
     def floor():
         fl.bwd(fl.fwd())
 
-    fns = {"floor": floor, "chunked": _op_step(h, w, t, "chunked"), "fused": _op_step(h, w, t, "fused"),
-           "fused_staged": _op_step(h, w, t, "fused", deterministic=True)}
-    for f in fns.values():  # compile, allocate
-        f()
-        f()
+    fns = {"floor": floor}
+    for name in names:
+        impl, kw, fields = PAIRED_VARIANTS[name]
+        fns[name] = _with_config(_op_step(h, w, t, impl, **kw), **fields)
+    errors = {}
+    for k, f in list(fns.items()):  # compile, allocate; a variant that fails is a note, not the row
+        try:
+            f()
+            f()
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            errors[k] = f"{type(e).__name__}: {str(e)[:300]}"
+            del fns[k]
     times = {k: [] for k in fns}
     for _ in range(rounds):
         if sw.over():
@@ -352,9 +415,11 @@ def paired_part(sw: Sweep, quick: bool, rounds: int = 7) -> None:
                 f()
                 times[k].append((time.perf_counter() - t0) * 1e3)
     fl.close()
-    n_r = len(times["floor"])
-    row = {"part": "paired", "N": N, "D": D, "V": V, "dtype": dtype, "rounds": n_r,
+    n_r = len(times.get("floor", []))
+    row = {"part": "paired", "dist": dist, "N": N, "D": D, "V": V, "dtype": dtype, "rounds": n_r,
            "ms": {k: v for k, v in times.items()}}
+    if errors:
+        row["errors"] = errors
     if n_r:
         row["median_ms"] = {k: statistics.median(v) for k, v in times.items()}
         row["x_floor"] = {k: statistics.median(v[i] / times["floor"][i] for i in range(n_r))

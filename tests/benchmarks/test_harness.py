@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks import costs, e2e, providers, report, runner, shapes, worker
+from benchmarks import costs, e2e, fused_sweep, providers, report, runner, shapes, worker
 
 TIMING = {"cpu": {"warmup": 1, "min_reps": 1, "max_reps": 1, "min_time_s": 0.0}}
 TINY = shapes.Shape("tiny-test", 48, 24, 263, 0.5)
@@ -413,7 +413,14 @@ def test_fused_sweep_smoke_under_the_interpreter(tmp_path):
     for r in tiles:
         errs = [v for k, v in r.items() if k.startswith("err_")]
         assert errs and max(errs) < 1e-5, r
-    paired = [r for r in rows if r["part"] == "paired"]
-    assert len(paired) == 1 and paired[0]["rounds"] >= 1 and set(paired[0]["x_floor"]) == {"chunked", "fused",
-                                                                                               "fused_staged"}
+    paired = {r["dist"]: r for r in rows if r["part"] == "paired"}
+    assert set(paired) == {"peaked", "confident"}
+    for dist, row in paired.items():
+        assert row["rounds"] >= 1 and "errors" not in row, row
+        assert set(row["x_floor"]) == set(fused_sweep.PAIRED[dist]) >= {"chunked", "fused"}
+    assert {"fused_staged_torch_gemm", "fused_staged"} <= set(paired["peaked"]["x_floor"])
+    assert "fused_filter" in paired["confident"]["x_floor"]
+    # the tiles part runs what no GPU has measured first: the atomic reference, then the staged rows
+    order = [r["kernel"] for r in rows if r["part"] == "tiles"]
+    assert order[0] == "bwd_atomic" and order[1] == "bwd_staged" and order.index("fwd") > order.index("gemm_dw")
     assert rows[-1]["part"] == "done"
