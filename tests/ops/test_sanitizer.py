@@ -142,21 +142,30 @@ def test_chunked_kernel_stays_in_bounds_and_race_free(options):
     assert san.launches["_ce_chunk_kernel"] >= 2, san.launches
 
 
+# (rows, D, V, ignored fraction): ragged (partial row, K, D and last-chunk tiles: 552 entries) and
+# aligned (every extent a multiple of its tile: EVEN_K, full tiles, two full 2048-entry chunks, as
+# at the target shape)
+_SM90_SHAPES = {"ragged": (200, 136, 2600, 0.3), "aligned": (256, 128, 4096, 0.0)}
+
+
 @MASKED_LANES
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype, shape", [(torch.float32, "ragged"), (torch.bfloat16, "ragged"),
+                                          (torch.bfloat16, "aligned")], ids=str)
 @pytest.mark.parametrize("design", ["atomic", "staged", "staged_torch_gemm"])
-def test_fused_kernels_with_the_sm90_tiles(design, dtype, monkeypatch):
+def test_fused_kernels_with_the_sm90_tiles(design, dtype, shape, monkeypatch):
     # the CUDA configs' tiles (128-row, 128-256-entry tiles, BD 128 / 64) and chunk width (2048)
     # run by the interpreter: tile-size relations (BK dividing BV, G written up to a BV multiple past
     # the last chunk's end, partial D and row tiles) are checked as the GPU will run them
     from dvsft_kernels.ops import fused
 
+    n, D, V, ignore = _SM90_SHAPES[shape]
     fields, kwargs, kernels = _DESIGNS[design]
     base = fused.CUDA_CONFIGS["fp32" if dtype == torch.float32 else "half"]
     config = dataclasses.replace(base, target_programs=8, stage_bytes=1, **fields)
-    assert config.stage_columns(200, 2600, 2) == 2048  # two chunks, the last 552 entries
+    assert config.stage_columns(n, V, 2) == 2048  # two chunks
     monkeypatch.setattr(fused, "default_config", lambda dev, dt: config)
-    case = make_case(lead=(1, 200), D=136, V=2600, options=OPTION_SETS["all"], reduction="mean", seed=7)
+    case = make_case(lead=(1, n), D=D, V=V, ignore_frac=ignore, options=OPTION_SETS["all"], reduction="mean",
+                     seed=7)
     with KernelSanitizer() as san:
         check_against_spec(case, dtype, fused_fn(**kwargs))
     assert kernels | _FWD <= set(san.launches), san.launches
