@@ -569,3 +569,22 @@ def test_cuda_many_tiles_match_spec(options, impl, deterministic, monkeypatch):
     for dtype in (torch.bfloat16, torch.float32):
         check_against_spec(case, dtype, lambda *a, **k: linear_cross_entropy_with_stats(
             *a, **k, impl=impl, **extra).loss)
+
+
+@MASKED_LANES
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("deterministic", [False, True, "torch_gemm"])
+def test_cuda_aligned_tiles_match_spec(deterministic, monkeypatch):
+    """Every extent a multiple of the GPU tiles, as at the target shape (D 3584): EVEN_K (no K
+    masks), full row and vocabulary tiles, all rows labeled, the staged backward in two full
+    2048-entry chunks. The many-tiles test above covers the ragged edges (D 200: EVEN_K off)."""
+    case = to_device(make_case(lead=(1024,), D=256, V=4096, ignore_frac=0.0, options=OPTION_SETS["all"],
+                               seed=4), DEVICE)
+    extra = {"deterministic": True} if deterministic else {}
+    if deterministic:
+        use_config(monkeypatch, stage_bytes=1, stage_gemm="torch" if deterministic == "torch_gemm" else "triton")
+        assert fused.default_config(torch.device("cuda"), torch.bfloat16).stage_columns(1024, 4096, 2) == 2048
+    for dtype in (torch.bfloat16, torch.float32):
+        check_against_spec(case, dtype, lambda *a, **k: linear_cross_entropy_with_stats(
+            *a, **k, impl="fused", **extra).loss)
