@@ -62,8 +62,16 @@ def _shifted(labels: torch.Tensor, shift: bool, ignore_index: int) -> torch.Tens
 
 
 class DVLoss(nn.Module):
+    """The DV-SFT loss: `text_weight * text_loss + vision_weight * vision_loss` in one op call.
+
+    `labels` (answer tokens) and `vision_labels` (the word in each visual token's patch) are (B, T),
+    aligned with `input_ids`. With `shift=True` (the HF convention) hidden[:, t-1] predicts
+    labels[:, t]. `vision_shift=False` (default): hidden[:, t] predicts vision_labels[:, t], each
+    visual token's own output; True shifts the vision stream like the text; None follows `shift`.
+    """
+
     def __init__(self, vision_weight: float = 1.0, *, text_weight: float = 1.0, ignore_index: int = -100,
-                 shift: bool = True, vision_shift: bool | None = None, label_smoothing: float = 0.0,
+                 shift: bool = True, vision_shift: bool | None = False, label_smoothing: float = 0.0,
                  z_loss: float = 0.0, softcap: float | None = None, impl: str = "auto", process_group=None):
         super().__init__()
         # vocabulary-parallel head: `weight` is this rank's slice (ops/vocab_parallel.py)
@@ -74,6 +82,9 @@ class DVLoss(nn.Module):
             raise ValueError(f"ignore_index: expected an int, got {ignore_index!r}")
         self.ignore_index = ignore_index
         self.shift = bool(shift)
+        # Vision targets are not shifted by default: visual token t's own output predicts the word in
+        # its patch (direct supervision). Shifted, hidden[t-1] would have to predict the next patch's
+        # word, which trained badly (docs/dvloss.md has the comparison). None follows `shift`.
         self.vision_shift = self.shift if vision_shift is None else bool(vision_shift)
         self.label_smoothing, self.z_loss, self.softcap, self.impl = label_smoothing, z_loss, softcap, impl
 

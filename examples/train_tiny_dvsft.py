@@ -249,10 +249,10 @@ def main(argv=None):
     p.add_argument("--vision-weight", type=float, default=1.0)
     p.add_argument(
         "--vision-shift",
-        choices=("same", "none"),
-        default="same",
-        help="'same': hidden[t-1] predicts the word at visual token t, like text (DVLoss default); "
-        "'none': each visual token's own hidden state predicts its word",
+        choices=("none", "same"),
+        default="none",
+        help="'none' (DVLoss default): each visual token's own hidden state predicts its word; "
+        "'same': hidden[t-1] predicts the word at visual token t, shifted like the text",
     )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -308,7 +308,7 @@ def main(argv=None):
         eval_dataset=held_out,
         data_collator=collator,
         loss=DVLoss(
-            vision_weight=args.vision_weight, vision_shift=None if args.vision_shift == "same" else False
+            vision_weight=args.vision_weight, vision_shift=args.vision_shift == "same"
         ),
     )
     trainer.remove_callback(tf.PrinterCallback)

@@ -27,22 +27,26 @@ def make_targets(batch: dict, n_text: int = 10, vision_frac: float = 0.4, seed: 
 
 
 def reference_loss(
-    logits, labels, vision_labels, *, text_weight=1.0, vision_weight=1.0, num_text=None, num_vision=None
+    logits, labels, vision_labels, *, text_weight=1.0, vision_weight=1.0, num_text=None, num_vision=None,
+    vision_shift=False,
 ):
-    """DESIGN.md 4.2 with shift=True, from full logits: logits[:, t-1] predicts both streams at t."""
+    """DVLoss's contract from full logits: logits[:, t-1] predicts labels[:, t] (HF shift); the vision
+    stream is unshifted (logits[:, t] predicts vision_labels[:, t]) unless vision_shift=True."""
     V = logits.shape[-1]
-    z = logits[:, :-1].reshape(-1, V)
 
-    def stream(lab, n):
+    def stream(lab, shift, n):
         if lab is None:
-            return z.sum() * 0
-        t = lab[:, 1:].reshape(-1)
+            return logits.sum() * 0
+        z = (logits[:, :-1] if shift else logits).reshape(-1, V)
+        t = (lab[:, 1:] if shift else lab).reshape(-1)
         m = t != IGN
         ce = F.cross_entropy(z[m], t[m], reduction="sum")
         d = int(m.sum()) if n is None else float(n)
         return ce / d if d > 0 else ce * 0
 
-    return text_weight * stream(labels, num_text) + vision_weight * stream(vision_labels, num_vision)
+    return text_weight * stream(labels, True, num_text) + vision_weight * stream(
+        vision_labels, vision_shift, num_vision
+    )
 
 
 def to_double(batch: dict) -> dict:

@@ -155,12 +155,13 @@ def test_tuple_output_and_positional_labels():
     torch.testing.assert_close(pos.loss.double(), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_weights_and_num_items_are_applied():
+@pytest.mark.parametrize("vision_shift", [False, True])
+def test_weights_and_num_items_are_applied(vision_shift):
     tiny = qwen2_vl()
     batch = tiny.batch(2)
     labels, vision = make_targets(batch)
     model = tiny.model.train()
-    loss = DVLoss(vision_weight=0.3, text_weight=2.0)
+    loss = DVLoss(vision_weight=0.3, text_weight=2.0, vision_shift=vision_shift)
     with attach(model, loss):
         out = model(
             **batch,
@@ -177,6 +178,7 @@ def test_weights_and_num_items_are_applied():
         vision_weight=0.3,
         num_text=40,
         num_vision=30,
+        vision_shift=vision_shift,
     )
     torch.testing.assert_close(out.loss.double(), ref, rtol=1e-5, atol=1e-6)
 
@@ -338,7 +340,7 @@ def test_out_of_vocab_ids(qwen):
 def test_overlapping_streams(qwen):
     batch = qwen.batch(2)
     labels, vision = make_targets(batch)
-    vision[0, -1] = 7  # also a text target
+    vision[0, -2] = 7  # unshifted vision target where the shifted text target of labels[0, -1] lands
     with attach(qwen.model) as h:
         with pytest.raises(ValueError, match="both"):
             qwen.model(**batch, labels=labels, vision_labels=vision)

@@ -131,6 +131,7 @@ def _full_batch_reference(model0, data, loss=None):
         b["vision_labels"],
         text_weight=loss.text_weight,
         vision_weight=loss.vision_weight,
+        vision_shift=loss.vision_shift,
     )
     ref.backward()
     return {n: -p.grad.detach() for n, p in model.named_parameters() if p.grad is not None}, float(

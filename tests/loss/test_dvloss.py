@@ -12,9 +12,10 @@ from ..syncs import OpLog
 IGN = -100
 
 
-def plain_dvsft(hidden, weight, labels, vision_labels, *, shift=True, vision_shift=None, text_weight=1.0,
+def plain_dvsft(hidden, weight, labels, vision_labels, *, shift=True, vision_shift=False, text_weight=1.0,
                 vision_weight=1.0, num_text=None, num_vis=None, bias=None):
-    """float64 full logits, each stream shifted and normalised on its own."""
+    """float64 full logits, each stream shifted (or not) and normalised on its own. The defaults are
+    the contract's: text shifted, vision not; vision_shift=None follows `shift`."""
     vision_shift = shift if vision_shift is None else vision_shift
     logits = hidden.double() @ weight.double().T
     if bias is not None:
@@ -51,7 +52,8 @@ def make(B=2, T=23, D=16, V=61, seed=0, vision_frac=0.4):
     return hidden, weight, labels, vision
 
 
-@pytest.mark.parametrize("shift, vision_shift", [(True, None), (True, False), (False, False)])
+@pytest.mark.parametrize("shift, vision_shift", [(True, None), (True, False), (True, True), (False, False),
+                                                 (False, None)])
 @pytest.mark.parametrize("weights", [(1.0, 1.0), (0.5, 2.0), (1.0, 0.0)])
 @pytest.mark.parametrize("nums", [(None, None), (9, 40)])
 def test_matches_plain_full_logits(shift, vision_shift, weights, nums):
@@ -74,6 +76,23 @@ def test_matches_plain_full_logits(shift, vision_shift, weights, nums):
     assert abs(out.text_accuracy.item() - ref[5]) < 1e-6 and abs(out.vision_accuracy.item() - ref[6]) < 1e-6
     torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_default_vision_stream_is_unshifted():
+    """DVLoss() with no shift arguments: text shifted (HF), vision not (each visual token's own output)."""
+    hidden, weight, labels, vision = make(seed=3)
+    h = hidden.clone().requires_grad_()
+    out = DVLoss(impl="torch")(h, weight, labels, vision)
+    out.loss.backward()
+    h64 = hidden.double().requires_grad_()
+    ref = plain_dvsft(h64, weight, labels, vision, shift=True, vision_shift=False)
+    ref[0].backward()
+    shifted = plain_dvsft(hidden, weight, labels, vision, shift=True, vision_shift=True)
+    assert abs(shifted[2].item() - ref[2].item()) > 0.1  # the two forms differ on this input
+    torch.testing.assert_close(out.vision_loss.double(), ref[2].detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss.double(), ref[0].detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+    assert DVLoss().vision_shift is False and DVLoss(vision_shift=None).vision_shift is True
 
 
 def test_accuracy_is_exact_on_a_planted_answer():
