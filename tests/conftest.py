@@ -9,6 +9,16 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+try:
+    from hypothesis import settings
+except ImportError:  # only the property tests need it (the [test] extra has it)
+    pass
+else:
+    # Property tests draw the same examples on every run (a failure is reproducible, never flaky;
+    # the failing example is printed); HYPOTHESIS_PROFILE=default draws fresh random ones.
+    settings.register_profile("dvsft", derandomize=True, deadline=None, print_blob=True)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dvsft"))
+
 
 _FAIL_LOG = os.environ.get("DVSFT_FAIL_LOG")
 _DURATION_LOG = os.environ.get("DVSFT_DURATION_LOG")

@@ -119,20 +119,21 @@ def compare_to_reference(make_model, batch, labels, vision, *, prepare=None, **a
 
 
 def torchrun(script: str, *args: str, world: int = 2, timeout: int = 300) -> None:
-    """tests/integrations/<script> with args on `world` gloo CPU processes (torch.distributed.run,
-    a free local port), bounded by timeout; fails the test with the output's tail on a bad exit."""
+    """tests/integrations/<script> with args on `world` gloo CPU processes (torch.distributed.run),
+    bounded by timeout; fails the test with the output's tail on a bad exit."""
     import os
     import pathlib
-    import socket
     import subprocess
     import sys
+    import uuid
 
     root = pathlib.Path(__file__).resolve().parents[2]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={port}",
-           "--master_addr=127.0.0.1", str(root / "tests" / "integrations" / script), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    # c10d rendezvous on port 0: the agent's store binds a port the OS picks and the workers share
+    # it (TORCHELASTIC_USE_AGENT_STORE), so no free-port probe can race parallel tests for it
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", "--rdzv-backend=c10d",
+           "--rdzv-endpoint=127.0.0.1:0", f"--rdzv-id={uuid.uuid4().hex}", "--local-addr=127.0.0.1",
+           str(root / "tests" / "integrations" / script), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root),
+           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "0"}
+    res = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -29,7 +31,7 @@ def torch_impl(chunk_rows=None):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_torch_impl_matches_spec(dtype, ignore_frac, reduction, options):
     case = make_case(ignore_frac=ignore_frac, options=OPTION_SETS[options], reduction=reduction,
-                     seed=hash((options, reduction)) % 1000)
+                     seed=zlib.crc32(f"{options}/{reduction}".encode()) % 1000)  # hash() varies per process
     # chunk of 16 rows: several chunks, the last one partial
     got = check_against_spec(case, dtype, torch_impl(chunk_rows=16))
     if ignore_frac == 1.0:
