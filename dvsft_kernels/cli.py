@@ -1,7 +1,8 @@
 """``dvsft-kernels`` command line (also ``python -m dvsft_kernels.cli``).
 
 Subcommands register themselves in :data:`SUBCOMMANDS` (name -> (add_arguments, run)); ``run``
-returns the exit status. Usage errors exit with status 2 and a message naming the argument.
+returns the exit status. Usage errors exit with status 2 and a message naming the argument; so does
+a missing optional dependency (the message names the package and the pip command).
 """
 
 from __future__ import annotations
@@ -22,6 +23,46 @@ OCR_EXTS = (".tsv", ".hocr", ".html", ".htm", ".xhtml", ".json", ".jsonl", ".txt
 
 class UsageError(Exception):
     """Bad command-line input: printed as ``dvsft-kernels CMD: error: MSG``, exit status 2."""
+
+
+# optional dependencies by top-level module: the pip command that installs each
+_EXTRAS = {"transformers": "hf", "tokenizers": "hf", "accelerate": "hf", "peft": "hf",
+           "pytesseract": "ocr", "triton": "triton"}
+
+
+def _missing_module(name: str) -> str:
+    extra = _EXTRAS.get(name)
+    cmd = f'pip install "dvsft-kernels[{extra}]"' if extra else f"pip install {name}"
+    return f"this command needs the {name!r} package, which is not installed; install it with: {cmd}"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Errors as one short usage line, the message and a pointer to -h, not the whole usage block."""
+
+    def short_usage(self) -> str:
+        """prog, positionals, required options; the optional ones folded into [options]."""
+        grouped = {a for g in self._mutually_exclusive_groups if g.required for a in g._group_actions}
+
+        def flag(a: argparse.Action) -> str:
+            if not a.option_strings:
+                return a.metavar or a.dest.upper()
+            return a.option_strings[0] + ("" if a.nargs == 0 else f" {a.metavar or a.dest.upper()}")
+
+        parts = [flag(a) for a in self._actions
+                 if not a.option_strings or (a.required and a not in grouped)]
+        parts += ["(" + " | ".join(flag(a) for a in g._group_actions) + ")"
+                  for g in self._mutually_exclusive_groups if g.required]
+        if any(a.option_strings and not a.required and a not in grouped for a in self._actions):
+            parts.append("[options]")
+        return " ".join([self.prog, *parts])
+
+    def report(self, message: str) -> None:
+        print(f"usage: {self.short_usage()}\n{self.prog}: error: {message}\n"
+              f"run '{self.prog} -h' for help", file=sys.stderr)
+
+    def error(self, message: str):  # argparse's hook for bad flags; exits like argparse does
+        self.report(message)
+        self.exit(EXIT_USAGE)
 
 
 # ------------------------------------------------------------------------------------------- label
@@ -346,8 +387,8 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Cal
 def build_parser() -> argparse.ArgumentParser:
     from dvsft_kernels import __version__
 
-    parser = argparse.ArgumentParser(prog="dvsft-kernels",
-                                     description="DV-SFT tools: visual-token labeling from OCR.")
+    parser = _Parser(prog="dvsft-kernels",
+                     description="DV-SFT tools: visual-token labeling from OCR.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_, add, run) in SUBCOMMANDS.items():
@@ -367,8 +408,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args._run(args)
     except UsageError as e:
-        args._parser.print_usage(sys.stderr)
-        print(f"{args._parser.prog}: error: {e}", file=sys.stderr)
+        args._parser.report(str(e))
+        return EXIT_USAGE
+    except ModuleNotFoundError as e:  # an optional dependency (e.g. transformers without [hf])
+        name = (e.name or "").split(".")[0]
+        if name in ("", "dvsft_kernels"):  # a bug of ours, not a missing install
+            raise
+        print(f"{args._parser.prog}: error: {_missing_module(name)}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -186,6 +186,52 @@ def test_usage_errors(tmp_path, tok_dir, capsys, extra, needle):
     code, _, err = run(["label", img, ocr, *extra], capsys)
     assert code == 2
     assert needle in err
+    # argparse's errors and ours alike: one short usage line, the error, a pointer to -h; not the
+    # whole usage block (which lists every option)
+    assert err.splitlines() == [SHORT_USAGE, err.splitlines()[1], "run 'dvsft-kernels label -h' for help"]
+    assert err.splitlines()[1].startswith("dvsft-kernels label: error: ")
+    assert "--min-coverage" not in SHORT_USAGE
+
+
+SHORT_USAGE = "usage: dvsft-kernels label IMAGE OCR_FILE (--family FAMILY | --processor DIR) [options]"
+
+
+def test_top_level_usage_error_is_short(capsys):
+    code, _, err = run(["frobnicate"], capsys)
+    assert code == 2
+    lines = err.splitlines()
+    assert lines[0] == "usage: dvsft-kernels COMMAND [options]"
+    assert lines[1].startswith("dvsft-kernels: error: argument COMMAND: invalid choice: 'frobnicate'")
+    assert lines[2:] == ["run 'dvsft-kernels -h' for help"]
+
+
+@pytest.mark.parametrize("extra", [["--family", "qwen2_vl", "--tokenizer", "TOK"],  # image processor
+                                   ["--family", "llava", "--tokenizer", "TOK"],  # tokenizer
+                                   ["--processor", "DIR"]])  # AutoProcessor
+def test_missing_transformers_is_an_error_not_a_traceback(tmp_path, tok_dir, capsys, monkeypatch, extra):
+    """A base install (no [hf] extra): the command names the package and the pip command, exit 2."""
+    img, ocr = write_sample(tmp_path)
+    extra = [{"TOK": str(tok_dir), "DIR": str(tmp_path)}.get(a, a) for a in extra]
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now fails
+    code, out, err = run(["label", img, ocr, *extra], capsys)
+    assert code == 2
+    assert err == ("dvsft-kernels label: error: this command needs the 'transformers' package, which is "
+                   'not installed; install it with: pip install "dvsft-kernels[hf]"\n')
+    assert out == ""
+
+
+def test_missing_transformers_through_the_entry_point(tmp_path, tok_dir):
+    """The same in a fresh interpreter through the module entry point: no traceback, status 2."""
+    img, ocr = write_sample(tmp_path)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    code = ("import runpy, sys; sys.modules['transformers'] = None; "
+            "sys.argv[0] = 'dvsft-kernels'; runpy.run_module('dvsft_kernels.cli', run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code, "label", str(img), str(ocr), "--family", "qwen2_vl",
+                        "--tokenizer", str(tok_dir)], check=False, capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert 'pip install "dvsft-kernels[hf]"' in r.stderr
 
 
 def test_missing_and_malformed_inputs(tmp_path, tok_dir, capsys):
@@ -219,7 +265,7 @@ def test_subprocess_module_entry(tmp_path, tok_dir):
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     r = subprocess.run([sys.executable, "-m", "dvsft_kernels.cli", "label", str(img), str(ocr), "--family",
                         "qwen2_vl", "--tokenizer", str(tok_dir), "--out", str(out)],
-                       capture_output=True, text=True, env=env, timeout=300)
+                       check=False, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "page.png: 50 visual tokens, 4 labeled" in r.stdout
     assert json.loads(out.read_text())["labels"][12] == ID["cat"]
