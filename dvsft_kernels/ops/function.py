@@ -340,15 +340,22 @@ def linear_cross_entropy_with_stats(
     hidden, targets and options and its own contiguous slice of the head's rows; targets are
     global ids. A weight that is a DTensor sharded on dim 0 implies its mesh's group."""
     weight, bias, process_group = _unwrap_vocab_sharded(weight, bias, process_group)
-    _validate(hidden, weight, targets, bias, ignore_index, reduction, token_weights, label_smoothing,
-              z_loss, softcap, num_items)
-    if deterministic is not None and not isinstance(deterministic, bool):
-        raise ValueError(f"deterministic: expected None or a bool, got {deterministic!r}")
-    if not isinstance(grad_filter, bool):
-        raise ValueError(f"grad_filter: expected a bool, got {grad_filter!r}")
-    if grad_filter and impl in ("torch", "chunked"):
-        raise ValueError(f"grad_filter: only impl='fused' filters gradient tiles, got impl={impl!r}")
-    impl = resolve_impl(impl, hidden.device)
+    try:
+        _validate(hidden, weight, targets, bias, ignore_index, reduction, token_weights, label_smoothing,
+                  z_loss, softcap, num_items)
+        if deterministic is not None and not isinstance(deterministic, bool):
+            raise ValueError(f"deterministic: expected None or a bool, got {deterministic!r}")
+        if not isinstance(grad_filter, bool):
+            raise ValueError(f"grad_filter: expected a bool, got {grad_filter!r}")
+        if grad_filter and impl in ("torch", "chunked"):
+            raise ValueError(f"grad_filter: only impl='fused' filters gradient tiles, got impl={impl!r}")
+        impl = resolve_impl(impl, hidden.device)
+    except ValueError:
+        if process_group is not None:  # the other ranks wait in the agreement check: make them raise too
+            from dvsft_kernels.ops.vocab_parallel import refuse
+
+            refuse(process_group, hidden)
+        raise
     if token_weights is not None:
         token_weights = token_weights.detach()
     if isinstance(num_items, torch.Tensor):
@@ -361,8 +368,8 @@ def linear_cross_entropy_with_stats(
     if process_group is not None:
         if torch.compiler.is_compiling():
             raise ValueError("process_group: the vocabulary-parallel op is not traceable by torch.compile")
-        opts["vocab_parallel"] = _vocab_parallel_setup(process_group, hidden, weight, bias, targets, ignore_index,
-                                                       reduction, opts)
+        opts["vocab_parallel"] = _vocab_parallel_setup(process_group, hidden, weight, bias, targets, token_weights,
+                                                       num_items, ignore_index, reduction, opts)
     if torch.compiler.is_compiling():
         from dvsft_kernels.ops.custom_op import lce_custom_op
 
@@ -434,17 +441,10 @@ def _unwrap_vocab_sharded(weight, bias, process_group):
     return weight.to_local(), bias, group
 
 
-def _vocab_parallel_setup(group, hidden, weight, bias, targets, ignore_index, reduction, opts):
+def _vocab_parallel_setup(group, hidden, weight, bias, targets, token_weights, num_items, ignore_index, reduction,
+                         opts):
     from dvsft_kernels.ops.vocab_parallel import Collectives, vocab_layout
 
-    grad_on = torch.is_grad_enabled()
-    flags = (
-        int(grad_on and hidden.requires_grad), int(grad_on and weight.requires_grad),
-        int(bias is not None), int(bias is not None and grad_on and bias.requires_grad),
-        _REDUCTIONS.index(reduction), int(opts["softcap"] is not None), int(opts["label_smoothing"] > 0),
-        int(opts["z_loss"] > 0), int(opts["chunk_rows"] or 0),
-    )
-    labeled = targets.reshape(-1)[targets.reshape(-1) != ignore_index]
-    start, total = vocab_layout(group, weight.shape[0], labeled.numel(), hidden.shape[-1], labeled,
-                                hidden.device, flags)
+    start, total = vocab_layout(group, hidden, weight, bias, targets, token_weights, num_items, ignore_index,
+                                reduction, opts)
     return Collectives(group), start, total

@@ -46,32 +46,110 @@ class Collectives:
         return t
 
 
-def vocab_layout(group, V_local: int, n: int, D: int, targets: torch.Tensor, device,
-                 flags: tuple[int, ...] = ()) -> tuple[int, int]:
-    """(vocab_start, V_total) of this rank's slice. Checks on every rank that all ranks agree on
-    the rows, the hidden size and `flags` (which gradients are computed, the options: anything
-    that changes which collectives run), so a mismatch is an error everywhere rather than a hang
-    in a later collective."""
-    world = dist.get_world_size(group)
-    t64 = targets.to(torch.int64)
-    # position-weighted checksum: catches permuted targets too
-    check = (t64 * torch.arange(1, t64.numel() + 1, device=t64.device, dtype=torch.int64)).sum() \
-        if t64.numel() else torch.zeros((), dtype=torch.int64, device=t64.device)
-    mine = torch.tensor([V_local, n, D, *flags], dtype=torch.int64, device=device)
-    mine = torch.cat([mine, check.reshape(1).to(device)])
-    allv = [torch.empty_like(mine) for _ in range(world)]
+# The agreement check: one all_gather of a small int64 fingerprint per rank before any other
+# collective. Exact fields must match on every rank; the float checksums (float64 bits in the same
+# vector) within _RTOL of their scale, so identical inputs reduced in another order still agree.
+_EXACT = ("ok", "V_local", "rows", "D", "ignore_index", "dtype", "grad_hidden", "grad_weight", "bias",
+          "grad_bias", "reduction", "label_smoothing", "z_loss", "softcap", "chunk_rows", "token_weights",
+          "num_items", "targets")
+_FLOAT = ("hidden", "hidden_scale", "token_weights_sum", "token_weights_scale")
+_RTOL = 1e-6
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _bits(x) -> int:
+    """A float as the int64 of its float64 bits (exact comparison of option values)."""
+    return int(torch.tensor(float(x), dtype=torch.float64).view(torch.int64))
+
+
+def _gather(group, exact: torch.Tensor, floats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mine = torch.cat([exact, floats.view(torch.int64)])
+    allv = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(allv, mine, group=group)
     allv = torch.stack(allv).cpu()
-    if (allv[:, 1:] != allv[0, 1:]).any():
+    return allv[:, : len(_EXACT)], allv[:, len(_EXACT):].contiguous().view(torch.float64)
+
+
+def _group_device(group, hidden) -> torch.device:
+    if isinstance(hidden, torch.Tensor):
+        return hidden.device
+    return torch.device("cuda") if dist.get_backend(group) == "nccl" else torch.device("cpu")
+
+
+def refuse(group, hidden) -> None:
+    """This rank's inputs failed validation: join the agreement check with ok=0 so that the other
+    ranks raise too instead of waiting in it; the caller then raises its own error."""
+    dev = _group_device(group, hidden)
+    _gather(group, torch.zeros(len(_EXACT), dtype=torch.int64, device=dev),
+            torch.zeros(len(_FLOAT), dtype=torch.float64, device=dev))
+
+
+def vocab_layout(group, hidden, weight, bias, targets, token_weights, num_items, ignore_index: int,
+                 reduction: str, opts: dict) -> tuple[int, int]:
+    """(vocab_start, V_total) of this rank's slice. Checks on every rank that all ranks agree on the
+    labeled rows (targets, and a checksum of their hidden states and token weights), the hidden
+    size, the options and which gradients are computed, so a mismatch is a ValueError everywhere
+    rather than a hang in a later collective or a silently wrong loss."""
+    dev = hidden.device
+    D = hidden.shape[-1]
+    flat_t = targets.reshape(-1).to(torch.int64)
+    labeled = flat_t != ignore_index
+    n = int(labeled.sum())
+    pos = torch.arange(1, flat_t.numel() + 1, device=dev, dtype=torch.int64)
+    # position-weighted: catches permuted targets or rows too
+    t_check = torch.where(labeled, flat_t * pos, 0).sum()
+    # bounded distinct weights in [1, 2) for the float sums, so the tolerance (relative to the sum of
+    # magnitudes) stays proportionate to one row's size at any row count
+    posf = 1 + ((pos * 40503) % 65536).double() / 65536
+    # one matvec over the hidden rows (no copy of them); column weights make it see columns too
+    cols = torch.linspace(1.0, 2.0, D, device=dev, dtype=hidden.dtype)
+    r = (hidden.reshape(-1, D) @ cols).double()
+    h_sum = torch.where(labeled, r * posf, 0).sum()
+    h_scale = torch.where(labeled, r.abs() * posf, 0).sum()
+    if token_weights is not None:
+        tw = token_weights.reshape(-1).double()
+        tw_sum = torch.where(labeled, tw * posf, 0).sum()
+        tw_scale = torch.where(labeled, tw.abs() * posf, 0).sum()
+    else:
+        tw_sum = tw_scale = torch.zeros((), dtype=torch.float64, device=dev)
+    grad_on = torch.is_grad_enabled()
+    if num_items is None:
+        n_items = torch.tensor(-1, dtype=torch.int64, device=dev)
+    else:  # a device tensor stays on the device: no host sync
+        n_items = torch.as_tensor(num_items, device=dev).double().reshape(()).view(torch.int64)
+    softcap = opts["softcap"]
+    head = [1, weight.shape[0], n, D, ignore_index, _DTYPES.index(hidden.dtype),
+            int(grad_on and hidden.requires_grad), int(grad_on and weight.requires_grad), int(bias is not None),
+            int(bias is not None and grad_on and bias.requires_grad), _REDUCTIONS.index(reduction),
+            _bits(opts["label_smoothing"]), _bits(opts["z_loss"]), -1 if softcap is None else _bits(softcap),
+            int(opts["chunk_rows"] or 0), int(token_weights is not None)]
+    exact = torch.cat([torch.tensor(head, dtype=torch.int64, device=dev), n_items.reshape(1),
+                       t_check.reshape(1)])
+    floats = torch.stack([h_sum, h_scale, tw_sum, tw_scale])
+    ex, fl = _gather(group, exact, floats)
+
+    bad = (ex[:, 0] == 0).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"process_group: rank(s) {bad} refused their inputs with a ValueError (see the error "
+                         "there); every rank must pass valid, identical hidden rows, targets and options")
+    differ = [name for i, name in enumerate(_EXACT) if name != "V_local" and (ex[:, i] != ex[0, i]).any()]
+    for name, c, s in (("hidden", 0, 1), ("token_weights", 2, 3)):
+        a, b = fl[:, c], fl[0, c]
+        same = (a == b) | ((a - b).abs() <= _RTOL * fl[:, s].abs().max()) | (a.isnan() & b.isnan())
+        if not bool(same.all()):
+            differ.append(name)
+    if differ:
+        per_rank = {name: ex[:, _EXACT.index(name)].tolist() for name in differ if name in _EXACT}
         raise ValueError(
-            "process_group: ranks disagree on the labeled rows, hidden size, options or targets "
-            f"(per rank [V_local, rows, D, flags..., targets checksum]: {allv.tolist()}); every rank must "
+            f"process_group: ranks disagree on {', '.join(differ)} (per rank: {per_rank}); every rank must "
             "pass the same hidden rows, targets and options, and its own slice of the vocabulary")
-    if (allv[:, 0] <= 0).any():
-        raise ValueError(f"weight: every rank needs a non-empty vocabulary slice, got sizes {allv[:, 0].tolist()}")
+    sizes = ex[:, 1]
+    if (sizes <= 0).any():
+        raise ValueError(f"weight: every rank needs a non-empty vocabulary slice, got sizes {sizes.tolist()}")
     rank = dist.get_rank(group)
-    starts = torch.cumsum(allv[:, 0], 0) - allv[:, 0]
-    return int(starts[rank]), int(allv[:, 0].sum())
+    starts = torch.cumsum(sizes, 0) - sizes
+    return int(starts[rank]), int(sizes.sum())
 
 
 def lce_torch_vocab_parallel(
