@@ -24,6 +24,7 @@ import random
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -55,17 +56,51 @@ TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 PAGE = (224, 112)  # (W, H): 16 x 8 patches of 14 px -> 8 x 4 = 32 visual tokens of 28 px cells
+CELL = 28
+
+
+@dataclass(frozen=True)
+class Task:
+    """A synthetic reading task: what the pages show and how the words are tokenised."""
+
+    name: str
+    lines: int = 2  # text lines on a page
+    words_per_line: int = 2
+    font_size: int = 20
+    line_step: int = 2  # cell rows from one line to the next
+    subword: bool = False  # every word is two tokens (first half, "##" second half)
+
+
+TASKS = {
+    t.name: t
+    for t in (
+        Task("read"),  # 4 words of 20 px glyphs on two lines: the default
+        Task("subword", subword=True),  # the same pages, each word two tokens: `aligned` labeling differs
+        Task("dense", lines=4, words_per_line=3, font_size=13, line_step=1),  # 12 words of 13 px glyphs
+    )
+}
+
+
+def word_pieces(word: str) -> list[str]:
+    """The subword tasks' tokens of a word: its first ceil(n/2) characters, then '##' + the rest."""
+    k = (len(word) + 1) // 2
+    return [word[:k], "##" + word[k:]]
 
 
 # ---- processor and model -----------------------------------------------------------------------------------
 
 
-def build_processor():
+def build_processor(task: Task = TASKS["read"]):
     import transformers as tf
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    vocab = {w: i for i, w in enumerate(["[UNK]", "user", "assistant", "Read", "the", "text", "."] + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    base = ["[UNK]", "user", "assistant", "Read", "the", "text", "."]
+    if task.subword:  # WordPiece's greedy longest match splits each word into exactly its two pieces
+        pieces = list(dict.fromkeys(p for w in WORDS for p in word_pieces(w)))
+        tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(base + pieces)}, unk_token="[UNK]"))
+        tok.decoder = decoders.WordPiece()
+    else:
+        tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(base + WORDS)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = tf.PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -142,8 +177,9 @@ def build_model(processor, hidden=96, layers=2, vision_depth=2):
 # ---- synthetic OCR pages ------------------------------------------------------------------------------------
 
 
-def render_page(rng: random.Random, fonts):
-    """4 random words on two lines; returns (image, OCR words, answer text).
+def render_page(rng: random.Random, fonts, task: Task = TASKS["read"]):
+    """`task.lines` lines of up to `task.words_per_line` random words; returns (image, OCR words,
+    answer text). The default task: 4 words on two lines.
 
     Lines sit on the visual-token rows and words start at cell boundaries (with 1-3 px jitter), so
     a cell always shows about the same part of a word and a 0.6 M-parameter model learns to read in
@@ -154,14 +190,15 @@ def render_page(rng: random.Random, fonts):
 
     from dvsft_kernels.labeling import OCRWord
 
-    cell = 28
+    cell = CELL
     img = Image.new("RGB", PAGE, (255, 255, 255))
     d = ImageDraw.Draw(img)
     words, order = [], []
-    for line in range(2):
-        y = 4 + 2 * cell * line + rng.randint(-3, 3)
+    top = 4 if task.font_size >= 16 else 8  # small glyphs sit mid-row
+    for line in range(task.lines):
+        y = top + task.line_step * cell * line + rng.randint(-3, 3)
         x = rng.choice([0, cell]) + rng.randint(1, 3)
-        for _ in range(2):
+        for _ in range(task.words_per_line):
             for _attempt in range(10):
                 w, font = rng.choice(WORDS), rng.choice(fonts)
                 x0, y0, x1, y1 = d.textbbox((x, y), w, font=font)
@@ -177,14 +214,14 @@ def render_page(rng: random.Random, fonts):
     return img, words, " ".join(order)
 
 
-def make_dataset(n: int, seed: int):
+def make_dataset(n: int, seed: int, task: Task = TASKS["read"]):
     from PIL import ImageFont
 
     rng = random.Random(seed)
-    fonts = [ImageFont.truetype(os.path.join(FONT_DIR, f), 20) for f in FONTS]
+    fonts = [ImageFont.truetype(os.path.join(FONT_DIR, f), task.font_size) for f in FONTS]
     out = []
     for _ in range(n):
-        img, words, answer = render_page(rng, fonts)
+        img, words, answer = render_page(rng, fonts, task)
         out.append(
             {
                 "image": img,
