@@ -260,3 +260,121 @@ def test_cuda_graph_captures_a_dvloss_step():
     torch.cuda.synchronize()
     ref = DVLoss(vision_weight=0.5, impl="torch")(h.detach().float(), w.detach().float(), lab, vis).loss
     torch.testing.assert_close(loss.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+# ---------------------------------------------------------------- options, bias, ignore_index
+def full_reference(hidden, weight, labels, vision_labels, *, bias=None, label_smoothing=0.0, z_loss=0.0,
+                   softcap=None, ignore_index=IGN, text_weight=1.0, vision_weight=1.0):
+    """DESIGN 4.1 / 4.2 from float64 full logits: text shifted, vision not; per row
+    (1 - eps) * (lse - z_t) + eps * (lse - mean z) + z_loss * lse**2 on the (soft-capped) logits,
+    each stream's sum over its own count. Returns (loss, text_loss, vision_loss)."""
+    z = hidden.double() @ weight.double().T
+    if bias is not None:
+        z = z + bias.double()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    lse = torch.logsumexp(z, -1)
+    eps = label_smoothing
+
+    def stream(zz, ll, lab):
+        m = lab != ignore_index
+        if not m.any():
+            return zz.sum() * 0
+        zt = zz.gather(-1, torch.where(m, lab, 0)[..., None]).squeeze(-1)
+        row = (1 - eps) * (ll - zt) + eps * (ll - zz.mean(-1)) + z_loss * ll**2
+        return row[m].sum() / m.sum()
+
+    text = stream(z[:, :-1], lse[:, :-1], labels[:, 1:])
+    vis = stream(z, lse, vision_labels)
+    return text_weight * text + vision_weight * vis, text, vis
+
+
+OPTION_SETS = {
+    "label_smoothing": {"label_smoothing": 0.1},
+    "z_loss": {"z_loss": 1e-2},
+    "softcap": {"softcap": 2.5},
+    "bias": {"bias": True},
+    "all": {"bias": True, "label_smoothing": 0.2, "z_loss": 1e-2, "softcap": 2.5},
+}
+
+
+def _close(name, got, ref, rel=2e-5):
+    """float32 against float64: max error within rel of the reference's largest entry."""
+    err = (got.double() - ref.double()).abs().max().item()
+    scale = ref.abs().max().item()
+    assert scale > 0, f"{name}: empty reference"
+    assert err <= rel * scale, f"{name}: max error {err:.3g}, scale {scale:.3g}"
+
+
+def _run(loss_fn, hidden, weight, bias, labels, vision):
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    b = bias.clone().requires_grad_() if bias is not None else None
+    out = loss_fn(h, w, labels, vision, bias=b)
+    out.loss.backward()
+    return out, h.grad, w.grad, (b.grad if b is not None else None)
+
+
+def _reference(hidden, weight, bias, labels, vision, **kw):
+    h = hidden.double().requires_grad_()
+    w = weight.double().requires_grad_()
+    b = bias.double().requires_grad_() if bias is not None else None
+    loss, text, vis = full_reference(h, w, labels, vision, bias=b, **kw)
+    loss.backward()
+    return loss.detach(), text.detach(), vis.detach(), h.grad, w.grad, (b.grad if b is not None else None)
+
+
+@pytest.mark.parametrize("options", list(OPTION_SETS))
+def test_options_and_bias_match_full_logits(options):
+    """label_smoothing, z_loss, softcap and a bias: loss, both stream losses and the gradients of
+    hidden, weight and bias against the float64 full-logits reference."""
+    opts = dict(OPTION_SETS[options])
+    hidden, weight, labels, vision = make(seed=4)
+    bias = torch.randn(weight.shape[0], generator=torch.Generator().manual_seed(9)) if opts.pop("bias", False) \
+        else None
+    fn = DVLoss(0.7, text_weight=1.3, impl="torch", **opts)
+    out, gh, gw, gb = _run(fn, hidden, weight, bias, labels, vision)
+    ref = _reference(hidden, weight, bias, labels, vision, text_weight=1.3, vision_weight=0.7, **opts)
+    _close("loss", out.loss, ref[0])
+    _close("text_loss", out.text_loss, ref[1])
+    _close("vision_loss", out.vision_loss, ref[2])
+    _close("d_hidden", gh, ref[3])
+    _close("d_weight", gw, ref[4])
+    if bias is not None:
+        _close("d_bias", gb, ref[5])
+    # the option changes the loss on this input: a DVLoss that dropped it could not pass
+    plain = _reference(hidden, weight, bias if options not in ("bias", "all") else None, labels, vision,
+                       text_weight=1.3, vision_weight=0.7)
+    assert abs(plain[0].item() - ref[0].item()) > 1e-3 * abs(ref[0].item())
+
+
+IMPLS = ["torch", pytest.param("fused", marks=pytest.mark.interpreter)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("ignore_index", [-1, 7])
+def test_ignore_index(impl, ignore_index):
+    """DVLoss(ignore_index=k): both streams use k for "no target" (the shift pads with k too); with k
+    in [0, V) that id is never a target."""
+    if impl == "fused" and not _interpreter_or_cuda():
+        pytest.skip("impl='fused' needs CUDA or TRITON_INTERPRET=1")
+    hidden, weight, labels, vision = make(seed=6)
+    V = weight.shape[0]
+    labels, vision = (torch.where(x == IGN, ignore_index, torch.where(x == ignore_index, (x + 1) % V, x))
+                      for x in (labels, vision))
+    assert (labels == -100).sum() == 0 and (vision == ignore_index).any()
+    bias = torch.randn(V, generator=torch.Generator().manual_seed(2))
+    fn = DVLoss(0.5, impl=impl, ignore_index=ignore_index, label_smoothing=0.1)
+    out, gh, gw, gb = _run(fn, hidden, weight, bias, labels, vision)
+    ref = _reference(hidden, weight, bias, labels, vision, ignore_index=ignore_index, vision_weight=0.5,
+                     label_smoothing=0.1)
+    for name, got, want in zip(("loss", "text_loss", "vision_loss", "d_hidden", "d_weight", "d_bias"),
+                               (out.loss, out.text_loss, out.vision_loss, gh, gw, gb), ref):
+        _close(name, got, want)
+    assert int(out.text_tokens) == int((labels[:, 1:] != ignore_index).sum())
+    assert int(out.vision_tokens) == int((vision != ignore_index).sum())
+    if impl == "torch":  # -100 is now an id outside [0, V): refused, naming the stream
+        bad = vision.clone()
+        bad[0, 3] = -100
+        with pytest.raises(ValueError, match="^vision_labels: ids must lie in"):
+            fn(hidden, weight, labels, bad)
