@@ -13,12 +13,13 @@ from dvsft_kernels import DVLoss, attach
 from dvsft_kernels.integrations import AttachError, get_handle
 from tests.integrations.helpers import (
     IGN,
+    assert_error_rule,
     attached_run,
     compare_to_reference,
-    grads,
     make_targets,
     plain_run,
     reference_loss,
+    to_double,
     torchrun,
 )
 from tests.integrations.tiny_models import ALL_FAMILIES, VLM_FAMILIES, V, gemma3, llama_causal, qwen2_vl
@@ -126,7 +127,7 @@ def test_hook_only_inside_loss_calls_generate_untouched():
     decoder = model.get_decoder()
     seen = []
     probe = decoder.register_forward_pre_hook(lambda mod, args: seen.append(len(mod._forward_hooks)))
-    gen_kw = dict(max_new_tokens=4, do_sample=False)
+    gen_kw = {"max_new_tokens": 4, "do_sample": False}
     ref = model.generate(**batch, **gen_kw)
     seen.clear()
     with attach(model) as h:
@@ -425,16 +426,33 @@ def test_vlm_family_list_is_complete():
     assert g.get_output_embeddings().weight is g.get_input_embeddings().weight  # the tied case is covered
 
 
-def test_tied_head_gradient_reaches_embedding():
+def test_tied_head_gradient_is_embedding_plus_head():
+    """Gemma 3's tied weight: its gradient is the embedding's contribution plus the head's dW; both
+    are compared to the plain full-logits float64 reference, and the head's share alone is far above
+    the tolerance, so an attach() that dropped it fails."""
     tiny = gemma3()
-    model = tiny.model.train()
     batch = tiny.batch(2)
     labels, vision = make_targets(batch)
-    with attach(model):
-        _, g = attached_run(model, batch, labels, vision)
-    name = [n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight][0]
-    assert g[name].abs().max() > 0
-    assert grads  # keep import used
+    base = tiny.model.train()
+    name = next(n for n, p in base.named_parameters() if p is base.get_input_embeddings().weight)
+    assert base.get_output_embeddings().weight is base.get_input_embeddings().weight
+    m32, m64 = copy.deepcopy(base), copy.deepcopy(base).double()
+    _, g_plain = plain_run(m32, batch, labels, vision)
+    _, g_ref = plain_run(m64, to_double(batch), labels, vision)
+    with attach(m32):
+        _, g_att = attached_run(m32, batch, labels, vision)
+    assert_error_rule(name, g_att[name], g_plain[name], g_ref[name])
+    for n in g_ref:  # and every other parameter
+        assert_error_rule(n, g_att[n], g_plain[n], g_ref[n])
+
+    # the head's share: untie a float64 copy, so the head's dW lands on its own parameter
+    untied = copy.deepcopy(base).double()
+    untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())
+    _, g_split = plain_run(untied, to_double(batch), labels, vision)
+    head_dw = g_split["lm_head.weight"]
+    torch.testing.assert_close(g_split[name] + head_dw, g_ref[name], rtol=1e-9, atol=1e-12)
+    with pytest.raises(AssertionError):  # the embedding's share alone is not the gradient
+        assert_error_rule(name, g_ref[name] - head_dw, g_plain[name], g_ref[name])
 
 
 def test_under_bf16_autocast():
@@ -525,3 +543,206 @@ def test_wrong_decoder_is_caught():
                 assert not h._stack and len(wrong._forward_hooks) == 0
         finally:
             del model.get_decoder
+
+
+# ---- attach()'s options, a head with a bias, inputs_embeds, refusals -------------------------------------
+
+
+def _logits_len(out):
+    return out.logits.shape[1]
+
+
+@pytest.mark.parametrize("skip_logits", ["auto", True, False])
+def test_skip_logits_option(skip_logits):
+    """skip_logits: "auto" skips the full logits in training mode only, True always, False never; the
+    loss is the full-logits reference in every case."""
+    tiny = llama_causal()
+    model = tiny.model
+    batch = tiny.batch(2)
+    labels, _ = make_targets(batch)
+    T = batch["input_ids"].shape[1]
+    with torch.no_grad():
+        ref = reference_loss(model(**batch).logits.double(), labels, None)
+    with attach(model, skip_logits=skip_logits) as h:
+        assert h.skip_logits == skip_logits
+        for training in (True, False):
+            model.train(training)
+            with torch.no_grad():
+                out = model(**batch, labels=labels)
+            skipped = skip_logits is True or (skip_logits == "auto" and training)
+            assert _logits_len(out) == (1 if skipped else T), (skip_logits, training)
+            torch.testing.assert_close(out.loss.double(), ref, rtol=1e-5, atol=1e-6)
+    model.train()
+
+
+def test_bad_skip_logits_and_logit_transforms():
+    model = llama_causal().model
+    for bad in ("yes", 1.5, None):
+        with pytest.raises(ValueError, match="^skip_logits: expected 'auto', True or False"):
+            attach(model, skip_logits=bad)
+    for bad in ((1.0,), "ab", (None, None), 3.0):
+        with pytest.raises(ValueError, match=r"^logit_transforms: expected \(scale, softcap or None\)"):
+            attach(model, logit_transforms=bad)
+    for cap in (0.0, -2.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="^logit_transforms: softcap must be a finite number > 0"):
+            attach(model, logit_transforms=(1.0, cap))
+    for scale in (0.0, -1.0, float("inf")):
+        with pytest.raises(AttachError, match="logit scale from the config is"):
+            attach(model, logit_transforms=(scale, None))
+    assert get_handle(model) is None  # no failed attach() left a handle behind
+
+
+def test_bad_logit_scale_in_config_is_refused():
+    tiny = ALL_FAMILIES["cohere"]()
+    tiny.model.config.logit_scale = -0.5
+    with pytest.raises(AttachError, match=r"logit scale from the config is -0\.5"):
+        attach(tiny.model)
+
+
+def test_verify_false_skips_the_head_check():
+    """verify=False: a config transform the forward does not apply is no longer caught (the loss uses
+    the config's scale); verify=True (default) refuses it on the first call."""
+    tiny = llama_causal()
+    model = tiny.model.train()
+    model.config.logit_scale = 3.0  # LlamaForCausalLM never reads it
+    batch = tiny.batch(2)
+    labels, _ = make_targets(batch)
+    with torch.no_grad():
+        logits = model(**batch).logits.double()
+    with attach(model, verify=False) as h:
+        out = model(**batch, labels=labels)
+        assert not h._verified
+    torch.testing.assert_close(out.loss.double(), reference_loss(3.0 * logits, labels, None), rtol=1e-5,
+                               atol=1e-6)
+    with attach(model), pytest.raises(RuntimeError, match="does not reproduce"):
+        model(**batch, labels=labels)
+
+
+def _llama_with_bias_head(seed=0):
+    tiny = llama_causal(seed)
+    m = tiny.model
+    old = m.lm_head
+    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight.copy_(old.weight)
+        head.bias.copy_(torch.randn(old.out_features, generator=g))
+    m.lm_head = head
+    return tiny
+
+
+def test_head_with_a_bias():
+    """A head with a bias: the loss and every gradient (the bias's included) match the plain
+    full-logits loss of the model's own forward."""
+    tiny = _llama_with_bias_head()
+    batch = tiny.batch(2)
+    labels, _ = make_targets(batch)
+    _, handle = compare_to_reference(lambda: copy.deepcopy(tiny.model).train(), batch, labels, None)
+    assert handle._verified
+    # the bias reaches the loss: without it the result differs
+    m = copy.deepcopy(tiny.model).train()
+    with torch.no_grad():
+        with attach(m):
+            with_bias = m(**batch, labels=labels).loss
+        m.lm_head.bias.zero_()
+        with attach(m, verify=False):
+            without = m(**batch, labels=labels).loss
+    assert abs(with_bias.item() - without.item()) > 1e-3
+
+
+def test_head_bias_with_a_logit_scale_is_refused():
+    tiny = _llama_with_bias_head()
+    with pytest.raises(AttachError, match="logit scale together with a head bias"):
+        attach(tiny.model, logit_transforms=(2.0, None))
+
+
+def test_inputs_embeds_only_call():
+    """model(inputs_embeds=..., labels=...) without input_ids: the same loss and gradients as the
+    plain loss over the full logits of the same call; labels are checked against inputs_embeds."""
+    tiny = llama_causal()
+    model = tiny.model.train()
+    batch = tiny.batch(2)
+    labels, _ = make_targets(batch)
+    emb = model.get_input_embeddings()(batch["input_ids"]).detach()
+    kw = {"inputs_embeds": emb, "attention_mask": batch["attention_mask"]}
+
+    def run(attached):
+        model.zero_grad(set_to_none=True)
+        e = emb.clone().requires_grad_()
+        if attached:
+            out = model(**{**kw, "inputs_embeds": e}, labels=labels)
+            loss = out.loss
+            assert _logits_len(out) == 1
+        else:
+            loss = reference_loss(model(**{**kw, "inputs_embeds": e}).logits.double(), labels, None)
+        loss.backward()
+        return loss.detach().double(), e.grad.double(), model.model.layers[0].mlp.up_proj.weight.grad.double()
+
+    ref = run(False)
+    with attach(model):
+        got = run(True)
+        with pytest.raises(ValueError, match=r"^labels: shape \(2, \d+\) does not match input_ids"):
+            model(**kw, labels=labels[:, :-1])
+    for name, a, b in zip(("loss", "d_inputs_embeds", "d_up_proj"), got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    assert ref[1].abs().max() > 0
+
+
+def test_labels_must_be_two_dimensional(qwen):
+    batch = qwen.batch(2)
+    labels, _ = make_targets(batch)
+    with attach(qwen.model) as h:
+        for bad in (labels.flatten(), labels[None], [[1, 2]]):
+            with pytest.raises(ValueError, match=r"^labels: expected a \(B, T\) integer tensor"):
+                qwen.model(**batch, labels=bad)
+            _assert_clean(qwen.model, h)
+
+
+def test_refusal_messages():
+    """Each documented refusal of attach(): an AttachError (a TypeError) naming the problem."""
+    assert issubclass(AttachError, TypeError)
+    with pytest.raises(AttachError, match="^model: expected a torch.nn.Module, got str"):
+        attach("not a model")
+
+    class Decoder(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    class NoHead(torch.nn.Module):  # has a decoder and logits_to_keep, but no LM head
+        def __init__(self):
+            super().__init__()
+            self.model = Decoder()
+
+        def get_decoder(self):
+            return self.model
+
+        def get_output_embeddings(self):
+            return None
+
+        def forward(self, input_ids=None, logits_to_keep=0):
+            return input_ids
+
+    with pytest.raises(AttachError, match=r"NoHead: get_output_embeddings\(\) returns no LM head"):
+        attach(NoHead())
+
+    class WeightlessHead(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    class OddHead(NoHead):
+        def __init__(self):
+            super().__init__()
+            self.head = WeightlessHead()
+
+        def get_output_embeddings(self):
+            return self.head
+
+    with pytest.raises(AttachError, match=r"OddHead \(WeightlessHead\) has no weight tensor"):
+        attach(OddHead())
+
+    class NoDecoder(NoHead):
+        def get_decoder(self):
+            return self
+
+    with pytest.raises(AttachError, match=r"NoDecoder: get_decoder\(\) returns no decoder module distinct"):
+        attach(NoDecoder())
