@@ -22,7 +22,7 @@ Suites (each run once, shared between suites that contain it):
     dense   dense:   12 words of 13 px glyphs on four lines; SFT vs DV-SFT
 
     python examples/dvsft_vs_sft.py            # every suite, 3 seeds, 600 steps (~13 min on 2 cores)
-    python examples/dvsft_vs_sft.py --quick    # main suite, 2 seeds, 200 steps (~1.5 min)
+    python examples/dvsft_vs_sft.py --quick    # main suite, 2 seeds, 400 steps (~1.5 min)
     python examples/dvsft_vs_sft.py --suites main --seeds 0 1 2 3 4
 
 Results (JSON, Markdown, PNG) go to `--out` (default benchmarks/results/<date>-quality/); each
@@ -417,12 +417,12 @@ def main(argv=None) -> int:
     p.add_argument("--suites", nargs="+", choices=list(SUITES), default=None,
                    help="default: every suite (--quick: main)")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 0 1 2 (--quick: 0 1)")
-    p.add_argument("--steps", type=int, default=None, help="default: 600 (--quick: 200)")
+    p.add_argument("--steps", type=int, default=None, help="default: 600 (--quick: 400)")
     p.add_argument("--train-pages", type=int, default=1024)
     p.add_argument("--eval-pages", type=int, default=128)
     p.add_argument("--eval-every", type=int, default=None, help="curve points every N steps (default steps/12)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at a time (1 thread each)")
-    p.add_argument("--quick", action="store_true", help="main suite, seeds 0 1, 200 steps")
+    p.add_argument("--quick", action="store_true", help="main suite, seeds 0 1, 400 steps")
     p.add_argument("--out", default=None, help="default: benchmarks/results/<date>-quality")
     args = p.parse_args(argv)
     for name in ("steps", "train_pages", "eval_pages", "eval_every", "jobs"):
@@ -431,7 +431,7 @@ def main(argv=None) -> int:
             p.error(f"--{name.replace('_', '-')}: expected an integer >= 1, got {v}")
     suites = args.suites or (["main"] if args.quick else list(SUITES))
     seeds = sorted(set(args.seeds if args.seeds is not None else ([0, 1] if args.quick else [0, 1, 2])))
-    steps = args.steps or (200 if args.quick else 600)
+    steps = args.steps or (400 if args.quick else 600)  # DV-SFT takes off after ~250 steps
     eval_every = args.eval_every or max(1, steps // 12)
     out = args.out or os.path.join(ROOT, "benchmarks", "results", time.strftime("%Y-%m-%d") + "-quality")
     os.makedirs(out, exist_ok=True)
