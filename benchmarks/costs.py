@@ -1,4 +1,4 @@
-"""Explicit FLOP and byte models (../shared/KERNEL_NOTES.md).
+"""Explicit FLOP and byte models of the op (used by the reports' "x floor" and roofline columns).
 
 n = labeled rows (the useful work), D = hidden size, V = vocabulary, s = bytes per element.
 

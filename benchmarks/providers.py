@@ -147,7 +147,7 @@ class Dvsft(Provider):
         try:
             self._op()(h, w, t, impl=self.impl).backward()
         except (ValueError, NotImplementedError) as e:
-            # The op raises ValueError for an impl it does not have (DESIGN 4.1) or cannot run here.
+            # The op raises ValueError for an impl it does not have (docs/linear_cross_entropy.md) or cannot run here.
             if cpu_triton or isinstance(e, NotImplementedError) or "impl" in str(e):
                 return f"impl={self.impl!r} unavailable here: {_err(e)}"
             raise

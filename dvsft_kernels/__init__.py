@@ -1,6 +1,6 @@
 """dvsft-kernels: fused linear cross-entropy and visual-token labeling for DV-SFT.
 
-Public names (../shared/DESIGN.md section 4): `linear_cross_entropy`, `DVLoss`, `DVLossOutput`,
+Public names (contracts in docs/): `linear_cross_entropy`, `DVLoss`, `DVLossOutput`,
 `attach`; labeling lives in `dvsft_kernels.labeling`.
 """
 

@@ -1,4 +1,4 @@
-"""DVLoss: the DV-SFT loss over a text stream and a vision stream (DESIGN.md section 4.2).
+"""DVLoss: the DV-SFT loss over a text stream and a vision stream (docs/dvloss.md).
 
 Both streams go through one call of the op: their targets are merged into one (B, T) target tensor
 and each row carries its stream's weight / normalizer as a token weight, so

@@ -1,4 +1,4 @@
-"""Hugging Face integration: `attach()` (DESIGN.md 4.3), trainer patching, the DV-SFT collator.
+"""Hugging Face integration: `attach()`, trainer patching, the DV-SFT collator.
 
 `attach` needs only torch; the trainer and collator import transformers when first used.
 """

@@ -1,5 +1,4 @@
-"""`attach(model, loss)`: make a Hugging Face model compute the DV-SFT loss without full logits
-(DESIGN.md section 4.3).
+"""`attach(model, loss)`: make a Hugging Face model compute the DV-SFT loss without full logits.
 
 One generic mechanism, hooks only (the model's code, class and `forward` are never replaced):
 
@@ -475,7 +474,7 @@ def attach(
     verify: bool = True,
     logit_transforms: tuple[float, float | None] | None = None,
 ) -> AttachHandle:
-    """Make `model(**batch)` return the DV-SFT loss (DESIGN.md section 4.3).
+    """Make `model(**batch)` return the DV-SFT loss (docs/dvloss.md).
 
     The batch may carry `labels`, `vision_labels`, `num_items_in_batch` (text-target divisor) and
     `num_vision_items_in_batch` (vision-target divisor). `skip_logits`: "auto" runs the model with

@@ -1,4 +1,4 @@
-"""OCR words -> per-visual-token labels (../shared/DESIGN.md section 4.4)."""
+"""OCR words -> per-visual-token labels (docs/labeling.md)."""
 
 from dvsft_kernels.labeling.assign import DROP_REASONS, LabelReport, clear_token_cache, label_visual_tokens
 from dvsft_kernels.labeling.batch import (

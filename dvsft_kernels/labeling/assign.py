@@ -1,4 +1,4 @@
-"""OCR words -> one label per visual token (DESIGN.md section 4.4).
+"""OCR words -> one label per visual token (docs/labeling.md).
 
 coverage(token, word) = area(cell ∩ word box) / area(cell), the cell in original pixels (clipped to
 the view's content). A token gets the word of largest coverage if that is >= ``min_coverage``

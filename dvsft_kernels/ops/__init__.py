@@ -1,4 +1,4 @@
-"""The fused linear cross-entropy op (../shared/DESIGN.md section 4.1)."""
+"""The fused linear cross-entropy op (docs/linear_cross_entropy.md)."""
 
 from dvsft_kernels.ops.function import linear_cross_entropy
 

@@ -1,4 +1,4 @@
-"""Autograd Function and impl dispatch for `linear_cross_entropy` (DESIGN.md section 4.1).
+"""Autograd Function and impl dispatch for `linear_cross_entropy` (docs/linear_cross_entropy.md).
 
 "torch" and "chunked" compact the labeled rows first (one host sync: the row count sizes the
 work), so ignored rows are never projected. For "mean" and "sum" the gradients are computed in the
@@ -404,7 +404,7 @@ def linear_cross_entropy(
     process_group=None,
 ) -> torch.Tensor:
     """Cross-entropy of `hidden @ weight.T + bias` against `targets`, computed only at labeled
-    positions and without materialising the logits. See ../shared/DESIGN.md section 4.1.
+    positions and without materialising the logits. See docs/linear_cross_entropy.md.
 
     Returns float32: a scalar for "mean" / "sum", a tensor shaped like `targets` for "none".
     With `process_group`, `weight` (and `bias`) are this rank's slice of a vocabulary-parallel head

@@ -1,4 +1,4 @@
-"""The executable spec of `linear_cross_entropy` (../shared/DESIGN.md section 4.1).
+"""The executable spec of `linear_cross_entropy` (docs/linear_cross_entropy.md).
 
 Materialises the full logits and follows the formula line by line; every other implementation is
 tested against this one run in float64. Not for production sizes.
@@ -35,7 +35,7 @@ def naive_linear_cross_entropy(
     """Reference loss. The projection runs in the inputs' dtype and every later step in
     `upcast_dtype`: float64 inputs give the exact spec; bf16 inputs with upcast_dtype=float32 give
     "plain PyTorch in the input dtype, upcast after the head" (the HF way), the baseline of the
-    error rule in STYLE.md.
+    error rule in tests/ops/errors.py.
 
     With `return_stats=True` also returns (lse, correct) per position (0 / False where ignored).
     """

@@ -1,5 +1,5 @@
-"""Shared pieces of the integration tests: targets, the plain full-logits reference (DESIGN.md 4.2),
-gradient comparison by the error rule (STYLE.md), and an allocation recorder."""
+"""Shared pieces of the integration tests: targets, the plain full-logits reference (docs/dvloss.md),
+gradient comparison by the op tests' error rule, and an allocation recorder."""
 
 from __future__ import annotations
 

@@ -91,7 +91,7 @@ def _logit_tile(h_ptr, w_ptr, b_ptr, o_pos, m_rows, o_v, m_v, D, stride_hn, stri
             m_k = o_kk < D
             b_h = tl.load(p_h, mask=m_rows[:, None] & m_k[None, :], other=0.0)
             b_w = tl.load(p_w, mask=m_v[None, :] & m_k[:, None], other=0.0)
-        if DOT_F32:  # interpreter: bf16 dots are wrong there (TRITON_ON_CPU.md)
+        if DOT_F32:  # interpreter: tl.dot on bf16 operands returns garbage there
             b_h = b_h.to(tl.float32)
             b_w = b_w.to(tl.float32)
         b_z = tl.dot(b_h, b_w, b_z, input_precision=PRECISION)
