@@ -279,6 +279,7 @@ def patch_trainer(trainer: transformers.Trainer, loss: DVLoss | None = None) -> 
     try:
         trainer._dvsft_setup(loss)
     except Exception:
+        trainer.__class__ = base
         raise
     return trainer
 
