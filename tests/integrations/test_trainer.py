@@ -78,24 +78,24 @@ def collate(features):
 
 
 def _args(tmp_path, bs, ga, **kw):
-    d = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=bs,
-        gradient_accumulation_steps=ga,
-        max_steps=1,
-        learning_rate=1.0,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        max_grad_norm=0.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
+    d = {
+        "output_dir": str(tmp_path),
+        "per_device_train_batch_size": bs,
+        "gradient_accumulation_steps": ga,
+        "max_steps": 1,
+        "learning_rate": 1.0,
+        "optim": "sgd",
+        "lr_scheduler_type": "constant",
+        "weight_decay": 0.0,
+        "max_grad_norm": 0.0,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "seed": 0,
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+    }
     d.update(kw)
     return transformers.TrainingArguments(**d)
 
@@ -182,16 +182,13 @@ def test_without_the_mixin_accumulation_is_wrong(setup, tmp_path):
     with remove_unused_columns=False the vision stream is normalised per micro-batch."""
     model0, data = setup
     with pytest.warns(UserWarning, match="num_vision_items_in_batch"):
-        m_one, _ = _train(
-            model0, data, tmp_path / "one", bs=2, ga=1, how="attach", remove_unused_columns=False
-        )
-        m_acc, _ = _train(
-            model0, data, tmp_path / "acc", bs=1, ga=2, how="attach", remove_unused_columns=False
-        )
+        m_one, _ = _train(model0, data, tmp_path / "one", bs=2, ga=1, how="attach", remove_unused_columns=False)
+    with pytest.warns(UserWarning, match="num_vision_items_in_batch"):
+        m_acc, _ = _train(model0, data, tmp_path / "acc", bs=1, ga=2, how="attach", remove_unused_columns=False)
     d_one, d_acc = _delta(model0, m_one), _delta(model0, m_acc)
     with pytest.raises(AssertionError):
         _close(d_acc, d_one)
-    m_drop, t_drop = _train(model0, data, tmp_path / "drop", bs=2, ga=1, how="attach")
+    _, t_drop = _train(model0, data, tmp_path / "drop", bs=2, ga=1, how="attach")
     assert "vision_labels" not in t_drop._signature_columns  # the column the mixin keeps
 
 
@@ -350,8 +347,108 @@ def test_ranks_with_accumulation_and_a_rank_without_targets(tmp_path, case):
     loss = DVLoss(vision_weight=0.5)
     m_one, t_one = _train(tiny.model, data, tmp_path / "one", bs=len(spec), ga=1, loss=loss)
     _close(got["delta"], _delta(tiny.model, m_one), f"{case} vs 1 x {len(spec)}")
-    ref, ref_loss = _full_batch_reference(tiny.model, data, loss)
+    ref, _ = _full_batch_reference(tiny.model, data, loss)
     _close({n: got["delta"][n] for n in ref}, ref, f"{case} vs reference")
     log_one = next(x for x in t_one.state.log_history if "loss" in x)
     for k in ("loss", "text_loss", "vision_loss", "text_tokens", "vision_tokens", "vision_accuracy"):
         assert got["log"][k] == pytest.approx(log_one[k], rel=1e-4), k
+
+
+# ---- refusals and patch / unpatch misuse ------------------------------------------------------------------
+
+
+def _plain_trainer(model, tmp_path, data, **kw):
+    return transformers.Trainer(model=model, args=_args(tmp_path, 1, 1, **kw.pop("args", {})), train_dataset=data,
+                                data_collator=collate, **kw)
+
+
+def test_refusals_leave_the_model_unattached(setup, tmp_path, monkeypatch):
+    """Each configuration the DV-SFT trainer cannot honour is a ValueError naming it; neither the
+    subclass nor patch_trainer leaves a handle on the model or a swapped class behind."""
+    model0, data = setup
+    cases = [
+        ({"args": {"label_smoothing_factor": 0.1}}, "args.label_smoothing_factor"),
+        ({"compute_loss_func": lambda outputs, labels, num_items_in_batch=None: outputs.loss},
+         "compute_loss_func needs full logits"),
+    ]
+    for kw, match in cases:
+        model = copy.deepcopy(model0)
+        with pytest.raises(ValueError, match=f"^DV-SFT trainer: {match}"):
+            DVSFTTrainer(model=model, args=_args(tmp_path, 1, 1, **kw.get("args", {})), train_dataset=data,
+                         data_collator=collate, **{k: v for k, v in kw.items() if k != "args"})
+        assert get_handle(model) is None
+        trainer = _plain_trainer(model, tmp_path, data, **dict(kw))
+        cls = type(trainer)
+        with pytest.raises(ValueError, match=f"^DV-SFT trainer: {match}"):
+            patch_trainer(trainer)
+        assert type(trainer) is cls and get_handle(model) is None
+        assert not [k for k in trainer.__dict__ if k.startswith("_dvsft")]
+
+    # several GPUs in one process (DataParallel)
+    model = copy.deepcopy(model0)
+    trainer = _plain_trainer(model, tmp_path, data)
+    monkeypatch.setattr(transformers.TrainingArguments, "n_gpu", property(lambda self: 2))
+    with pytest.raises(ValueError, match="^DV-SFT trainer: torch.nn.DataParallel"):
+        patch_trainer(trainer)
+    assert type(trainer) is transformers.Trainer and get_handle(model) is None
+
+
+def test_model_attached_with_another_loss(setup, tmp_path):
+    model0, data = setup
+    model = copy.deepcopy(model0)
+    mine = DVLoss(vision_weight=0.2)
+    with attach(model, mine) as h:
+        with pytest.raises(ValueError, match="^DV-SFT trainer: the model is already attached with another loss"):
+            DVSFTTrainer(model=model, args=_args(tmp_path, 1, 1), train_dataset=data, data_collator=collate,
+                         loss=DVLoss())
+        # the same loss (or none): the trainer uses the caller's handle and leaves it attached
+        trainer = patch_trainer(_plain_trainer(model, tmp_path, data), mine)
+        assert trainer._dvsft_handle is h
+        unpatch_trainer(trainer)
+        assert get_handle(model) is h
+        trainer = DVSFTTrainer(model=model, args=_args(tmp_path, 1, 1), train_dataset=data, data_collator=collate)
+        assert trainer._dvsft_handle is h and trainer._dvsft_handle.user_loss is mine
+    assert get_handle(model) is None
+
+
+def test_patch_and_unpatch_misuse(setup, tmp_path):
+    model0, data = setup
+    for bad in (object(), "trainer", copy.deepcopy(model0)):
+        with pytest.raises(TypeError, match="^trainer: expected a transformers.Trainer, got "):
+            patch_trainer(bad)
+    for bad in (object(), "trainer", None):
+        with pytest.raises(ValueError, match="^trainer: not patched by patch_trainer"):
+            unpatch_trainer(bad)
+
+    model = copy.deepcopy(model0)
+    trainer = _plain_trainer(model, tmp_path, data)
+    with pytest.raises(ValueError, match="^trainer: not patched by patch_trainer"):
+        unpatch_trainer(trainer)  # never patched
+    assert type(trainer) is transformers.Trainer and get_handle(model) is None
+    patch_trainer(trainer)
+    handle = get_handle(model)
+    with pytest.raises(ValueError, match="^trainer: already a DV-SFT trainer"):
+        patch_trainer(trainer)  # double patch: nothing changes
+    assert get_handle(model) is handle and trainer._dvsft_handle is handle
+    unpatch_trainer(trainer)
+    with pytest.raises(ValueError, match="^trainer: not patched by patch_trainer"):
+        unpatch_trainer(trainer)  # twice
+    assert type(trainer) is transformers.Trainer and get_handle(model) is None
+
+    sub = DVSFTTrainer(model=copy.deepcopy(model0), args=_args(tmp_path, 1, 1), train_dataset=data,
+                       data_collator=collate)
+    with pytest.raises(ValueError, match="^trainer: already a DV-SFT trainer"):
+        patch_trainer(sub)
+    with pytest.raises(ValueError, match="^trainer: not patched by patch_trainer"):
+        unpatch_trainer(sub)  # a DVSFTTrainer is a class of its own, not a patched one
+    assert type(sub) is DVSFTTrainer
+
+
+def test_patch_twice_after_unpatch_reuses_one_class(setup, tmp_path):
+    """patch -> unpatch -> patch: the same generated class each time, and it trains like the first."""
+    model0, data = setup
+    trainer = _plain_trainer(copy.deepcopy(model0), tmp_path, data)
+    first = type(patch_trainer(trainer))
+    unpatch_trainer(trainer)
+    assert type(patch_trainer(trainer)) is first
+    unpatch_trainer(trainer)
