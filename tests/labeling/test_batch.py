@@ -4,6 +4,8 @@ mismatch raises instead of shifting labels."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -148,11 +150,16 @@ def test_labels_land_on_each_images_placeholders(case):
     cut = int(np.flatnonzero(ids[-1] == tid)[-1])
     with pytest.raises(ValueError):
         build_vision_labels(torch.as_tensor(ids[:, :cut]), grids, words, proc.tokenizer, image_token_id=tid)
-    # a grid for another size is caught
-    wrong = [list(gs) for gs in grids]
-    h, w = wrong[0][0].image_size
-    bad = VisualGrid.from_processor(proc, (h + 97, w // 2 + 13), images_kwargs=call_kw)
-    if bad.segments != wrong[0][0].segments:
+    # a grid for another layout is caught: one computed for a 60 x 60 image (every family but LLaVA's
+    # fixed resolution lays that out differently: asserted, so this cannot skip itself), and one
+    # whose last segment expects 4 more placeholders than the processor wrote (any family)
+    g0 = grids[0][0]
+    other = VisualGrid.from_processor(proc, (60, 60), images_kwargs=call_kw)
+    assert (other.segments == g0.segments) == (family == "llava"), (family, other.segments, g0.segments)
+    s_last, n_last = g0.segments[-1]
+    longer = replace(g0, num_tokens=g0.num_tokens + 4, segments=(*g0.segments[:-1], (s_last, n_last + 4)))
+    for bad in ([] if family == "llava" else [other]) + [longer]:
+        wrong = [list(gs) for gs in grids]
         wrong[0][0] = bad
         with pytest.raises(ValueError):
             build_vision_labels(out["input_ids"], wrong, words, proc.tokenizer, image_token_id=tid)
