@@ -102,7 +102,7 @@ def test_word_geometry_first_row_left_to_right(proc):
     token columns of alpha lie left of beta's, and both lie in the top half of the grid."""
     coll = DVSFTCollator(proc)
     batch = coll([sample(["alpha", "beta"])])
-    t, h, w = batch["image_grid_thw"][0].tolist()
+    _, h, w = batch["image_grid_thw"][0].tolist()
     gh, gw = h // 2, w // 2
     ids, vision = batch["input_ids"][0], batch["vision_labels"][0]
     run = (ids == proc.image_token_id).nonzero().flatten()
@@ -181,3 +181,126 @@ def test_end_to_end_attach_and_trainer(proc, tmp_path):
     trainer.train()
     logs = [x for x in trainer.state.log_history if "vision_loss" in x]
     assert len(logs) == 2 and all(x["vision_tokens"] > 0 and x["text_tokens"] > 0 for x in logs)
+
+
+# ---- edge cases on two processor families: Qwen2-VL (word-level) and LLaVA (byte-level BPE) -----------
+
+CHAT = (
+    "{% for m in messages %}{{ m['role'] }}: {% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def _llava_processor():
+    from tests.labeling._geometry_helpers import make_processor
+
+    proc, _ = make_processor(
+        "llava", size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}, patch_size=14,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+    )
+    proc.chat_template = CHAT
+    return proc
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "llava"])
+def fam_proc(request):
+    return request.param, (qwen2_vl_processor(WORDS) if request.param == "qwen2_vl" else _llava_processor())
+
+
+def _image_token(proc):
+    from dvsft_kernels.labeling import families
+
+    return families.image_token_id(proc)
+
+
+def _first_token_ids(proc, words):
+    """Ids a word's first piece may have ("first" labeling mode): the word tokenized alone or after a
+    space as in running text, a bare space piece skipped. Disjoint across the words used here."""
+    tok = proc.tokenizer
+    out = set()
+    for w in words:
+        for text in (w, " " + w):
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            out.add(ids[1] if tok.decode(ids[:1]).strip() == "" else ids[0])
+    return out
+
+
+def _answer_text(proc, labels_row):
+    ids = labels_row[labels_row != IGN].tolist()
+    return proc.tokenizer.decode(ids).replace(" ", "")
+
+
+def test_empty_batch(fam_proc):
+    _, proc = fam_proc
+    with pytest.raises(ValueError, match="^samples: empty batch"):
+        DVSFTCollator(proc)([])
+
+
+def test_text_only_samples(fam_proc):
+    """No image anywhere: no pixel inputs, no vision_labels; labels on the answers only."""
+    _, proc = fam_proc
+    data = [sample(["alpha", "beta"]), sample(["gamma"], seed=1)]
+    for s in data:
+        del s["image"], s["words"]
+    batch = DVSFTCollator(proc)(data)
+    assert "vision_labels" not in batch and "pixel_values" not in batch
+    assert not (batch["input_ids"] == _image_token(proc)).any()
+    for b, answer in enumerate(["alphabeta", "gamma"]):
+        assert _answer_text(proc, batch["labels"][b]).startswith(answer)
+        assert "Read" not in _answer_text(proc, batch["labels"][b])  # the user turn is not a target
+    assert bool((batch["labels"][batch["attention_mask"] == 0] == IGN).all())
+
+
+def test_mixed_text_only_and_image_samples_are_refused(fam_proc):
+    _, proc = fam_proc
+    text_only = sample(["gamma"], seed=1)
+    del text_only["image"], text_only["words"]
+    for data in ([sample(["alpha"]), text_only], [text_only, sample(["alpha"])]):
+        with pytest.raises(ValueError, match="^samples: a batch mixes samples with and without images"):
+            DVSFTCollator(proc)(data)
+
+
+def test_several_images_per_sample(fam_proc):
+    """Two images with their own word lists: each image's placeholder run carries only its own words,
+    and both runs carry some; the single-image sample next to it is labeled as usual."""
+    _, proc = fam_proc
+    (img1, w1), (img2, w2) = render(["alpha", "beta"]), render(["gamma", "delta"], seed=1)
+    two = sample(["alpha", "beta", "gamma", "delta"])
+    two.pop("image")
+    two.update(images=[img1, img2], words=[w1, w2])
+    batch = DVSFTCollator(proc)([two, sample(["omega", "sigma"], seed=2)])
+    ids, vision = batch["input_ids"], batch["vision_labels"]
+    pos = (ids[0] == _image_token(proc)).nonzero().flatten()
+    assert len(pos) % 2 == 0 and len(pos) > 0
+    runs = pos.view(2, -1)  # same image size: equal runs, in order
+    assert not _first_token_ids(proc, ["alpha", "beta"]) & _first_token_ids(proc, ["gamma", "delta"])
+    for run, words in zip(runs, (["alpha", "beta"], ["gamma", "delta"])):
+        got = set(vision[0, run].tolist()) - {IGN}
+        assert got and got <= _first_token_ids(proc, words), (got, words)
+    assert bool((vision[0][(ids[0] != _image_token(proc))] == IGN).all())
+    got1 = set(vision[1].tolist()) - {IGN}
+    assert got1 and got1 <= _first_token_ids(proc, ["omega", "sigma"])
+
+
+def test_image_and_word_list_count_mismatches(fam_proc):
+    _, proc = fam_proc
+    (img1, w1), (img2, w2) = render(["alpha"]), render(["beta"], seed=1)
+    base = sample(["alpha", "beta"])
+    base.pop("image")
+    coll = DVSFTCollator(proc)
+    for words, n in (([w1], 1), ([w1, w2, w1], 3)):
+        with pytest.raises(ValueError, match=rf"^sample 0: 2 images but {n} word lists"):
+            coll([{**base, "images": [img1, img2], "words": words}])
+    # the messages already hold image parts, but not one per image
+    one_part = {**base, "images": [img1, img2], "words": [w1, w2]}
+    one_part["messages"] = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Read the text ."}]},
+        base["messages"][1],
+    ]
+    with pytest.raises(ValueError, match="^sample 0: messages hold 1 image parts for 2 images"):
+        coll([one_part])
+    # words=None with two images: allowed, no vision labels
+    batch = coll([{**base, "images": [img1, img2], "words": None}])
+    assert bool((batch["vision_labels"] == IGN).all()) and bool((batch["labels"] != IGN).any())
