@@ -18,10 +18,12 @@ import pytest
 pytest.importorskip("matplotlib")
 
 
-def test_train_tiny_dvsft_smoke(tmp_path):
+def test_train_tiny_dvsft_smoke(tmp_path, monkeypatch):
     path = pathlib.Path(__file__).resolve().parents[2] / "examples" / "train_tiny_dvsft.py"
     spec = importlib.util.spec_from_file_location("train_tiny_dvsft", path)
     mod = importlib.util.module_from_spec(spec)
+    # registered while it runs, as an import would: its dataclasses look their module up there
+    monkeypatch.setitem(sys.modules, spec.name, mod)
     spec.loader.exec_module(mod)
     summary = mod.main(
         [
