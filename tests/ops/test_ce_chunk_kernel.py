@@ -1,11 +1,15 @@
 """The fused CE chunk kernel (launch.ce_chunk) against a float64 reference written here.
 
 The kernel's input is float32 logits, so the error rule's "PyTorch in the input dtype" is the same
-reference run in float32 (for a bf16/fp16 G: that G rounded to the output dtype). The floor of
-tests/ops/errors.py is 2e-6 x the output's magnitude (~17 float32 ulps): the kernel's own error is
-a few ulps of y per element (its tanh is <= 4 ulps, exp2/log approximations 2 ulps) plus the
-float32 sum of V terms, whose relative error grows like eps * sqrt(V / lanes) ~ 2 ulps here, so
-17 ulps leaves a margin of ~3 without letting a wrong formula through (a missing term is >= 1e-3).
+reference run in float32 (for a bf16/fp16 G: that G rounded to the output dtype). The rule
+(tests/ops/errors.py) compares whole-tensor norms, which the largest entries of G (the targets')
+dominate, so G is also checked entry by entry (assert_g_entrywise): each entry is a short sum of
+terms, s * dy * ((1 + 2 z lse) p - (1 - eps) onehot - eps / V), computed in float32, so its error
+is a few float32 ulps of the magnitude of those terms (p carrying the error of its exponent's
+argument, |y| + |lse| ulps), plus one ulp of the output dtype for the final rounding. That bound
+is below 10 % of the entry for nearly all entries (test_g_check_catches_planted_faults measures
+it); only entries that are themselves a cancellation of larger terms, or subnormal in float16,
+get more room.
 """
 
 from __future__ import annotations
@@ -42,6 +46,47 @@ def reference(x, t, scale, eps, zl, cap, dtype):
     return loss.detach(), lse.detach(), g, y.argmax(dim=-1) == t
 
 
+# float32 ulps of the terms' magnitude an entry of G may be off by (the interpreter needs <= 2.4:
+# tanh and 1 - tanh^2 under softcap, exp / log elsewhere)
+G_ULPS = 8
+
+
+def term_magnitude(x, t, scale, eps, zl, cap):
+    """Per entry of G, the magnitude of the terms it is computed from (float64): |s| |dy/dx|
+    ((1 + 2 z |lse|) p (1 + |y| + |lse|) + (1 - eps) onehot + eps / V), with 1 + tanh^2 for the
+    magnitude of the softcap's 1 - tanh^2."""
+    x = x.detach().cpu().double()
+    if cap:
+        u = torch.tanh(x / cap)
+        y, dy = cap * u, 1 + u * u
+    else:
+        y, dy = x, torch.ones_like(x)
+    lse = torch.logsumexp(y, dim=-1, keepdim=True)
+    p = torch.exp(y - lse)
+    one = torch.nn.functional.one_hot(t.cpu().long(), x.shape[1]).double()
+    s = scale.cpu().double().abs()[:, None] if scale is not None else 1.0
+    return s * dy * ((1 + 2 * zl * lse.abs()) * p * (1 + y.abs() + lse.abs()) + (1 - eps) * one + eps / x.shape[1])
+
+
+def g_entry_bound(g64, magnitude, dtype):
+    """What each entry of G in `dtype` may be off by: G_ULPS float32 ulps of its terms' magnitude,
+    one ulp of the output dtype for the rounding to it (and half a subnormal step)."""
+    bound = G_ULPS * torch.finfo(torch.float32).eps * magnitude
+    if dtype != torch.float32:
+        fi = torch.finfo(dtype)
+        bound = bound + fi.eps * g64.abs() + fi.tiny * fi.eps
+    return bound
+
+
+def assert_g_entrywise(name, g, g64, magnitude, dtype):
+    err = (g.cpu().double() - g64.cpu()).abs()
+    bound = g_entry_bound(g64.cpu(), magnitude, dtype)
+    bad = err > bound
+    worst = divmod(int((err / bound).argmax()), err.shape[-1])
+    assert not bad.any(), (f"{name}: {int(bad.sum())} of {bad.numel()} entries off, worst "
+                           f"{(err / bound).max():.3g} x the bound at {worst}")
+
+
 def run_and_check(x, t, scale=None, *, eps=0.0, zl=0.0, cap=None, grad="inplace", block_v=None,
                   check_correct=True):
     """Run the kernel on a copy of x in the given grad mode and apply the error rule to every
@@ -67,9 +112,12 @@ def run_and_check(x, t, scale=None, *, eps=0.0, zl=0.0, cap=None, grad="inplace"
     g = xk if grad == "inplace" else grad_out
     g_dtype = torch.float32 if grad == "inplace" else grad
     assert_error_rule("G", g, g64, g32.to(g_dtype), g_dtype)
-    # The max error is set by the largest entry (the target's); row sums (s * 2 zl lse without
-    # softcap: softmax sums to 1, the one-hot and smoothing terms to 1) weigh the V small ones.
-    assert_error_rule("G row sums", g.double().sum(1), g64.sum(1), g32.to(g_dtype).double().sum(1), g_dtype)
+    assert_g_entrywise("G", g, g64, term_magnitude(x, t, scale, eps, zl, cap), g_dtype)
+    # Row sums (s * 2 zl lse without softcap: softmax sums to 1, the one-hot and smoothing terms
+    # to 1) weigh the V small entries together; they cancel to ~0 without z-loss or softcap, so the
+    # floor scales with the sums of |G|.
+    assert_error_rule("G row sums", g.double().sum(1), g64.sum(1), g32.to(g_dtype).double().sum(1), g_dtype,
+                      magnitude=g64.abs().sum(1))
     if grad != "inplace":
         assert torch.equal(xk, x), "x was written although grad_out was given"
     return loss, lse, correct, g
@@ -99,6 +147,44 @@ def test_odd_shapes(m, V, block_v):
     x, t, scale = logits(m, V, seed=m * V)
     run_and_check(x, t, scale, eps=0.1, zl=1e-3, cap=4.0, grad=torch.bfloat16, block_v=block_v)
     run_and_check(x, t, scale, grad="inplace", block_v=block_v)
+
+
+def _plant(fault, g, t):
+    g = g.clone()
+    rows = torch.arange(g.shape[0])
+    if fault == "non_target_10pct":  # every entry but the targets' (which dominate the norms)
+        keep = g[rows, t].clone()
+        g *= 1.1
+        g[rows, t] = keep
+    elif fault == "one_row_10pct":
+        g[2] *= 1.1
+    elif fault == "median_entry_zeroed":  # an entry of typical size, not the largest
+        g[1, g[1].abs().argsort()[g.shape[1] // 2]] = 0
+    return g
+
+
+@pytest.mark.parametrize("cap", (None, 4.0))
+@pytest.mark.parametrize("grad", ("inplace", torch.bfloat16, torch.float16), ids=str)
+def test_g_check_catches_planted_faults(grad, cap):
+    """The entrywise check passes the kernel's G, binds (below 10 % of the entry) on most entries,
+    and fails each planted fault; so does the kernel run without its smoothing term."""
+    x, t, scale = logits(5, 517, seed=8)
+    opts = {"eps": 0.1, "zl": 1e-3, "cap": cap}
+    g = run_and_check(x, t, scale, **opts, grad=grad, block_v=128)[3].cpu()
+    g_dtype = torch.float32 if grad == "inplace" else grad
+    _, _, g64, _ = reference(x, t, scale, *opts.values(), torch.float64)
+    magnitude = term_magnitude(x, t, scale, *opts.values())
+    covered = (g_entry_bound(g64, magnitude, g_dtype) < 0.1 * g64.abs()).double().mean()
+    assert covered >= 0.85, f"a 10 % error is visible in only {covered:.1%} of the entries"
+    for fault in ("non_target_10pct", "one_row_10pct", "median_entry_zeroed"):
+        with pytest.raises(AssertionError, match="^G: "):
+            assert_g_entrywise("G", _plant(fault, g, t), g64, magnitude, g_dtype)
+    xk = x.clone().to(DEVICE)
+    out = torch.empty(x.shape, dtype=grad, device=DEVICE) if grad != "inplace" else None
+    ce_chunk(xk, t.to(DEVICE), scale.to(DEVICE), label_smoothing=0.0, z_loss=1e-3, softcap=cap, grad_out=out,
+             block_v=128)
+    with pytest.raises(AssertionError, match="^G: "):
+        assert_g_entrywise("G", xk if out is None else out, g64, magnitude, g_dtype)
 
 
 # numpy warns about inf / nan in lanes the kernel discards (masked tail, the tanh branch not taken)
@@ -159,6 +245,7 @@ def test_strided_rows_and_int32_targets():
     assert_error_rule("loss", loss.cpu(), l64, l32, torch.float32)
     assert_error_rule("lse", lse.cpu(), lse64, lse32, torch.float32)
     assert_error_rule("G", g_wide[:, :517].cpu(), g64, g32.bfloat16(), torch.bfloat16)
+    assert_g_entrywise("G", g_wide[:, :517], g64, term_magnitude(x, t, scale, 0.0, 0.0, 4.0), torch.bfloat16)
     assert torch.equal(correct.cpu(), c64.cpu())
     assert (g_wide[:, 517:] == 0).all() and wide[:, 517:].isnan().all()
 
@@ -168,7 +255,7 @@ def test_grad_out_is_x_means_in_place():
     xk = x.clone().to(DEVICE)
     ce_chunk(xk, t.to(DEVICE), grad_out=xk, block_v=128)
     _, _, g64, _ = reference(x, t, None, 0.0, 0.0, None, torch.float64)
-    assert (xk.cpu().double() - g64).abs().max() < 1e-6
+    assert_g_entrywise("G", xk, g64, term_magnitude(x, t, None, 0.0, 0.0, None), torch.float32)
 
 
 def test_empty_chunk():

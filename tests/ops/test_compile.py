@@ -3,6 +3,7 @@ op's own forward / backward against the eager autograd.Function."""
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -11,8 +12,10 @@ import torch
 from dvsft_kernels import linear_cross_entropy
 from dvsft_kernels.ops.custom_op import lce_custom_op
 from dvsft_kernels.ops.function import linear_cross_entropy_with_stats
+from dvsft_kernels.ops.naive import naive_linear_cross_entropy
 
 from .cases import OPTION_SETS, make_case, run, to_device
+from .errors import assert_error_rule
 
 _INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -40,6 +43,29 @@ def _step(model, x, t):
     loss = model(x, t)
     loss.sum().backward()
     return loss.detach(), _grads(model)
+
+
+def _naive_step(model, x, t, dtype, upcast_dtype):
+    """The model's step with the op replaced by the spec (ops/naive.py), parameters and input cast
+    to dtype, the loss upcast after the head to upcast_dtype."""
+    m = copy.deepcopy(model).to(dtype)
+    m.zero_grad()
+    h = torch.tanh(m.proj(x.to(dtype)))
+    loss = naive_linear_cross_entropy(h, m.head.weight, t, upcast_dtype=upcast_dtype, **m.op_kwargs)
+    loss.sum().backward()
+    return loss.detach(), _grads(m)
+
+
+def assert_step_matches_spec(model, x, t, loss, grads):
+    """A step's loss and parameter gradients (of `model`, in its dtype) under the error rule: the
+    float64 spec as the reference, plain PyTorch in the model's dtype (upcast to float32 after
+    the head) as the baseline; a tolerance relative to each gradient's own magnitude."""
+    dtype = model.head.weight.dtype
+    ref_loss, ref_grads = _naive_step(model, x, t, torch.float64, torch.float64)
+    base_loss, base_grads = _naive_step(model, x, t, dtype, torch.float32)
+    assert_error_rule("loss", loss.cpu(), ref_loss.cpu(), base_loss.cpu(), loss.dtype)
+    for (name, _), g, r, b in zip(model.named_parameters(), grads, ref_grads, base_grads):
+        assert_error_rule(name, g.cpu(), r.cpu(), b.cpu(), g.dtype)
 
 
 @pytest.mark.parametrize("reduction, kwargs", [
@@ -115,8 +141,8 @@ def test_custom_op_matches_function(impl, reduction):
         to_device(case, "cuda")
 
     def via_op(h, w, t, b, **kw):
-        opts = dict(label_smoothing=kw.pop("label_smoothing"), z_loss=kw.pop("z_loss"), softcap=kw.pop("softcap"),
-                    chunk_rows=None, deterministic=True, grad_filter=False)
+        opts = {"label_smoothing": kw.pop("label_smoothing"), "z_loss": kw.pop("z_loss"),
+                "softcap": kw.pop("softcap"), "chunk_rows": None, "deterministic": True, "grad_filter": False}
         return lce_custom_op(h, w, b, t, kw.pop("token_weights"), kw.pop("num_items"), kw.pop("ignore_index"),
                              kw.pop("reduction"), opts, impl)[0]
 
@@ -166,9 +192,9 @@ def test_compile_reduce_overhead_cuda():
     compiled = torch.compile(model, fullgraph=True, mode="reduce-overhead")
     for _ in range(3):  # warm-up, recording, replay
         loss, grads = _step(compiled, x, t)
-    torch.testing.assert_close(loss.float(), ref_loss.float(), rtol=2e-2, atol=2e-2)
-    for g, r in zip(grads, ref_grads):  # the replayed backward (the fused kernels inside the graph)
-        torch.testing.assert_close(g.float(), r.float(), rtol=5e-2, atol=5e-3)
+    # the replayed backward (the fused kernels inside the graph) against the spec, and against eager
+    assert_step_matches_spec(model, x, t, loss, grads)
+    assert_step_matches_spec(model, x, t, ref_loss, ref_grads)
 
 
 @pytest.mark.cuda
@@ -183,6 +209,50 @@ def test_compile_default_mode_chunked_cuda():
     t[:, ::4] = -100
     ref_loss, ref_grads = _step(model, x, t)
     loss, grads = _step(torch.compile(model, fullgraph=True), x, t)
-    torch.testing.assert_close(loss.float(), ref_loss.float(), rtol=2e-2, atol=2e-2)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g.float(), r.float(), rtol=5e-2, atol=5e-3)
+    assert_step_matches_spec(model, x, t, loss, grads)
+    assert_step_matches_spec(model, x, t, ref_loss, ref_grads)
+
+
+def _bf16_head_step(device):
+    """The CUDA tests' model, input and eager step, on `device`."""
+    torch.manual_seed(0)
+    model = Head(d=64, v=1000, impl="torch").to(device).to(torch.bfloat16)
+    x = torch.randn(4, 33, 64, device=device, dtype=torch.bfloat16)
+    t = torch.randint(0, 1000, (4, 33), device=device)
+    t[:, ::4] = -100
+    return model, x, t, *_step(model, x, t)
+
+
+def test_step_spec_check_catches_planted_faults():
+    """The CUDA compile tests' comparison (assert_step_matches_spec), dry-run on CPU with the same
+    bf16 model and eager impl="torch": the real step passes, and each planted fault fails it: the
+    head's gradient 10 % off (whole, or on every fourth vocabulary row), one of its target rows
+    zeroed, the projection's bias gradient dropped, the loss 10 % off. (The former tolerance,
+    rtol 5e-2 + atol 5e-3 on gradients whose largest entry is ~2e-2, let both 10 % faults through.)"""
+    model, x, t, loss, grads = _bf16_head_step("cpu")
+    assert_step_matches_spec(model, x, t, loss, grads)
+    names = [n for n, _ in model.named_parameters()]
+    head = names.index("head.weight")
+    row = int(t[t != -100][0])
+
+    def rows_10pct(g):
+        g = g.clone()
+        g[1::4] *= 1.1
+        return g
+
+    def zero_row(g):
+        g = g.clone()
+        g[row] = 0
+        return g
+
+    planted = {"head 10 %": (head, lambda g: g * 1.1), "head rows 10 %": (head, rows_10pct),
+               "head target row zeroed": (head, zero_row),
+               "proj bias dropped": (names.index("proj.bias"), torch.zeros_like)}
+    for what, (i, fault) in planted.items():
+        bad = list(grads)
+        bad[i] = fault(grads[i])
+        with pytest.raises(AssertionError, match=rf"^{names[i]}: "):
+            assert_step_matches_spec(model, x, t, loss, bad)
+            pytest.fail(f"{what}: not caught")
+    with pytest.raises(AssertionError, match="^loss: "):
+        assert_step_matches_spec(model, x, t, loss * 1.1, grads)

@@ -1,5 +1,6 @@
 """Parity with Liger-Kernel's fused linear cross-entropy, an outside reference, on the options it
-supports (softcap excluded: its kernel uses libdevice tanh, which the Triton interpreter lacks)."""
+supports (softcap excluded: its kernel uses libdevice tanh, which the Triton interpreter lacks):
+Liger within the error rule of the float64 spec, and ours as close to the spec as Liger is."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from dvsft_kernels import linear_cross_entropy
 
-from .cases import make_case, reference, run, to_device
+from .cases import baseline, make_case, reference, run, to_device
 from .errors import assert_error_rule
 
 liger = pytest.importorskip("liger_kernel.transformers.functional", reason="liger-kernel not installed")
@@ -37,9 +38,15 @@ def test_matches_liger(dtype, reduction, options):
     ours = run(lambda *a, **k: linear_cross_entropy(*a, **k, impl="torch"), case, dtype)
     theirs = run(liger_fn, case, dtype)
     ref = reference(case, dtype)
+    base = baseline(case, dtype)
     for key in ("loss", "hidden", "weight", "bias"):
         if ref[key] is None:
+            assert ours[key] is None and theirs[key] is None, key
             continue
         out_dtype = torch.float32 if key == "loss" else dtype
-        # ours must be as close to the float64 spec as Liger is (error rule with Liger as baseline)
+        assert theirs[key].dtype in (out_dtype, dtype), f"liger {key}: dtype {theirs[key].dtype}"
+        # Liger itself within the rule of the float64 spec (baseline: plain PyTorch in dtype), so
+        # that it is a reference worth matching; its loss in its own dtype
+        assert_error_rule(f"liger {key}", theirs[key].cpu(), ref[key].cpu(), base[key].cpu(), theirs[key].dtype)
+        # ours as close to the spec as Liger is (the rule with Liger as the baseline)
         assert_error_rule(key, ours[key].cpu(), ref[key].cpu(), theirs[key].float().cpu(), out_dtype)

@@ -1,4 +1,4 @@
-"""`linear_cross_entropy` against the float64 spec (ops/naive.py) with the error rule of STYLE.md."""
+"""`linear_cross_entropy` against the float64 spec (ops/naive.py) under the error rule of tests/ops/errors.py."""
 
 from __future__ import annotations
 
@@ -48,13 +48,18 @@ def test_public_function_default_chunking(options):
 
 def test_stats_match_spec():
     case = make_case(options={"softcap": 4.0, "bias": True})
+    # random targets are almost never the argmax: make every third labeled one the spec's argmax
+    # (softcap is monotone) so that `correct` holds both values and its equality is a check
+    top = (case.hidden @ case.weight.T + case.bias).argmax(-1)
+    pick = (case.targets != -100) & (torch.arange(case.targets.numel()).reshape(case.targets.shape) % 3 == 0)
+    case.targets[pick] = top[pick]
     out = linear_cross_entropy_with_stats(case.hidden.float(), case.weight.float(), case.targets,
                                           case.bias.float(), softcap=4.0, impl="torch", chunk_rows=8)
     _, lse, correct = naive_linear_cross_entropy(case.hidden, case.weight, case.targets, case.bias,
                                                  softcap=4.0, return_stats=True)
     torch.testing.assert_close(out.lse, lse.float(), rtol=1e-5, atol=1e-5)
     assert torch.equal(out.correct, correct)
-    assert out.correct.any() or True  # accuracy may be low on random data; equality is the check
+    assert correct.any() and not correct.all()
     ref_rows = naive_linear_cross_entropy(case.hidden, case.weight, case.targets, case.bias, softcap=4.0,
                                           reduction="none")
     torch.testing.assert_close(out.row_loss, ref_rows.float(), rtol=1e-5, atol=1e-5)
