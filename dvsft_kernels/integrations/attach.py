@@ -491,6 +491,8 @@ def attach(
         raise AttachError("model: already attached; remove() the first handle before attaching again")
     if loss is None:
         loss = DVLoss()
+    elif not isinstance(loss, DVLoss):
+        raise ValueError(f"loss: expected a DVLoss or None, got {type(loss).__name__}")
     return AttachHandle(
         model, loss, skip_logits=skip_logits, verify=verify, logit_transforms=logit_transforms
     )

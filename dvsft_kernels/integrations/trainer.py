@@ -43,6 +43,8 @@ class DVSFTTrainerMixin:
     """Goes before a `transformers.Trainer` subclass in the MRO (see `patch_trainer`)."""
 
     def _dvsft_setup(self, loss: DVLoss | None) -> None:
+        if loss is not None and not isinstance(loss, DVLoss):
+            raise ValueError(f"loss: expected a DVLoss or None, got {type(loss).__name__}")
         if self.args.n_gpu > 1:
             raise ValueError(
                 "DV-SFT trainer: torch.nn.DataParallel (several GPUs in one process) is not supported; "

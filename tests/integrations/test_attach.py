@@ -703,6 +703,11 @@ def test_refusal_messages():
     assert issubclass(AttachError, TypeError)
     with pytest.raises(AttachError, match="^model: expected a torch.nn.Module, got str"):
         attach("not a model")
+    tiny = llama_causal()
+    for bad in ("DVLoss", torch.nn.CrossEntropyLoss()):
+        with pytest.raises(ValueError, match="^loss: expected a DVLoss or None, got "):
+            attach(tiny.model, bad)
+        assert get_handle(tiny.model) is None
 
     class Decoder(torch.nn.Module):
         def forward(self, x):

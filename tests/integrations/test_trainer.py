@@ -384,6 +384,18 @@ def test_refusals_leave_the_model_unattached(setup, tmp_path, monkeypatch):
         assert type(trainer) is cls and get_handle(model) is None
         assert not [k for k in trainer.__dict__ if k.startswith("_dvsft")]
 
+    # a loss that is not a DVLoss, with the model unattached and attached
+    model = copy.deepcopy(model0)
+    with pytest.raises(ValueError, match="^loss: expected a DVLoss or None, got str"):
+        DVSFTTrainer(model=model, args=_args(tmp_path, 1, 1), train_dataset=data, data_collator=collate,
+                     loss="dvloss")
+    assert get_handle(model) is None
+    with attach(model) as h:
+        trainer = _plain_trainer(model, tmp_path, data)
+        with pytest.raises(ValueError, match="^loss: expected a DVLoss or None, got CrossEntropyLoss"):
+            patch_trainer(trainer, torch.nn.CrossEntropyLoss())
+        assert type(trainer) is transformers.Trainer and get_handle(model) is h
+
     # several GPUs in one process (DataParallel)
     model = copy.deepcopy(model0)
     trainer = _plain_trainer(model, tmp_path, data)
