@@ -95,6 +95,43 @@ class DVLoss(nn.Module):
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor | None = None,
                 vision_labels: torch.Tensor | None = None, *, bias: torch.Tensor | None = None,
                 num_text_items=None, num_vision_items=None) -> DVLossOutput:
+        ign = self.ignore_index
+        try:
+            targets, text_mask, vis_mask, both, sync_free = self._merge_streams(hidden, weight, labels,
+                                                                                vision_labels)
+            n_text = text_mask.sum()
+            n_vis = vis_mask.sum()
+            d_text = self._denominator("num_text_items", num_text_items, n_text)
+            d_vis = self._denominator("num_vision_items", num_vision_items, n_vis)
+        except ValueError:
+            if self.process_group is not None:  # the other ranks wait in the op's agreement check
+                from dvsft_kernels.ops.vocab_parallel import refuse
+
+                refuse(self.process_group, hidden)
+            raise
+        inv_text = torch.where(d_text > 0, 1.0 / d_text.clamp_min(1e-30), torch.zeros_like(d_text))
+        inv_vis = torch.where(d_vis > 0, 1.0 / d_vis.clamp_min(1e-30), torch.zeros_like(d_vis))
+        token_weights = (text_mask * (self.text_weight * inv_text) + vis_mask * (self.vision_weight * inv_vis))
+
+        out = linear_cross_entropy_with_stats(
+            hidden, weight, targets, bias, ignore_index=ign, reduction="sum", token_weights=token_weights,
+            label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap, impl=self.impl,
+            process_group=self.process_group,
+        )
+        loss = torch.where(both, float("nan"), out.loss) if sync_free else out.loss
+        rows = out.row_loss
+        text_loss = (rows * text_mask).sum() * inv_text
+        vision_loss = (rows * vis_mask).sum() * inv_vis
+        text_acc = (out.correct & text_mask).sum() / n_text.clamp_min(1)
+        vis_acc = (out.correct & vis_mask).sum() / n_vis.clamp_min(1)
+        return DVLossOutput(
+            loss=loss, text_loss=text_loss.detach(), vision_loss=vision_loss.detach(),
+            text_tokens=n_text, vision_tokens=n_vis,
+            text_accuracy=text_acc.float().detach(), vision_accuracy=vis_acc.float().detach(),
+        )
+
+    def _merge_streams(self, hidden, weight, labels, vision_labels):
+        """Checks the streams; returns (targets, text_mask, vis_mask, both, sync_free) aligned with hidden."""
         if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
             raise ValueError("hidden: expected a (B, T, D) tensor")
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -137,31 +174,7 @@ class DVLoss(nn.Module):
             targets = torch.where(text_mask, tt, targets)
         if vt is not None:
             targets = torch.where(vis_mask, vt, targets)
-
-        n_text = text_mask.sum()
-        n_vis = vis_mask.sum()
-        d_text = self._denominator("num_text_items", num_text_items, n_text)
-        d_vis = self._denominator("num_vision_items", num_vision_items, n_vis)
-        inv_text = torch.where(d_text > 0, 1.0 / d_text.clamp_min(1e-30), torch.zeros_like(d_text))
-        inv_vis = torch.where(d_vis > 0, 1.0 / d_vis.clamp_min(1e-30), torch.zeros_like(d_vis))
-        token_weights = (text_mask * (self.text_weight * inv_text) + vis_mask * (self.vision_weight * inv_vis))
-
-        out = linear_cross_entropy_with_stats(
-            hidden, weight, targets, bias, ignore_index=ign, reduction="sum", token_weights=token_weights,
-            label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap, impl=self.impl,
-            process_group=self.process_group,
-        )
-        loss = torch.where(both, float("nan"), out.loss) if sync_free else out.loss
-        rows = out.row_loss
-        text_loss = (rows * text_mask).sum() * inv_text
-        vision_loss = (rows * vis_mask).sum() * inv_vis
-        text_acc = (out.correct & text_mask).sum() / n_text.clamp_min(1)
-        vis_acc = (out.correct & vis_mask).sum() / n_vis.clamp_min(1)
-        return DVLossOutput(
-            loss=loss, text_loss=text_loss.detach(), vision_loss=vision_loss.detach(),
-            text_tokens=n_text, vision_tokens=n_vis,
-            text_accuracy=text_acc.float().detach(), vision_accuracy=vis_acc.float().detach(),
-        )
+        return targets, text_mask, vis_mask, both, sync_free
 
     @staticmethod
     def _denominator(name, given, count):

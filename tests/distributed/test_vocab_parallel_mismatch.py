@@ -184,3 +184,34 @@ def _check_dvloss(rank, world):
 
 def test_dvloss_mismatch_fails_on_every_rank():
     run_ranks(2, _check_dvloss)
+
+
+def _check_dvloss_refusal(rank, world):
+    """DVLoss's own checks failing on one rank (a position in both streams, a bad item count, labels
+    of another shape) raise on that rank with its message and on the others too, not a hang."""
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(2, 11, 16, generator=g)
+    w = torch.randn(V, 16, generator=g) * 0.5
+    labels = torch.full((2, 11), -100)
+    labels[:, 8:] = torch.randint(0, V, (2, 3), generator=g)
+    vision = torch.full((2, 11), -100)
+    vision[:, 1:6] = torch.randint(0, V, (2, 5), generator=g)
+    lo, hi = (0, 25) if rank == 0 else (25, V)
+    loss = DVLoss(impl="torch", process_group=dist.group.WORLD)
+    overlap = vision.clone()
+    overlap[0, 7] = 3  # the shifted text target of labels[0, 8] lands on position 7
+    cases = [
+        ({"vision_labels": overlap}, "vision_labels: a position is a target in both"),
+        ({"num_vision_items": -1}, "num_vision_items: expected a number >= 0"),
+        ({"labels": labels[:, :10]}, "labels: expected shape"),
+    ]
+    for bad, own in cases:
+        kw = {"labels": labels, "vision_labels": vision, **(bad if rank == 1 else {})}
+        match = own if rank == 1 else r"^process_group: rank\(s\) \[1\] refused their inputs"
+        with pytest.raises(ValueError, match=match):
+            loss(h, w[lo:hi], kw.pop("labels"), kw.pop("vision_labels"), **kw)
+        _still_usable(world)
+
+
+def test_dvloss_refusal_on_one_rank_fails_on_every_rank():
+    run_ranks(2, _check_dvloss_refusal)
