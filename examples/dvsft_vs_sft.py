@@ -43,6 +43,7 @@ import time
 import traceback
 import warnings
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -199,6 +200,12 @@ class HeldOut:
         return out
 
 
+@lru_cache(maxsize=3)
+def pages(task: str, n: int, seed: int) -> list[dict]:
+    """Rendered pages, kept in the worker: the arms of one seed train on the same pages (~75 MB each)."""
+    return tiny.make_dataset(n, seed, tiny.TASKS[task])
+
+
 def train_one(spec: RunSpec) -> dict:
     """Train one arm from seed `spec.seed` and score it; returns the run's record."""
     import transformers as tf
@@ -212,9 +219,9 @@ def train_one(spec: RunSpec) -> dict:
     processor = tiny.build_processor(task)
     tf.set_seed(spec.seed)  # the same initialisation for every arm of this seed
     model = tiny.build_model(processor)
-    train = tiny.make_dataset(spec.train_pages, spec.seed, task)
+    train = pages(spec.arm.task, spec.train_pages, spec.seed)
     collator = DVSFTCollator(processor, mode=spec.arm.mode, min_coverage=0.25)
-    held = HeldOut(processor, collator, tiny.make_dataset(spec.eval_pages, HELD_OUT_SEED, task))
+    held = HeldOut(processor, collator, pages(spec.arm.task, spec.eval_pages, HELD_OUT_SEED))
     shift = spec.arm.vision_shift == "same"
     curve = []
 
@@ -441,6 +448,7 @@ def main(argv=None) -> int:
         for arm in SUITES[name][1]:
             specs_by_arm[arm] = [RunSpec(arm, s, steps, args.train_pages, args.eval_pages, eval_every) for s in seeds]
     unique = list({s.key(): s for specs in specs_by_arm.values() for s in specs}.values())
+    unique.sort(key=lambda s: (s.arm.task, s.seed))  # consecutive runs share their pages (`pages` cache)
     print(f"{len(unique)} runs ({', '.join(suites)}; seeds {seeds}; {steps} steps), {args.jobs} at a time -> {out}",
           flush=True)
     t0 = time.time()
@@ -450,7 +458,7 @@ def main(argv=None) -> int:
     import torch
 
     meta = {
-        "command": "python examples/dvsft_vs_sft.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python examples/dvsft_vs_sft.py", *(argv if argv is not None else sys.argv[1:])]),
         "suites": suites, "seeds": seeds, "steps": steps, "batch_size": 8, "train_pages": args.train_pages,
         "eval_pages": args.eval_pages, "eval_every": eval_every, "jobs": args.jobs, "wall_seconds": wall,
         "run_seconds": sum(r["seconds"] for r in records.values()),
