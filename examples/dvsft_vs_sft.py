@@ -51,7 +51,7 @@ for p in (HERE, ROOT):  # train_tiny_dvsft beside this file; the package from a 
     if p not in sys.path:
         sys.path.insert(0, p)
 
-import train_tiny_dvsft as tiny  # noqa: E402
+import train_tiny_dvsft as tiny
 
 HELD_OUT_SEED = 1_000_003  # one held-out set for every run: seeds and arms are scored on the same pages
 
@@ -296,7 +296,7 @@ def run_all(specs: list[RunSpec], out: str, jobs: int) -> tuple[dict[str, dict],
             s = futures[fut]
             try:
                 rec = fut.result()
-            except Exception:  # one broken run is reported; the others still finish and are kept
+            except Exception:  # noqa: BLE001 - one broken run is reported; the others finish and are kept
                 failed.append(s.key())
                 print(f"[{i}/{len(todo)}] {s.key()} FAILED:\n{traceback.format_exc()}", flush=True)
                 continue
@@ -354,13 +354,13 @@ def markdown(summary: dict, meta: dict) -> str:
         "# DV-SFT against plain SFT: tiny Qwen2-VL on synthetic pages",
         "",
         f"Command: `{meta['command']}`  ",
-        f"{meta['steps']} steps of batch {meta['batch_size']} per run, seeds {meta['seeds']}, "
-        f"{meta['eval_pages']} held-out pages (one set for every run), {meta['jobs']} runs at a time on 1 "
-        f"thread each; {meta['wall_seconds']:.0f} s wall on {meta['machine']}.",
+        (f"{meta['steps']} steps of batch {meta['batch_size']} per run, seeds {meta['seeds']}, "
+         f"{meta['eval_pages']} held-out pages (one set for every run), {meta['jobs']} runs at a time on 1 "
+         f"thread each; {meta['wall_seconds']:.0f} s wall on {meta['machine']}."),
         "",
-        "Mean ± std over seeds; Δ = per-seed difference to the suite's first arm (same seed: same "
-        "initialisation and data order), mean ± std. Answer word accuracy is teacher-forced and excludes "
-        "the end token; exact match is greedy generation.",
+        ("Mean ± std over seeds; Δ = per-seed difference to the suite's first arm (same seed: same "
+         "initialisation and data order), mean ± std. Answer word accuracy is teacher-forced and excludes "
+         "the end token; exact match is greedy generation."),
         "",
     ]
     for name, s in summary.items():
