@@ -95,6 +95,7 @@ SUITES: dict[str, tuple[str, list[Arm]]] = {
         [Arm("SFT", task="dense", vision_weight=0.0), Arm("DV-SFT", task="dense")],
     ),
 }
+CURVE_SUITES = ("main", "dense", "mode")  # plotted against steps; the other arms are scored at the end only
 METRICS = ("answer_word_acc", "exact_match", "text_loss", "vision_acc")
 METRIC_TITLES = {
     "answer_word_acc": "answer word acc",
@@ -111,7 +112,7 @@ class RunSpec:
     steps: int
     train_pages: int
     eval_pages: int
-    eval_every: int
+    eval_every: int  # curve points every N steps; 0: scored at the end only
     batch_size: int = 8
     lr: float = 1.5e-3
 
@@ -227,7 +228,7 @@ def train_one(spec: RunSpec) -> dict:
 
     class Curve(tf.TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kw):
-            if state.global_step % spec.eval_every == 0 or state.global_step == spec.steps:
+            if state.global_step % spec.eval_every == 0 and state.global_step < spec.steps:
                 curve.append({"step": state.global_step, **held.score(model, shift)})
 
     args = tf.TrainingArguments(
@@ -250,10 +251,13 @@ def train_one(spec: RunSpec) -> dict:
     loss = DVLoss(vision_weight=spec.arm.vision_weight, vision_shift=shift)
     trainer = DVSFTTrainer(model=model, args=args, train_dataset=train, data_collator=collator, loss=loss)
     trainer.remove_callback(tf.PrinterCallback)
-    curve.append({"step": 0, **held.score(model, shift)})
-    trainer.add_callback(Curve())
+    if spec.eval_every:
+        curve.append({"step": 0, **held.score(model, shift)})
+        trainer.add_callback(Curve())
     trainer.train()
     final = held.score(model, shift, generate=True)
+    if spec.eval_every:
+        curve.append({"step": spec.steps, **{k: v for k, v in final.items() if k != "exact_match"}})
     return {
         "key": spec.key(),
         "spec": asdict(spec),
@@ -384,13 +388,13 @@ def plot(summary: dict, records: dict, specs_by_arm, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curve_suites = [n for n in ("main", "dense", "mode") if n in summary]
+    curve_suites = [n for n in CURVE_SUITES if n in summary]
     bar_suites = [n for n in summary if n not in ("main",)]
     ncols = len(curve_suites) + (1 if bar_suites else 0)
     fig, axes = plt.subplots(1, ncols, figsize=(4.6 * ncols, 3.8), squeeze=False)
     for ax, name in zip(axes[0], curve_suites):
-        for i, (arm) in enumerate(SUITES[name][1]):
-            recs = [records[s.key()] for s in specs_by_arm[arm] if s.key() in records]
+        for i, arm in enumerate(SUITES[name][1]):
+            recs = [records[s.key()] for s in specs_by_arm[arm] if s.key() in records and records[s.key()]["curve"]]
             if not recs:
                 continue
             steps = [c["step"] for c in recs[0]["curve"]]
@@ -427,7 +431,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="default: 600 (--quick: 400)")
     p.add_argument("--train-pages", type=int, default=1024)
     p.add_argument("--eval-pages", type=int, default=128)
-    p.add_argument("--eval-every", type=int, default=None, help="curve points every N steps (default steps/12)")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="curve points every N steps, for the arms of the plotted suites (default steps/8)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at a time (1 thread each)")
     p.add_argument("--quick", action="store_true", help="main suite, seeds 0 1, 400 steps")
     p.add_argument("--out", default=None, help="default: benchmarks/results/<date>-quality")
@@ -439,14 +444,16 @@ def main(argv=None) -> int:
     suites = args.suites or (["main"] if args.quick else list(SUITES))
     seeds = sorted(set(args.seeds if args.seeds is not None else ([0, 1] if args.quick else [0, 1, 2])))
     steps = args.steps or (400 if args.quick else 600)  # DV-SFT takes off after ~250 steps
-    eval_every = args.eval_every or max(1, steps // 12)
+    eval_every = args.eval_every or max(1, steps // 8)
     out = args.out or os.path.join(ROOT, "benchmarks", "results", time.strftime("%Y-%m-%d") + "-quality")
     os.makedirs(out, exist_ok=True)
 
+    curve_arms = {arm.key() for name in suites if name in CURVE_SUITES for arm in SUITES[name][1]}
     specs_by_arm: dict[Arm, list[RunSpec]] = {}
     for name in suites:
         for arm in SUITES[name][1]:
-            specs_by_arm[arm] = [RunSpec(arm, s, steps, args.train_pages, args.eval_pages, eval_every) for s in seeds]
+            every = eval_every if arm.key() in curve_arms else 0  # arms of two suites: one run, one key
+            specs_by_arm[arm] = [RunSpec(arm, s, steps, args.train_pages, args.eval_pages, every) for s in seeds]
     unique = list({s.key(): s for specs in specs_by_arm.values() for s in specs}.values())
     unique.sort(key=lambda s: (s.arm.task, s.seed))  # consecutive runs share their pages (`pages` cache)
     print(f"{len(unique)} runs ({', '.join(suites)}; seeds {seeds}; {steps} steps), {args.jobs} at a time -> {out}",
