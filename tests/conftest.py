@@ -48,11 +48,14 @@ def pytest_runtest_logreport(report):
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads -n
 def pytest_cmdline_main(config):
-    """`python -m pytest` runs on one pytest-xdist worker per core (the [test] extra has it), with
-    --dist loadgroup, unless -n is given (`-n 0`: one process), --pdb, or xdist is absent. Set here,
-    not in pyproject's addopts, so that `pytest benchmarks` (pytest-benchmark, which xdist disables)
-    and an install without xdist are left alone."""
-    if (os.environ.get("PYTEST_XDIST_WORKER") or not config.pluginmanager.hasplugin("xdist")
+    """The whole suite (`python -m pytest`, no paths: pyproject's testpaths) runs on one pytest-xdist
+    worker per core (the [test] extra has it), with --dist loadgroup, unless -n is given (`-n 0`: one
+    process), --pdb, or xdist is absent. A run naming paths stays in one process (no worker start-up
+    for a focused run) unless -n is given. Set here, not in pyproject's addopts, so that
+    `pytest benchmarks` (pytest-benchmark, which xdist disables) and an install without xdist are
+    left alone."""
+    suite = getattr(config, "args_source", None) == pytest.Config.ArgsSource.TESTPATHS
+    if (not suite or os.environ.get("PYTEST_XDIST_WORKER") or not config.pluginmanager.hasplugin("xdist")
             or config.getoption("numprocesses", None) is not None or config.getoption("usepdb", False)
             or config.getoption("collectonly", False)):
         return
