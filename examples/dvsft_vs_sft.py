@@ -21,8 +21,8 @@ Suites (each run once, shared between suites that contain it):
     mode    subword: every word two tokens; SFT, DV-SFT `first`, DV-SFT `aligned` labels
     dense   dense:   12 words of 13 px glyphs on four lines; SFT vs DV-SFT
 
-    python examples/dvsft_vs_sft.py            # every suite, 3 seeds, 600 steps (~13 min on 2 cores)
-    python examples/dvsft_vs_sft.py --quick    # main suite, 2 seeds, 400 steps (~1.5 min)
+    python examples/dvsft_vs_sft.py            # every suite, 3 seeds, 600 steps (14.5 min on 2 cores)
+    python examples/dvsft_vs_sft.py --quick    # main suite, 2 seeds, 400 steps (~1.2 min)
     python examples/dvsft_vs_sft.py --suites main --seeds 0 1 2 3 4
 
 Results (JSON, Markdown, PNG) go to `--out` (default benchmarks/results/<date>-quality/); each

@@ -11,7 +11,7 @@ cell shows a word, that word's id (vision stream); `DVSFTTrainer` trains with `D
 prints and plots (PNG) the text loss, the vision loss and the vision-token accuracy, and evaluates
 on held-out pages against chance (1 / number of words).
 
-    python examples/train_tiny_dvsft.py                 # 600 steps, about a minute on 2 cores
+    python examples/train_tiny_dvsft.py                 # 600 steps, ~35 s on 2 cores
     python examples/train_tiny_dvsft.py --steps 100 --out /tmp/dvsft_tiny
 """
 
