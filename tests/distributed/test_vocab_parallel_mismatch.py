@@ -165,15 +165,21 @@ def test_unlabeled_rows_may_differ():
     run_ranks(2, _check_hidden_outside_labeled_rows)
 
 
-def _check_dvloss(rank, world):
-    """DVLoss(process_group=...): vision labels that differ on one rank raise on both."""
-    g = torch.Generator().manual_seed(1)
+def _dvloss_inputs(seed):
+    """hidden (2, 11, 16), a head, answer labels at the end and vision labels at positions 1-5."""
+    g = torch.Generator().manual_seed(seed)
     h = torch.randn(2, 11, 16, generator=g)
     w = torch.randn(V, 16, generator=g) * 0.5
     labels = torch.full((2, 11), -100)
     labels[:, 8:] = torch.randint(0, V, (2, 3), generator=g)
     vision = torch.full((2, 11), -100)
     vision[:, 1:6] = torch.randint(0, V, (2, 5), generator=g)
+    return h, w, labels, vision
+
+
+def _check_dvloss(rank, world):
+    """DVLoss(process_group=...): vision labels that differ on one rank raise on both."""
+    h, w, labels, vision = _dvloss_inputs(1)
     if rank == 1:
         vision[0, 2] = (vision[0, 2] + 1) % V
     lo, hi = (0, 25) if rank == 0 else (25, V)
@@ -189,13 +195,7 @@ def test_dvloss_mismatch_fails_on_every_rank():
 def _check_dvloss_refusal(rank, world):
     """DVLoss's own checks failing on one rank (a position in both streams, a bad item count, labels
     of another shape) raise on that rank with its message and on the others too, not a hang."""
-    g = torch.Generator().manual_seed(2)
-    h = torch.randn(2, 11, 16, generator=g)
-    w = torch.randn(V, 16, generator=g) * 0.5
-    labels = torch.full((2, 11), -100)
-    labels[:, 8:] = torch.randint(0, V, (2, 3), generator=g)
-    vision = torch.full((2, 11), -100)
-    vision[:, 1:6] = torch.randint(0, V, (2, 5), generator=g)
+    h, w, labels, vision = _dvloss_inputs(2)
     lo, hi = (0, 25) if rank == 0 else (25, V)
     loss = DVLoss(impl="torch", process_group=dist.group.WORLD)
     overlap = vision.clone()

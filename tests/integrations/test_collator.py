@@ -14,15 +14,7 @@ from dvsft_kernels.labeling import OCRWord
 from tests.integrations.helpers import IGN
 from tests.integrations.tiny_models import qwen2_vl_for_processor, qwen2_vl_processor
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads; restored after the test (not module-wide: that would
-    make the whole suite single-threaded)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/integrations/conftest.py
 
 
 WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]

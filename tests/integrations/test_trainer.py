@@ -14,15 +14,7 @@ from dvsft_kernels.integrations import DVSFTTrainer, get_handle, patch_trainer, 
 from tests.integrations.helpers import IGN, reference_loss, torchrun
 from tests.integrations.tiny_models import IMG, qwen2_vl, tiny_tokenizer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads; restored after the test (not module-wide: that would
-    make the whole suite single-threaded)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/integrations/conftest.py
 
 
 _PAD = {"input_ids": 0, "attention_mask": 0, "labels": IGN, "vision_labels": IGN, "mm_token_type_ids": 0}
