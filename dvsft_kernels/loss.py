@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from dvsft_kernels.ops.function import linear_cross_entropy_with_stats
+from dvsft_kernels.ops.vocab_parallel import refusing_on_error
 
 # DVLossOutput's detached per-stream figures, in the order metrics() and the trainer report them
 METRIC_NAMES = ("text_loss", "vision_loss", "text_tokens", "vision_tokens", "text_accuracy", "vision_accuracy")
@@ -96,19 +97,14 @@ class DVLoss(nn.Module):
                 vision_labels: torch.Tensor | None = None, *, bias: torch.Tensor | None = None,
                 num_text_items=None, num_vision_items=None) -> DVLossOutput:
         ign = self.ignore_index
-        try:
+        # with a process group, the other ranks wait in the op's agreement check: a refusal reaches them
+        with refusing_on_error(self.process_group, hidden):
             targets, text_mask, vis_mask, both, sync_free = self._merge_streams(hidden, weight, labels,
                                                                                 vision_labels)
             n_text = text_mask.sum()
             n_vis = vis_mask.sum()
             d_text = self._denominator("num_text_items", num_text_items, n_text)
             d_vis = self._denominator("num_vision_items", num_vision_items, n_vis)
-        except ValueError:
-            if self.process_group is not None:  # the other ranks wait in the op's agreement check
-                from dvsft_kernels.ops.vocab_parallel import refuse
-
-                refuse(self.process_group, hidden)
-            raise
         inv_text = torch.where(d_text > 0, 1.0 / d_text.clamp_min(1e-30), torch.zeros_like(d_text))
         inv_vis = torch.where(d_vis > 0, 1.0 / d_vis.clamp_min(1e-30), torch.zeros_like(d_vis))
         token_weights = (text_mask * (self.text_weight * inv_text) + vis_mask * (self.vision_weight * inv_vis))

@@ -335,7 +335,8 @@ def summarize(suites: list[str], specs_by_arm, records: dict[str, dict]) -> dict
             row = {"arm": arm.label, "config": asdict(arm), "seeds": [r["spec"]["seed"] for r in recs]}
             for m in METRICS:
                 vals = [r["final"][m] for r in recs]
-                row[m] = {"mean": _mean_std(vals)[0], "std": _mean_std(vals)[1], "per_seed": vals}
+                mu, sd = _mean_std(vals)
+                row[m] = {"mean": mu, "std": sd, "per_seed": vals}
             if arm != base:
                 base_by_seed = {s.seed: records.get(s.key()) for s in specs_by_arm[base]}
                 for m in METRICS:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from dvsft_kernels.ops.torch_impl import lce_torch
+from dvsft_kernels.ops.vocab_parallel import refusing_on_error
 
 _REDUCTIONS = ("mean", "sum", "none")
 _IMPLS = ("auto", "torch", "chunked", "fused")
@@ -340,7 +341,8 @@ def linear_cross_entropy_with_stats(
     hidden, targets and options and its own contiguous slice of the head's rows; targets are
     global ids. A weight that is a DTensor sharded on dim 0 implies its mesh's group."""
     weight, bias, process_group = _unwrap_vocab_sharded(weight, bias, process_group)
-    try:
+    # with a process group, the other ranks wait in the agreement check: a refusal here reaches them
+    with refusing_on_error(process_group, hidden):
         _validate(hidden, weight, targets, bias, ignore_index, reduction, token_weights, label_smoothing,
                   z_loss, softcap, num_items)
         if deterministic is not None and not isinstance(deterministic, bool):
@@ -350,12 +352,6 @@ def linear_cross_entropy_with_stats(
         if grad_filter and impl in ("torch", "chunked"):
             raise ValueError(f"grad_filter: only impl='fused' filters gradient tiles, got impl={impl!r}")
         impl = resolve_impl(impl, hidden.device)
-    except ValueError:
-        if process_group is not None:  # the other ranks wait in the agreement check: make them raise too
-            from dvsft_kernels.ops.vocab_parallel import refuse
-
-            refuse(process_group, hidden)
-        raise
     if token_weights is not None:
         token_weights = token_weights.detach()
     if isinstance(num_items, torch.Tensor):

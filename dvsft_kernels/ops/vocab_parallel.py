@@ -15,6 +15,8 @@ used here because their fused pass needs the whole row (see the README's "Scalin
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
@@ -83,6 +85,18 @@ def refuse(group, hidden) -> None:
     dev = _group_device(group, hidden)
     _gather(group, torch.zeros(len(_EXACT), dtype=torch.int64, device=dev),
             torch.zeros(len(_FLOAT), dtype=torch.float64, device=dev))
+
+
+@contextlib.contextmanager
+def refusing_on_error(group, hidden):
+    """Around a rank's input checks: a ValueError they raise is first announced to the other ranks
+    (`refuse`, when `group` is not None), then raised here."""
+    try:
+        yield
+    except ValueError:
+        if group is not None:
+            refuse(group, hidden)
+        raise
 
 
 def vocab_layout(group, hidden, weight, bias, targets, token_weights, num_items, ignore_index: int,
