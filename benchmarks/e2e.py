@@ -19,6 +19,7 @@ import statistics
 import time
 
 from benchmarks import env
+from benchmarks.errors import format_error
 
 IGNORE_INDEX = -100
 PATCH, MERGE, TEMPORAL = 14, 2, 2
@@ -327,9 +328,7 @@ def run_cell(cell: dict, spec: dict, meta: dict) -> list[dict]:
             cell, device, "ok", meta=meta, result=measure_step(p, E2EConfig.from_dict(cell["config"]), device)
         )
     except Exception as e:  # noqa: BLE001 - a failing provider is a "failed" row, not a crash
-        from benchmarks.worker import _format
-
-        return rows_for(cell, device, "failed", meta=meta, error=_format(e))
+        return rows_for(cell, device, "failed", meta=meta, error=format_error(e))
 
 
 def measure_step(p: E2EProvider, cfg: E2EConfig, device: str) -> dict:

@@ -15,12 +15,12 @@ import json
 import os
 import sys
 import time
-import traceback
 
 if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import costs, env, providers
+from benchmarks.errors import format_error
 from benchmarks.shapes import Shape, make_inputs
 
 
@@ -150,7 +150,7 @@ class OpCellRunner:
                 self._probed[provider.name] = provider.probe(self.device, self.interpret)
             except Exception as e:  # noqa: BLE001 - a probe that breaks is a failure, not a skip
                 return op_rows(
-                    provider, shape, self.device, "failed", meta=meta, error="probe: " + _format(e)
+                    provider, shape, self.device, "failed", meta=meta, error="probe: " + format_error(e)
                 )
         reason = self._probed[provider.name]
         if reason:
@@ -169,7 +169,7 @@ class OpCellRunner:
                 )
             return op_rows(provider, shape, self.device, "ok", meta=meta, measurement=m)
         except Exception as e:  # noqa: BLE001 - a failing provider is a "failed" row, not a crash
-            return op_rows(provider, shape, self.device, "failed", meta=meta, error=_format(e))
+            return op_rows(provider, shape, self.device, "failed", meta=meta, error=format_error(e))
         finally:
             if runner is not None:
                 runner.close()
@@ -177,12 +177,6 @@ class OpCellRunner:
                 if self._inputs is not None and self._inputs[t].grad is not None:
                     self._inputs[t].grad = None
             self._free()
-
-
-def _format(e: BaseException) -> str:
-    tb = traceback.format_exception(type(e), e, e.__traceback__)
-    last = "".join(tb[-3:]).strip()
-    return f"{type(e).__name__}: {str(e)[:500]}\n{last[-1500:]}"
 
 
 def budget_rows(cell: dict, spec: dict, meta: dict) -> list[dict]:

@@ -424,3 +424,55 @@ def test_fused_sweep_smoke_under_the_interpreter(tmp_path):
     order = [r["kernel"] for r in rows if r["part"] == "tiles"]
     assert order[0] == "bwd_atomic" and order[1] == "bwd_staged" and order.index("fwd") > order.index("gemm_dw")
     assert rows[-1]["part"] == "done"
+
+
+def _benchmarks_import_graph() -> dict[str, set[str]]:
+    """module -> the benchmarks modules it imports (anywhere in the file, function bodies included)."""
+    import ast
+
+    names = {p.stem for p in (REPO / "benchmarks").glob("*.py")}
+    graph = {}
+    for p in (REPO / "benchmarks").glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                if node.module == "benchmarks":
+                    deps |= {a.name for a in node.names if a.name in names}
+                elif node.module.startswith("benchmarks."):
+                    deps.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("benchmarks.")}
+        graph[p.stem] = deps - {p.stem}
+    return graph
+
+
+def test_benchmarks_modules_import_no_cycle():
+    graph = _benchmarks_import_graph()
+    assert "errors" in graph["worker"] and "errors" in graph["e2e"] and "e2e" in graph["worker"]
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(m, path):
+        state[m] = 1
+        for d in sorted(graph.get(m, ())):
+            assert state.get(d) != 1, "import cycle: " + " -> ".join([*path, m, d])
+            if d not in state:
+                visit(d, [*path, m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])
+
+
+def test_failing_e2e_cell_is_a_failed_row(monkeypatch):
+    """An e2e cell whose step raises is a `failed` row carrying the formatted error (in process)."""
+
+    def boom(*a, **k):
+        raise RuntimeError("deliberate e2e failure")
+
+    monkeypatch.setattr(e2e, "measure_step", boom)
+    cell = e2e.cells("quick", ["e2e_hf"])[0]
+    (row,) = e2e.run_cell(cell, {"device": "cpu"}, {})
+    assert row["status"] == "failed"
+    err = row["error"]
+    assert err.startswith("RuntimeError: deliberate e2e failure\n") and "in boom" in err  # the traceback's tail
