@@ -19,6 +19,8 @@ hidden state, since s * (h @ W^T) = (s * h) @ W^T. On the first call with target
 transforms are checked against the model's own logits of the last position (which the model
 computes anyway), so a model that does something else after its head fails loudly rather than
 training on a different function.
+
+Contract: docs/attach.md
 """
 
 from __future__ import annotations
