@@ -148,7 +148,8 @@ def tiles_part(sw: Sweep, quick: bool) -> None:
     import torch
 
     from benchmarks import shapes
-    from dvsft_kernels.ops import fused
+    from dvsft_kernels.ops.backends.fused import build_index
+    from dvsft_kernels.ops.kernels import fused_config
     from dvsft_kernels.ops.kernels import lce_fused_bwd as kb
     from dvsft_kernels.ops.kernels import lce_fused_fwd as kf
 
@@ -157,28 +158,28 @@ def tiles_part(sw: Sweep, quick: bool) -> None:
     shp = shapes.Shape(FAMILY, N, D, V, 1.0, "peaked", dtype)
     inp = shapes.make_inputs(shp, DEVICE)
     h, w, t = inp["hidden"].detach(), inp["weight"].detach(), inp["targets"]
-    idx, count = fused.build_index(t, -100)
+    idx, count = build_index(t, -100)
     scale = torch.full((N,), 1.0 / N, device=DEVICE)
-    base = fused.default_config(h.device, h.dtype)
+    base = fused_config.default_config(h.device, h.dtype)
     flop = 2.0 * N * D * V
     fwd_c = FWD_CANDIDATES[:2] if quick else FWD_CANDIDATES
     bwd_c = BWD_CANDIDATES[:2] if quick else BWD_CANDIDATES
 
-    ref = fused.fused_forward(h, w, None, t, idx, count, config=base)
-    ref_b = fused.fused_backward(h, w, None, t, idx, count, ref[3], scale, config=base)
+    ref = kf.fused_forward(h, w, None, t, idx, count, config=base)
+    ref_b = kb.fused_backward(h, w, None, t, idx, count, ref[3], scale, config=base)
     _sync()
     common = {"part": "tiles", "N": N, "D": D, "V": V, "dtype": dtype}
 
     def bwd_row(kernel, cfg, **kw):
         row = dict(common, kernel=kernel, **{k: v for k, v in kw.items() if k in ("grad_h", "grad_w")})
         try:
-            got = fused.fused_backward(h, w, None, t, idx, count, ref[3], scale, config=cfg, **kw)
+            got = kb.fused_backward(h, w, None, t, idx, count, ref[3], scale, config=cfg, **kw)
             _sync()
             for i, key in ((0, "err_dh"), (1, "err_dw")):
                 if got[i] is not None:
                     row[key] = _rel(got[i], ref_b[i])
             del got
-            row["ms"] = _bench(lambda: fused.fused_backward(h, w, None, t, idx, count, ref[3], scale, config=cfg,
+            row["ms"] = _bench(lambda: kb.fused_backward(h, w, None, t, idx, count, ref[3], scale, config=cfg,
                                                             **kw))
             row["tflops_3gemm"] = 3 * flop / row["ms"] / 1e9
         except Exception as e:  # noqa: BLE001
@@ -191,19 +192,19 @@ def tiles_part(sw: Sweep, quick: bool) -> None:
     b = base.bwd
     default_bwd = (b.BM, b.BV, b.BK, b.BD, b.num_warps, b.num_stages)
     row = bwd_row("bwd_atomic", base)
-    row.update(zip(("BM", "BV", "BK", "BD", "warps", "stages"), default_bwd), **_kernel_resources(kb._lce_bwd_kernel))
+    row.update(zip(("BM", "BV", "BK", "BD", "warps", "stages"), default_bwd), **_kernel_resources(kb.lce_bwd_kernel))
     sw.add(row)
     for i, cand in enumerate(STAGED_CANDIDATES[:3] if quick else STAGED_CANDIDATES):
         if sw.over():
             break
         bm, bv, bk, bd, nw, ns = cand["tiles"]
-        st = fused.Tiles(BM=bm, BV=bv, BK=bk, BD=bd, num_warps=nw, num_stages=ns, GROUP=base.stage.GROUP)
+        st = fused_config.Tiles(BM=bm, BV=bv, BK=bk, BD=bd, num_warps=nw, num_stages=ns, GROUP=base.stage.GROUP)
         extra = {k: v for k, v in cand.items() if k.startswith("stage_") and k != "stage_mib"}
         cfg = dataclasses.replace(base, stage=st, stage_bytes=cand["stage_mib"] << 20, backward="staged", **extra)
         row = bwd_row("bwd_staged", cfg, deterministic=True)
         row.update(stage_mib=cand["stage_mib"], BM=bm, BV=bv, BK=bk, BD=bd, warps=nw, stages=ns,
                    VC=cfg.stage_columns(N, V, h.element_size()), **extra)
-        row.update(_kernel_resources(kb._lce_stage_dh_kernel))
+        row.update(_kernel_resources(kb.lce_stage_dh_kernel))
         sw.add(row)
         if i == 0:  # where its time goes
             for part in ({"grad_w": False}, {"grad_h": False}):
@@ -223,16 +224,16 @@ def tiles_part(sw: Sweep, quick: bool) -> None:
         for s_min in (base.s_min,) + (() if (bm, bv, bk, nw, ns) != FWD_CANDIDATES[0] or quick else S_MIN_CANDIDATES):
             if sw.over():
                 return
-            tl_ = fused.Tiles(BM=bm, BV=bv, BK=bk, num_warps=nw, num_stages=ns, GROUP=base.fwd.GROUP)
+            tl_ = fused_config.Tiles(BM=bm, BV=bv, BK=bk, num_warps=nw, num_stages=ns, GROUP=base.fwd.GROUP)
             cfg = dataclasses.replace(base, fwd=tl_, s_min=s_min)
             row = dict(common, kernel="fwd", BM=bm, BV=bv, BK=bk, warps=nw, stages=ns, s_min=s_min)
             try:
-                got = fused.fused_forward(h, w, None, t, idx, count, config=cfg)
+                got = kf.fused_forward(h, w, None, t, idx, count, config=cfg)
                 _sync()
-                row.update(_kernel_resources(kf._lce_fwd_kernel))
+                row.update(_kernel_resources(kf.lce_fwd_kernel))
                 row["err_loss"] = _rel(got[0], ref[0])
                 row["err_lse"] = _rel(got[1], ref[1])
-                row["ms"] = _bench(lambda cfg=cfg: fused.fused_forward(h, w, None, t, idx, count, config=cfg))
+                row["ms"] = _bench(lambda cfg=cfg: kf.fused_forward(h, w, None, t, idx, count, config=cfg))
                 row["tflops"] = flop / row["ms"] / 1e9
             except Exception as e:  # noqa: BLE001 - a config that fails to compile or launch is a row
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -241,9 +242,9 @@ def tiles_part(sw: Sweep, quick: bool) -> None:
     for bm, bv, bk, bd, nw, ns in [c for c in bwd_c if c != default_bwd]:  # the default ran first
         if sw.over():
             return
-        tl_ = fused.Tiles(BM=bm, BV=bv, BK=bk, BD=bd, num_warps=nw, num_stages=ns, GROUP=base.bwd.GROUP)
+        tl_ = fused_config.Tiles(BM=bm, BV=bv, BK=bk, BD=bd, num_warps=nw, num_stages=ns, GROUP=base.bwd.GROUP)
         row = bwd_row("bwd_atomic", dataclasses.replace(base, bwd=tl_))
-        row.update(BM=bm, BV=bv, BK=bk, BD=bd, warps=nw, stages=ns, **_kernel_resources(kb._lce_bwd_kernel))
+        row.update(BM=bm, BV=bv, BK=bk, BD=bd, warps=nw, stages=ns, **_kernel_resources(kb.lce_bwd_kernel))
         sw.add(row)
 
     if not sw.over():
@@ -252,11 +253,11 @@ def tiles_part(sw: Sweep, quick: bool) -> None:
 
 def _op_step(h, w, t, impl, **extra):
     """One forward + backward of the public op, the gradients reset first."""
-    from dvsft_kernels.ops.function import linear_cross_entropy_with_stats
+    from dvsft_kernels import linear_cross_entropy
 
     def step():
         h.grad = w.grad = None
-        linear_cross_entropy_with_stats(h, w, t, impl=impl, **extra).loss.backward()
+        linear_cross_entropy(h, w, t, impl=impl, **extra).backward()
 
     return step
 
@@ -283,7 +284,7 @@ def _scaling_shape(sw: Sweep, shp) -> bool:
     import torch
 
     from benchmarks import shapes
-    from dvsft_kernels.ops.function import linear_cross_entropy_with_stats
+    from dvsft_kernels import linear_cross_entropy
 
     inp = shapes.make_inputs(shp, DEVICE)
     h, w, t = inp["hidden"], inp["weight"], inp["targets"]
@@ -308,7 +309,7 @@ def _scaling_shape(sw: Sweep, shp) -> bool:
                 row["peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
             row["ms"] = _bench(step)
             with torch.no_grad():
-                row["fwd_ms"] = _bench(lambda: linear_cross_entropy_with_stats(h, w, t, impl=impl, **extra))  # noqa: B023
+                row["fwd_ms"] = _bench(lambda: linear_cross_entropy(h, w, t, impl=impl, **extra))  # noqa: B023
             row["floor_ratio_tflops"] = flop3 / row["ms"] / 1e9
         except Exception as e:  # noqa: BLE001
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -342,15 +343,15 @@ def _with_config(step, **fields):
     """step with every fused call's default config changed in `fields` (forward and backward)."""
     if not fields:
         return step
-    from dvsft_kernels.ops import fused
+    from dvsft_kernels.ops.kernels import fused_config
 
     def patched():
-        real = fused.default_config
-        fused.default_config = lambda dev, dt: dataclasses.replace(real(dev, dt), **fields)
+        real = fused_config.default_config
+        fused_config.default_config = lambda dev, dt: dataclasses.replace(real(dev, dt), **fields)
         try:
             step()
         finally:
-            fused.default_config = real
+            fused_config.default_config = real
 
     return patched
 

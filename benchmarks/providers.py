@@ -103,7 +103,7 @@ class Dvsft(Provider):
 
     def __init__(self, impl: str, variant: str = "", **options):
         self.impl = impl
-        self.options = options  # extra keyword arguments of linear_cross_entropy_with_stats
+        self.options = options  # extra keyword arguments of linear_cross_entropy
         self.name = f"dvsft_{impl}" + (f"_{variant}" if variant else "")
         self.label = f"dvsft-kernels impl={impl}" + "".join(f" {k}={v}" for k, v in options.items())
         self.triton = impl in ("chunked", "fused")
@@ -115,12 +115,12 @@ class Dvsft(Provider):
                    "det": "; deterministic backward (no atomics)"}[variant]
 
     def _op(self):
-        from dvsft_kernels.ops.function import linear_cross_entropy_with_stats
+        from dvsft_kernels import linear_cross_entropy
 
         options = self.options
 
         def op(*a, **k):
-            return linear_cross_entropy_with_stats(*a, **k, **options).loss
+            return linear_cross_entropy(*a, **k, **options)
 
         return op
 
@@ -172,9 +172,8 @@ class DvsftChunk(Dvsft):
     """impl="torch" or "chunked" with its logits-chunk byte budget set (a sweep: `run.py --chunk-mb
     2,8,32` for "torch", or `--providers dvsft_chunked@512MB,dvsft_chunked@2048MB` on a GPU).
 
-    Sets the module constant `dvsft_kernels.ops.torch_impl.CPU_CHUNK_BYTES` (CUDA_CHUNK_BYTES on a
-    GPU; both impls size their chunks with it) around each call: private to the op, so a rename
-    turns this into a stated skip."""
+    Passes the op's public `chunk_rows` option: the rows whose float32 (rows, V) logits chunk fits
+    the budget, as the op sizes its chunks from its default budget."""
 
     kind = "sweep"
     hidden = True
@@ -186,36 +185,15 @@ class DvsftChunk(Dvsft):
         self.label = f"dvsft-kernels impl={impl}, chunk budget {mb:g} MB"
         self.note = f"chunk-size sweep of impl='{impl}'"
 
-    @staticmethod
-    def _attr(device: str) -> str:
-        return "CUDA_CHUNK_BYTES" if device.startswith("cuda") else "CPU_CHUNK_BYTES"
-
-    def static_reason(self, device, interpret=False):
-        reason = super().static_reason(device, interpret)
-        if reason:
-            return reason
-        try:
-            from dvsft_kernels.ops import torch_impl
-        except ImportError as e:
-            return f"dvsft_kernels.ops.torch_impl not importable ({_err(e)})"
-        if not hasattr(torch_impl, self._attr(device)):
-            return (
-                f"dvsft_kernels.ops.torch_impl.{self._attr(device)} not found: the op's chunk sizing changed"
-            )
-        return None
+    def chunk_rows(self, V: int) -> int:
+        return max(1, int(self.mb * 2**20) // (4 * V))
 
     def prepare(self, inputs, shape, device):
-        from dvsft_kernels.ops import torch_impl
-
-        op, attr, budget = self._op(), self._attr(device), int(self.mb * 2**20)
+        op = self._op()
+        rows = self.chunk_rows(inputs["weight"].shape[0])
 
         def fn(h, w, t):
-            old = getattr(torch_impl, attr)
-            setattr(torch_impl, attr, budget)
-            try:
-                return op(h, w, t, ignore_index=IGNORE_INDEX, reduction="mean", impl=self.impl)
-            finally:
-                setattr(torch_impl, attr, old)
+            return op(h, w, t, ignore_index=IGNORE_INDEX, reduction="mean", impl=self.impl, chunk_rows=rows)
 
         return Runner(fn, inputs["hidden"], inputs["weight"], inputs["targets"])
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dvsft_kernels.ops.function import linear_cross_entropy_with_stats
-from dvsft_kernels.ops.vocab_parallel import refusing_on_error
+from dvsft_kernels.ops.backends.vocab_parallel import refusing_on_error
+from dvsft_kernels.ops.function import linear_cross_entropy
 
 # DVLossOutput's detached per-stream figures, in the order metrics() and the trainer report them
 METRIC_NAMES = ("text_loss", "vision_loss", "text_tokens", "vision_tokens", "text_accuracy", "vision_accuracy")
@@ -32,6 +32,10 @@ class DVLossOutput:
     vision_tokens: torch.Tensor
     text_accuracy: torch.Tensor
     vision_accuracy: torch.Tensor
+    # with DVLoss(return_predictions=True), per position (B, T), detached: the argmax token id of the
+    # logits where either stream has a target (-1 elsewhere), and its softmax probability (0 elsewhere)
+    predicted: torch.Tensor | None = None
+    probability: torch.Tensor | None = None
 
     def metrics(self) -> dict[str, float]:
         """Plain floats for logging (one host sync)."""
@@ -69,13 +73,19 @@ class DVLoss(nn.Module):
     aligned with `input_ids`. With `shift=True` (the HF convention) hidden[:, t-1] predicts
     labels[:, t]. `vision_shift=False` (default): hidden[:, t] predicts vision_labels[:, t], each
     visual token's own output; True shifts the vision stream like the text; None follows `shift`.
+
+    `impl`, `chunk_rows`, `deterministic`, `grad_filter` and `process_group` go to the op
+    (`linear_cross_entropy`). `return_predictions=True` adds the per-position argmax token and its
+    probability to the output (what `dvsft_kernels.readout` draws).
     """
 
     def __init__(self, vision_weight: float = 1.0, *, text_weight: float = 1.0, ignore_index: int = -100,
                  shift: bool = True, vision_shift: bool | None = False, label_smoothing: float = 0.0,
-                 z_loss: float = 0.0, softcap: float | None = None, impl: str = "auto", process_group=None):
+                 z_loss: float = 0.0, softcap: float | None = None, impl: str = "auto",
+                 chunk_rows: int | None = None, deterministic: bool | None = None, grad_filter: bool = False,
+                 return_predictions: bool = False, process_group=None):
         super().__init__()
-        # vocabulary-parallel head: `weight` is this rank's slice (ops/vocab_parallel.py)
+        # vocabulary-parallel head: `weight` is this rank's slice (ops/backends/vocab_parallel.py)
         self.process_group = process_group
         self.vision_weight = _check_weight("vision_weight", vision_weight)
         self.text_weight = _check_weight("text_weight", text_weight)
@@ -88,6 +98,10 @@ class DVLoss(nn.Module):
         # word, which trained badly (docs/dvloss.md has the comparison). None follows `shift`.
         self.vision_shift = self.shift if vision_shift is None else bool(vision_shift)
         self.label_smoothing, self.z_loss, self.softcap, self.impl = label_smoothing, z_loss, softcap, impl
+        self.chunk_rows, self.deterministic, self.grad_filter = chunk_rows, deterministic, grad_filter
+        if not isinstance(return_predictions, bool):
+            raise ValueError(f"return_predictions: expected a bool, got {return_predictions!r}")
+        self.return_predictions = return_predictions
 
     def extra_repr(self) -> str:
         return (f"vision_weight={self.vision_weight}, text_weight={self.text_weight}, shift={self.shift}, "
@@ -109,10 +123,11 @@ class DVLoss(nn.Module):
         inv_vis = torch.where(d_vis > 0, 1.0 / d_vis.clamp_min(1e-30), torch.zeros_like(d_vis))
         token_weights = (text_mask * (self.text_weight * inv_text) + vis_mask * (self.vision_weight * inv_vis))
 
-        out = linear_cross_entropy_with_stats(
+        out = linear_cross_entropy(
             hidden, weight, targets, bias, ignore_index=ign, reduction="sum", token_weights=token_weights,
             label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap, impl=self.impl,
-            process_group=self.process_group,
+            chunk_rows=self.chunk_rows, deterministic=self.deterministic, grad_filter=self.grad_filter,
+            return_stats=True, process_group=self.process_group,
         )
         loss = torch.where(both, float("nan"), out.loss) if sync_free else out.loss
         rows = out.row_loss
@@ -124,7 +139,26 @@ class DVLoss(nn.Module):
             loss=loss, text_loss=text_loss.detach(), vision_loss=vision_loss.detach(),
             text_tokens=n_text, vision_tokens=n_vis,
             text_accuracy=text_acc.float().detach(), vision_accuracy=vis_acc.float().detach(),
+            **(self._predictions(hidden, weight, bias, out) if self.return_predictions else {}),
         )
+
+    @torch.no_grad()
+    def _predictions(self, hidden, weight, bias, out) -> dict:
+        """predicted (the op's argmax) and its probability exp(z_pred - lse), z_pred from one gathered
+        dot per position (no logits). With a process group the local weight holds a slice, so the
+        gathered logit would need another collective: refused."""
+        if self.process_group is not None:
+            raise ValueError("return_predictions: not supported with process_group (vocabulary-parallel head)")
+        pred = out.predicted
+        has = pred >= 0
+        rows = pred.clamp_min(0)
+        z = (hidden.float() * weight[rows].float()).sum(-1)
+        if bias is not None:
+            z = z + bias[rows].float()
+        if self.softcap is not None:
+            z = self.softcap * torch.tanh(z / self.softcap)
+        prob = torch.where(has, torch.exp(z - out.lse), torch.zeros_like(z))
+        return {"predicted": pred, "probability": prob}
 
     def _merge_streams(self, hidden, weight, labels, vision_labels):
         """Checks the streams; returns (targets, text_mask, vis_mask, both, sync_free) aligned with hidden."""

@@ -110,7 +110,7 @@ def _full(t: torch.Tensor | None) -> torch.Tensor | None:
     `full_tensor()` all-gathers it (V x D per step, as FSDP's own forward would) and its backward
     reduce-scatters dW into the shard's gradient, where FSDP's optimizer step expects it. We gather
     rather than compute on the local shard: FSDP's `Shard(0)` is a vocabulary split, but FSDP ranks hold
-    different batches, so a vocabulary-parallel loss (`ops/vocab_parallel.py`) would first have to
+    different batches, so a vocabulary-parallel loss (`ops/backends/vocab_parallel.py`) would first have to
     all-gather every rank's labeled rows, hidden states (rows x D) and targets, and all-reduce the
     hidden gradient back; for the usual rows x D > V x D / ranks that costs more than the weight
     gather, which the head's own unit does for its forward anyway. The gathered weight lives only

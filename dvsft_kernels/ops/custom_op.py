@@ -1,167 +1,127 @@
 """`linear_cross_entropy` as a torch.library custom op, for torch.compile.
 
-`function.linear_cross_entropy_with_stats` calls `lce_custom_op` while dynamo traces (eager calls
-use the autograd.Function). The op is opaque to the compiler: its host synchronisations ("torch",
-"chunked" compact the labeled rows) happen inside it, so `fullgraph=True` traces through, and its
-fake implementations give every output's shape from the input shapes alone. The forward and the
-backward run the same code as the eager Function (`function._forward_core` / `_backward_core`);
-what the eager Function keeps on its context, with data-dependent shapes for the compacting
-implementations, becomes fixed-shape auxiliary outputs here:
+`function.linear_cross_entropy` calls `lce_custom_op` while dynamo traces (eager calls use the
+autograd.Function). The op is opaque to the compiler: host synchronisations of the compacting
+backends happen inside it, so `fullgraph=True` traces through, and the fake implementation gives
+every output's shape from the input shapes alone. Forward and backward run the backends' code;
+what the eager Function keeps on its context (with data-dependent shapes for the compacting
+backends) becomes four fixed-shape auxiliary outputs, laid out by the backend (`op_forward`,
+`fake_aux`): gradients formed in the forward ("torch", "chunked", run-time "auto"; mean / sum),
+nothing ("none": the backward op recomputes), or the fused backend's index, count, row statistics
+and gradient scale.
 
-- "torch" / "chunked", "mean" / "sum": gradients formed in the forward, dh scattered to the
-  positions of hidden (float32, shaped like hidden), dW, db; the backward scales them.
-- "torch" / "chunked", "none": nothing; the backward op recomputes from the inputs.
-- "fused": the device index, its count, the per-row statistics and the per-position gradient
-  scale; the backward op runs the fused backward kernels.
+The schema lists the input tensors, the gradient switches, the backend's name and then every field
+of `LCEOptions`, derived from the dataclass: a new option needs no edit here.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
+
 import torch
-from torch import Tensor
 
-from dvsft_kernels.ops import function as _fn
+from dvsft_kernels.ops.backends import Forward, Grads, Inputs, Meta, get_backend
+from dvsft_kernels.ops.backends.base import empty_aux
+from dvsft_kernels.ops.options import LCEOptions
 
-_FWD = "dvsft_kernels::linear_cross_entropy"
-_BWD = "dvsft_kernels::linear_cross_entropy_backward"
-
-
-def _opts(label_smoothing, z_loss, softcap, chunk_rows, deterministic, grad_filter):
-    return dict(label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, chunk_rows=chunk_rows,
-                deterministic=deterministic, grad_filter=grad_filter)
+_LIB = torch.library.Library("dvsft_kernels", "FRAGMENT")
+_FWD, _BWD = "linear_cross_entropy", "linear_cross_entropy_backward"
+_SCALARS = {int: "int", float: "float", str: "str", bool: "bool"}
 
 
-def _none(ref: Tensor) -> Tensor:
-    """Placeholder for an absent auxiliary output or gradient."""
-    return ref.new_empty(0, dtype=torch.float32)
+def _option_schema() -> str:
+    """`LCEOptions`' fields as schema arguments: "int ignore_index, str reduction, float? softcap, ..."."""
+    hints = typing.get_type_hints(LCEOptions)
+    args = []
+    for f in dataclasses.fields(LCEOptions):
+        tp = hints[f.name]
+        optional = isinstance(tp, types.UnionType) and type(None) in tp.__args__
+        base = next(a for a in tp.__args__ if a is not type(None)) if optional else tp
+        args.append(f"{_SCALARS[base]}{'?' if optional else ''} {f.name}")
+    return ", ".join(args)
 
 
-def _fused_has_scale(reduction: str, token_weights) -> bool:
-    return reduction == "mean" or token_weights is not None
+_HEAD = "Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor? token_weights"
+_SWITCHES = "bool grad_hidden, bool grad_weight, bool grad_bias, str backend"
+_LIB.define(f"{_FWD}({_HEAD}, Tensor? num_items, {_SWITCHES}, {_option_schema()}) -> "
+            "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+_LIB.define(f"{_BWD}({_HEAD}, Tensor g, Tensor a0, Tensor a1, Tensor a2, Tensor a3, {_SWITCHES}, "
+            f"{_option_schema()}) -> (Tensor, Tensor, Tensor)")
 
 
-@torch.library.custom_op(_FWD, mutates_args=())
-def _lce_forward(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, token_weights: Tensor | None,
-    num_items: Tensor | None, ignore_index: int, reduction: str, label_smoothing: float, z_loss: float,
-    softcap: float | None, impl: str, chunk_rows: int | None, grad_h: bool, grad_w: bool, grad_b: bool,
-    deterministic: bool | None, grad_filter: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    opts = _opts(label_smoothing, z_loss, softcap, chunk_rows, deterministic, grad_filter)
-    grads = (grad_h, grad_w, grad_b)
-    out, row_loss, lse, correct, saved = _fn._forward_core(
-        hidden, weight, bias, targets, token_weights, num_items, ignore_index, reduction, opts, impl, grads)
-    if impl == "fused":
-        _, _, _, _, idx, count, stat, scale = saved
-        # clones: outputs may not alias each other or an input (scale can be token_weights itself)
-        aux = (idx.clone(), count, stat, scale.clone(memory_format=torch.contiguous_format)
-               if scale is not None else _none(hidden))
-    elif reduction != "none" and any(grads):
-        idx, dh, dW, db = saved
-        if dh is not None:
-            D = hidden.shape[-1]
-            full = torch.zeros(targets.numel(), D, dtype=torch.float32, device=hidden.device)
-            dh = full.index_copy_(0, idx, dh).reshape(hidden.shape)
-        aux = tuple(x if x is not None else _none(hidden) for x in (dh, dW, db)) + (_none(hidden),)
-    else:
-        aux = tuple(_none(hidden) for _ in range(4))
-    return (out, row_loss, lse, correct, *aux)
+def _forward_impl(hidden, weight, bias, targets, token_weights, num_items, gh, gw, gb, backend, *opts):
+    x = Inputs(hidden, weight, bias, targets, token_weights, num_items)
+    fwd, aux = get_backend(backend).op_forward(x, LCEOptions(*opts), Grads(gh, gw, gb))
+    return (*fwd, *aux)
 
 
-@_lce_forward.register_fake
-def _(hidden, weight, bias, targets, token_weights, num_items, ignore_index, reduction, label_smoothing, z_loss,
-      softcap, impl, chunk_rows, grad_h, grad_w, grad_b, deterministic, grad_filter):
+def _forward_fake(hidden, weight, bias, targets, token_weights, num_items, gh, gw, gb, backend, *opts):
+    options = LCEOptions(*opts)
     shape = targets.shape
-    N, D, V = targets.numel(), hidden.shape[-1], weight.shape[0]
-    f32 = dict(dtype=torch.float32)
-    out = hidden.new_empty(shape if reduction == "none" else (), **f32)
-    stats = (hidden.new_empty(shape, **f32), hidden.new_empty(shape, **f32),
-             hidden.new_empty(shape, dtype=torch.bool))
-    if impl == "fused":
-        aux = (hidden.new_empty(N, dtype=torch.int32), hidden.new_empty(1, dtype=torch.int32),
-               hidden.new_empty(2, N, **f32),
-               hidden.new_empty(N, **f32) if _fused_has_scale(reduction, token_weights) else _none(hidden))
-    elif reduction != "none" and (grad_h or grad_w or grad_b):
-        aux = (hidden.new_empty(hidden.shape, **f32) if grad_h else _none(hidden),
-               hidden.new_empty(V, D, **f32) if grad_w else _none(hidden),
-               hidden.new_empty(V, **f32) if grad_b else _none(hidden), _none(hidden))
-    else:
-        aux = tuple(_none(hidden) for _ in range(4))
-    return (out, *stats, *aux)
+    f32 = torch.float32
+    out = hidden.new_empty(shape if options.reduction == "none" else (), dtype=f32)
+    stats = (hidden.new_empty(shape, dtype=f32), hidden.new_empty(shape, dtype=f32),
+             hidden.new_empty(shape, dtype=torch.int64))
+    x = Inputs(hidden, weight, bias, targets, token_weights, num_items)
+    return (out, *stats, *get_backend(backend).fake_aux(x, options, Grads(gh, gw, gb)))
 
 
-@torch.library.custom_op(_BWD, mutates_args=())
-def _lce_backward(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, token_weights: Tensor | None,
-    g: Tensor, a0: Tensor, a1: Tensor, a2: Tensor, a3: Tensor, ignore_index: int, reduction: str,
-    label_smoothing: float, z_loss: float, softcap: float | None, impl: str, chunk_rows: int | None,
-    grad_h: bool, grad_w: bool, grad_b: bool, deterministic: bool | None, grad_filter: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of hidden, weight, bias (empty where not requested) for "fused" (any reduction)
-    and for "torch" / "chunked" with reduction "none" (recomputed from the inputs)."""
-    opts = _opts(label_smoothing, z_loss, softcap, chunk_rows, deterministic, grad_filter)
-    grads = (grad_h, grad_w, grad_b)
-    dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-    if impl == "fused":
-        D = hidden.shape[-1]
-        scale = a3 if _fused_has_scale(reduction, token_weights) else None
-        saved = (hidden.reshape(-1, D), weight, bias, targets.reshape(-1).contiguous(), a0, a1, a2, scale)
-    else:
-        idx, t, h, w = _fn._compact_rows(hidden, targets, token_weights, ignore_index, weight.shape[0])
-        saved = (idx, h, t, w, weight, bias)
-    d = _fn._backward_core(saved, g, reduction, impl, opts, grads, hidden.shape, dtypes)
-    return tuple(x if x is not None else _none(hidden) for x in d)
+def _backward_impl(hidden, weight, bias, targets, token_weights, g, a0, a1, a2, a3, gh, gw, gb, backend, *opts):
+    """Gradients of hidden, weight, bias (empty where not requested), for backends whose autograd
+    formula cannot use the auxiliary outputs directly."""
+    x = Inputs(hidden, weight, bias, targets, token_weights, None)
+    d = get_backend(backend).op_backward(x, (a0, a1, a2, a3), g, LCEOptions(*opts), Grads(gh, gw, gb))
+    return tuple(v if v is not None else empty_aux(hidden) for v in d)
 
 
-@_lce_backward.register_fake
-def _(hidden, weight, bias, targets, token_weights, g, a0, a1, a2, a3, ignore_index, reduction, label_smoothing,
-      z_loss, softcap, impl, chunk_rows, grad_h, grad_w, grad_b, deterministic, grad_filter):
-    return (torch.empty_like(hidden) if grad_h else _none(hidden),
-            torch.empty_like(weight) if grad_w else _none(hidden),
-            torch.empty_like(bias) if grad_b else _none(hidden))
+def _backward_fake(hidden, weight, bias, targets, token_weights, g, a0, a1, a2, a3, gh, gw, gb, backend, *opts):
+    return (torch.empty_like(hidden) if gh else empty_aux(hidden),
+            torch.empty_like(weight) if gw else empty_aux(hidden),
+            torch.empty_like(bias) if gb else empty_aux(hidden))
 
 
-_ARG_NAMES = ("ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "impl", "chunk_rows",
-              "grad_h", "grad_w", "grad_b", "deterministic", "grad_filter")
+_LIB.impl(_FWD, _forward_impl, "CompositeExplicitAutograd")
+_LIB.impl(_BWD, _backward_impl, "CompositeExplicitAutograd")
+torch.library.register_fake(f"dvsft_kernels::{_FWD}", _forward_fake, lib=_LIB)
+torch.library.register_fake(f"dvsft_kernels::{_BWD}", _backward_fake, lib=_LIB)
+
+_N_INPUTS = 6  # hidden, weight, bias, targets, token_weights, num_items
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, token_weights, _num_items = inputs[:6]
-    ctx.args = dict(zip(_ARG_NAMES, inputs[6:]))
-    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    hidden, weight, bias, targets, token_weights, _ = inputs[:_N_INPUTS]
+    ctx.rest = inputs[_N_INPUTS:]  # switches, backend, options
+    ctx.meta = Meta(hidden.shape, hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
     ctx.save_for_backward(hidden, weight, bias, targets, token_weights, *output[4:])
 
 
-def _backward(ctx, g, _g_row, _g_lse, _g_correct, *_g_aux):
-    hidden, weight, bias, targets, token_weights, a0, a1, a2, a3 = ctx.saved_tensors
-    a = ctx.args
-    grads = (a["grad_h"], a["grad_w"], a["grad_b"])
-    if a["impl"] != "fused" and a["reduction"] != "none":
-        g = g.float()
-        hdtype, wdtype, bdtype = ctx.dtypes
-        d = ((a0 * g).to(hdtype) if grads[0] else None, (a1 * g).to(wdtype) if grads[1] else None,
-             (a2 * g).to(bdtype) if grads[2] else None)
-    else:
+def _backward(ctx, g, *_unused):
+    hidden, weight, bias, targets, token_weights, *aux = ctx.saved_tensors
+    gh, gw, gb, backend, *opts = ctx.rest
+    grads, options = Grads(gh, gw, gb), LCEOptions(*opts)
+    d = get_backend(backend).op_formula(tuple(aux), g, options, grads, ctx.meta)
+    if d is None:
         d = torch.ops.dvsft_kernels.linear_cross_entropy_backward(
-            hidden, weight, bias, targets, token_weights, g, a0, a1, a2, a3, *(a[k] for k in _ARG_NAMES))
-        d = tuple(x if need else None for x, need in zip(d, grads))
-    return (*d,) + (None,) * (3 + len(_ARG_NAMES))
+            hidden, weight, bias, targets, token_weights, g, *aux, *ctx.rest)
+        d = tuple(v if need else None for v, need in zip(d, grads))
+    return (*d,) + (None,) * (len(ctx.rest) + _N_INPUTS - 3)
 
 
-torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
+torch.library.register_autograd(f"dvsft_kernels::{_FWD}", _backward, setup_context=_setup_context, lib=_LIB)
 
 
-def lce_custom_op(hidden, weight, bias, targets, token_weights, num_items, ignore_index, reduction, opts, impl):
-    """(loss, row_loss, lse, correct) through the custom op; the statistics come back detached."""
+def lce_custom_op(x: Inputs, options: LCEOptions, backend: str) -> Forward:
+    """The op's outputs through the custom op; the statistics come back detached."""
     grad_on = torch.is_grad_enabled()
-    grad_h = grad_on and hidden.requires_grad
-    grad_w = grad_on and weight.requires_grad
-    grad_b = grad_on and bias is not None and bias.requires_grad
+    grads = (grad_on and x.hidden.requires_grad, grad_on and x.weight.requires_grad,
+             grad_on and x.bias is not None and x.bias.requires_grad)
+    num_items = x.num_items
     if num_items is not None and not isinstance(num_items, torch.Tensor):
         num_items = torch.tensor(num_items, dtype=torch.int64)
     out = torch.ops.dvsft_kernels.linear_cross_entropy(
-        hidden, weight, bias, targets, token_weights, num_items, ignore_index, reduction,
-        opts["label_smoothing"], opts["z_loss"], opts["softcap"], impl, opts["chunk_rows"],
-        grad_h, grad_w, grad_b, opts["deterministic"], opts["grad_filter"])
-    loss, row_loss, lse, correct = out[:4]
-    return loss, row_loss.detach(), lse.detach(), correct
+        x.hidden, x.weight, x.bias, x.targets, x.token_weights, num_items, *grads, backend,
+        *dataclasses.astuple(options))
+    loss, row_loss, lse, predicted = out[:4]
+    return Forward(loss, row_loss.detach(), lse.detach(), predicted)

@@ -198,16 +198,20 @@ def test_subprocess_memory_failures_and_crashes():
 
 
 @pytest.mark.skipif(not _op_importable(), reason="dvsft_kernels op not importable")
-def test_chunk_sweep_provider_sets_and_restores_the_budget():
-    from dvsft_kernels.ops import torch_impl
+def test_chunk_sweep_provider_passes_chunk_rows_from_the_budget(monkeypatch):
+    import dvsft_kernels
 
-    before = torch_impl.CPU_CHUNK_BYTES
+    seen = []
+    real = dvsft_kernels.linear_cross_entropy
+    monkeypatch.setattr(dvsft_kernels, "linear_cross_entropy", lambda *a, **k: seen.append(k.get("chunk_rows")) or real(*a, **k))
     p = providers.get("dvsft_torch@0.25MB")
     assert p is providers.get("dvsft_torch@0.25MB") and p.kind == "sweep"
     assert [q.name for q in providers.select(["dvsft_torch@0.25MB"])] == ["dvsft_torch@0.25MB"]
     rows = runner.run(plan(runner.op_cells([TINY], [p])), progress=False)
     assert all(r["status"] == "ok" for r in rows), rows[0]["error"]
-    assert torch_impl.CPU_CHUNK_BYTES == before
+    V = TINY.V
+    # the probe call passes no chunk_rows; every measured call passes the budget's
+    assert set(seen) - {None} == {max(1, 2**18 // (4 * V))}
     # the Triton impl's sweep (GPU): same budget constant, its own impl
     q = providers.get("dvsft_chunked@2048MB")
     assert q.impl == "chunked" and q.mb == 2048 and q.name == "dvsft_chunked@2048MB"

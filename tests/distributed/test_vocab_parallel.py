@@ -129,3 +129,36 @@ def _check_dvloss(rank, world):
 
 def test_dvloss_with_process_group():
     run_ranks(2, _check_dvloss)
+
+
+def _check_refusals_and_second_backward(rank, world):
+    V, lo, hi = 40, (0, 25)[rank], (25, 40)[rank]
+    h, w, _, t, _ = _inputs(3, V)
+    group = dist.group.WORLD
+    # a Triton impl or grad_filter cannot run a vocabulary-parallel head: refused on every rank, not
+    # silently replaced by the PyTorch path
+    for impl in ("chunked", "fused"):
+        with pytest.raises(ValueError, match=rf"^impl: '{impl}' cannot run a vocabulary-parallel head"):
+            linear_cross_entropy(h, w[lo:hi], t, impl=impl, process_group=group)
+    with pytest.raises(ValueError, match="^grad_filter: the vocabulary-parallel backend"):
+        linear_cross_entropy(h, w[lo:hi], t, grad_filter=True, process_group=group)
+    # the gradients are formed in the forward and scaled in place: a second backward raises
+    hh = h.clone().requires_grad_()
+    loss = linear_cross_entropy(hh, w[lo:hi], t, process_group=group)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward through the same graph twice"):
+        loss.backward()
+    # the per-position statistics: the global argmax, as the single-process op finds it
+    got = linear_cross_entropy(h, w[lo:hi], t, return_stats=True, process_group=group)
+    ref = linear_cross_entropy(h, w, t, return_stats=True)
+    labeled = t != -100
+    assert torch.equal(got.predicted, ref.predicted) and bool((got.predicted[labeled] >= 0).all())
+    assert torch.equal(got.predicted[labeled], (h @ w.T).argmax(-1)[labeled])
+    assert torch.equal(got.correct, ref.correct)
+    x = torch.ones(1)
+    dist.all_reduce(x)
+    assert x.item() == world
+
+
+def test_refusals_second_backward_and_predicted():
+    run_ranks(2, _check_refusals_and_second_backward)

@@ -106,14 +106,14 @@ CASES = ["D", "label_smoothing", "z_loss", "softcap", "reduction", "ignore_index
 
 
 def _call(kw):
-    from dvsft_kernels.ops.function import linear_cross_entropy_with_stats
+    from tests.ops.cases import lce_stats
 
     kw = dict(kw)
     h, w, t = kw.pop("hidden"), kw.pop("weight"), kw.pop("targets")
     h = h.clone().requires_grad_() if h.dtype.is_floating_point else h
     chunk = kw.pop("_chunk_rows", None)
     if chunk is not None:
-        return linear_cross_entropy_with_stats(h, w, t, impl="torch", chunk_rows=chunk,
+        return lce_stats(h, w, t, impl="torch", chunk_rows=chunk,
                                                process_group=dist.group.WORLD, **kw).loss
     return linear_cross_entropy(h, w, t, impl="torch", process_group=dist.group.WORLD, **kw)
 

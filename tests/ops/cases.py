@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dvsft_kernels import linear_cross_entropy
 from dvsft_kernels.ops.naive import naive_linear_cross_entropy
 
 from .errors import assert_error_rule
@@ -117,3 +118,8 @@ def check_against_spec(case: Case, dtype: torch.dtype, fn):
         assert got[key].dtype == out_dtype, f"{key}: dtype {got[key].dtype}"
         assert_error_rule(key, got[key].cpu(), ref[key].cpu(), base[key].cpu(), out_dtype)
     return got
+
+
+def lce_stats(*args, **kwargs):
+    """The op with its per-position statistics (`return_stats=True`)."""
+    return linear_cross_entropy(*args, **kwargs, return_stats=True)

@@ -27,7 +27,7 @@ def nan_empty(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def fused_deterministic_kernels(monkeypatch):
-    """The op tests run the fused deterministic backward on CUDA too (ops/fused.py keeps it behind
+    """The op tests run the fused deterministic backward on CUDA too (ops/backends/fused.py keeps it behind
     DVSFT_FUSED_DETERMINISTIC=1 there until a GPU run verifies it): a GPU test run is that check.
     tests/ops/test_fused.py::test_deterministic_guard removes the variable to test the guard."""
     monkeypatch.setenv("DVSFT_FUSED_DETERMINISTIC", "1")

@@ -1,4 +1,4 @@
-"""The fused CE chunk kernel (launch.ce_chunk) against a float64 reference written here.
+"""The fused CE chunk kernel (kernels/ce_chunk.py, its launcher `ce_chunk`) against a float64 reference written here.
 
 The kernel's input is float32 logits, so the error rule's "PyTorch in the input dtype" is the same
 reference run in float32 (for a bf16/fp16 G: that G rounded to the output dtype). The rule
@@ -28,14 +28,14 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA and TRITON_INTERPRET is not set", allow_module_level=True)
 pytest.importorskip("triton")
 
-from dvsft_kernels.ops.launch import ce_chunk, ce_chunk_config
+from dvsft_kernels.ops.kernels.ce_chunk import ce_chunk, ce_chunk_config
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GRAD_MODES = ("none", "inplace", torch.float32, torch.bfloat16, torch.float16)
 
 
 def reference(x, t, scale, eps, zl, cap, dtype):
-    """Loss, lse, G = scale * dloss/dx (autograd) and argmax == t, all in `dtype`."""
+    """Loss, lse, G = scale * dloss/dx (autograd) and the argmax, all in `dtype`."""
     xr = x.detach().to(dtype).requires_grad_()
     y = cap * torch.tanh(xr / cap) if cap else xr
     lse = torch.logsumexp(y, dim=-1)
@@ -43,7 +43,7 @@ def reference(x, t, scale, eps, zl, cap, dtype):
     loss = (1 - eps) * (lse - y_t) + eps * (lse - y.mean(dim=-1)) + zl * lse**2
     w = scale.to(dtype) if scale is not None else torch.ones_like(loss)
     (g,) = torch.autograd.grad((loss * w).sum(), xr)
-    return loss.detach(), lse.detach(), g, y.argmax(dim=-1) == t
+    return loss.detach(), lse.detach(), g, y.argmax(dim=-1)
 
 
 # float32 ulps of the terms' magnitude an entry of G may be off by (the interpreter needs <= 2.4:
@@ -90,22 +90,23 @@ def assert_g_entrywise(name, g, g64, magnitude, dtype):
 def run_and_check(x, t, scale=None, *, eps=0.0, zl=0.0, cap=None, grad="inplace", block_v=None,
                   check_correct=True):
     """Run the kernel on a copy of x in the given grad mode and apply the error rule to every
-    output. Returns (loss, lse, correct, G)."""
+    output. Returns (loss, lse, correct, G); correct: predicted == t."""
     x = x.to(DEVICE)
     t = t.to(DEVICE)
     scale = scale.to(DEVICE) if scale is not None else None
     xk = x.clone()
     grad_out = torch.empty(x.shape, dtype=grad, device=DEVICE) if isinstance(grad, torch.dtype) else None
-    loss, lse, correct = ce_chunk(xk, t, scale, label_smoothing=eps, z_loss=zl, softcap=cap,
-                                  compute_grad=grad != "none", grad_out=grad_out, block_v=block_v)
-    assert loss.dtype == lse.dtype == torch.float32 and correct.dtype == torch.bool
-    assert loss.shape == lse.shape == correct.shape == t.shape
+    loss, lse, pred = ce_chunk(xk, t, scale, label_smoothing=eps, z_loss=zl, softcap=cap,
+                               compute_grad=grad != "none", grad_out=grad_out, block_v=block_v)
+    assert loss.dtype == lse.dtype == torch.float32 and pred.dtype == torch.int32
+    assert loss.shape == lse.shape == pred.shape == t.shape
+    correct = pred.long() == t
     l64, lse64, g64, c64 = reference(x, t, scale, eps, zl, cap, torch.float64)
     l32, lse32, g32, _ = reference(x, t, scale, eps, zl, cap, torch.float32)
     assert_error_rule("loss", loss, l64, l32, torch.float32)
     assert_error_rule("lse", lse, lse64, lse32, torch.float32)
     if check_correct:
-        assert torch.equal(correct.cpu(), c64.cpu()), "correct"
+        assert torch.equal(pred.long().cpu(), c64.cpu()), "predicted"
     if grad == "none":
         assert torch.equal(xk, x), "x was written with compute_grad=False"
         return loss, lse, correct, None
@@ -238,15 +239,15 @@ def test_strided_rows_and_int32_targets():
     wide = torch.full((5, 600), float("nan"), device=DEVICE)
     wide[:, :517] = x.to(DEVICE)
     g_wide = torch.zeros(5, 700, dtype=torch.bfloat16, device=DEVICE)
-    loss, lse, correct = ce_chunk(wide[:, :517], t.to(DEVICE, torch.int32), scale.to(DEVICE), softcap=4.0,
-                                  grad_out=g_wide[:, :517], block_v=128)
+    loss, lse, pred = ce_chunk(wide[:, :517], t.to(DEVICE, torch.int32), scale.to(DEVICE), softcap=4.0,
+                               grad_out=g_wide[:, :517], block_v=128)
     l64, lse64, g64, c64 = reference(x, t, scale, 0.0, 0.0, 4.0, torch.float64)
     l32, lse32, g32, _ = reference(x, t, scale, 0.0, 0.0, 4.0, torch.float32)
     assert_error_rule("loss", loss.cpu(), l64, l32, torch.float32)
     assert_error_rule("lse", lse.cpu(), lse64, lse32, torch.float32)
     assert_error_rule("G", g_wide[:, :517].cpu(), g64, g32.bfloat16(), torch.bfloat16)
     assert_g_entrywise("G", g_wide[:, :517], g64, term_magnitude(x, t, scale, 0.0, 0.0, 4.0), torch.bfloat16)
-    assert torch.equal(correct.cpu(), c64.cpu())
+    assert torch.equal(pred.long().cpu(), c64.cpu())
     assert (g_wide[:, 517:] == 0).all() and wide[:, 517:].isnan().all()
 
 
@@ -259,8 +260,8 @@ def test_grad_out_is_x_means_in_place():
 
 
 def test_empty_chunk():
-    loss, lse, correct = ce_chunk(torch.empty(0, 517, device=DEVICE), torch.empty(0, dtype=torch.long, device=DEVICE))
-    assert loss.shape == lse.shape == correct.shape == (0,)
+    loss, lse, pred = ce_chunk(torch.empty(0, 517, device=DEVICE), torch.empty(0, dtype=torch.long, device=DEVICE))
+    assert loss.shape == lse.shape == pred.shape == (0,)
 
 
 def test_tile_rule():

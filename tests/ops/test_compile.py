@@ -4,17 +4,19 @@ op's own forward / backward against the eager autograd.Function."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 
 import pytest
 import torch
 
 from dvsft_kernels import linear_cross_entropy
+from dvsft_kernels.ops.backends import Inputs
 from dvsft_kernels.ops.custom_op import lce_custom_op
-from dvsft_kernels.ops.function import linear_cross_entropy_with_stats
 from dvsft_kernels.ops.naive import naive_linear_cross_entropy
+from dvsft_kernels.ops.options import LCEOptions
 
-from .cases import OPTION_SETS, make_case, run, to_device
+from .cases import OPTION_SETS, lce_stats, make_case, run, to_device
 from .errors import assert_error_rule
 
 _INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
@@ -112,7 +114,7 @@ def test_compile_stats_token_weights_num_items_tensor():
     tw = torch.rand(2, 8)
 
     def f(h, w, t, tw, n):
-        out = linear_cross_entropy_with_stats(h, w, t, reduction="mean", token_weights=tw, num_items=n)
+        out = lce_stats(h, w, t, reduction="mean", token_weights=tw, num_items=n)
         return out.loss, out.correct.sum() / (t != -100).sum(), out.lse, out.row_loss
 
     ref = f(hidden, weight, targets, tw, torch.tensor(7))
@@ -141,13 +143,11 @@ def test_custom_op_matches_function(impl, reduction):
         to_device(case, "cuda")
 
     def via_op(h, w, t, b, **kw):
-        opts = {"label_smoothing": kw.pop("label_smoothing"), "z_loss": kw.pop("z_loss"),
-                "softcap": kw.pop("softcap"), "chunk_rows": None, "deterministic": True, "grad_filter": False}
-        return lce_custom_op(h, w, b, t, kw.pop("token_weights"), kw.pop("num_items"), kw.pop("ignore_index"),
-                             kw.pop("reduction"), opts, impl)[0]
+        x = Inputs(h, w, b, t, kw.pop("token_weights"), kw.pop("num_items"))
+        return lce_custom_op(x, LCEOptions(**kw, impl=impl, deterministic=True), impl)[0]
 
     def via_function(*a, **k):
-        return linear_cross_entropy_with_stats(*a, **k, impl=impl, deterministic=True).loss
+        return lce_stats(*a, **k, impl=impl, deterministic=True).loss
 
     a = run(via_op, case, torch.float32)
     b = run(via_function, case, torch.float32)
@@ -157,8 +157,10 @@ def test_custom_op_matches_function(impl, reduction):
     h = case.hidden.float().requires_grad_()
     w = case.weight.float().requires_grad_()
     bias = case.bias.float().requires_grad_()
-    args = (h, w, bias, case.targets, case.token_weights.float(), torch.tensor(50), -100, reduction, 0.1, 1e-3, 4.0,
-            impl, None, True, True, True, True, False)
+    options = LCEOptions(reduction=reduction, label_smoothing=0.1, z_loss=1e-3, softcap=4.0, impl=impl,
+                         deterministic=True)
+    args = (h, w, bias, case.targets, case.token_weights.float(), torch.tensor(50), True, True, True, impl,
+            *dataclasses.astuple(options))
     torch.library.opcheck(torch.ops.dvsft_kernels.linear_cross_entropy.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
@@ -182,7 +184,8 @@ def test_compile_fullgraph_fused():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_compile_reduce_overhead_cuda():
-    """Inductor with CUDA graphs: "auto" resolves to "fused" while tracing, which never syncs."""
+    """Inductor with CUDA graphs: "auto" picks "fused" inside the custom op while the graph is
+    captured (it never syncs), "chunked" in the warm-up runs."""
     torch.manual_seed(0)
     model = Head(d=64, v=1000).cuda().to(torch.bfloat16)
     x = torch.randn(4, 33, 64, device="cuda", dtype=torch.bfloat16)

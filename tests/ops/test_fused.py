@@ -1,4 +1,4 @@
-"""impl="fused" (ops/fused.py, kernels/lce_fused_*.py) through the interpreter: parity with the
+"""impl="fused" (ops/backends/fused.py, kernels/lce_fused_*.py) through the interpreter: parity with the
 float64 spec under the error rule, statistics, argmax ties, splits, determinism, gradient filtering
 within its documented bound, memory, and the absence of host synchronisations."""
 
@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from dvsft_kernels import linear_cross_entropy
-from dvsft_kernels.ops import fused
-from dvsft_kernels.ops.function import linear_cross_entropy_with_stats
+from dvsft_kernels.ops.backends import fused as fused_backend
+from dvsft_kernels.ops.kernels import fused_config, lce_fused_bwd, lce_fused_fwd
 from dvsft_kernels.ops.naive import naive_linear_cross_entropy
+from tests.ops.cases import lce_stats
 
 from ..memory import AllocationRecorder
 from ..syncs import OpLog
@@ -33,14 +34,14 @@ MASKED_LANES = pytest.mark.filterwarnings("ignore:(overflow|invalid value|divide
 
 def fused_fn(**extra):
     def fn(*a, **k):
-        return linear_cross_entropy_with_stats(*a, **k, impl="fused", **extra).loss
+        return lce_stats(*a, **k, impl="fused", **extra).loss
     return fn
 
 
 def use_config(monkeypatch, **fields):
     """Every fused call in this test runs its device's default config with `fields` replaced."""
-    real = fused.default_config
-    monkeypatch.setattr(fused, "default_config", lambda dev, dt: dataclasses.replace(real(dev, dt), **fields))
+    real = fused_config.default_config
+    monkeypatch.setattr(fused_config, "default_config", lambda dev, dt: dataclasses.replace(real(dev, dt), **fields))
 
 
 @MASKED_LANES
@@ -74,8 +75,8 @@ def test_fused_each_option_with_leading_dims(options):
 def test_stats_match_torch_impl():
     case = to_device(make_case(lead=(29,), options={"softcap": 4.0, "bias": True}, seed=5), DEVICE)
     args = (case.hidden.float(), case.weight.float(), case.targets, case.bias.float())
-    a = linear_cross_entropy_with_stats(*args, softcap=4.0, impl="fused")
-    b = linear_cross_entropy_with_stats(*args, softcap=4.0, impl="torch")
+    a = lce_stats(*args, softcap=4.0, impl="fused")
+    b = lce_stats(*args, softcap=4.0, impl="torch")
     torch.testing.assert_close(a.lse, b.lse, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(a.row_loss, b.row_loss, rtol=1e-5, atol=1e-5)
     assert torch.equal(a.correct, b.correct)
@@ -107,11 +108,11 @@ def test_argmax_first_index_across_tiles_and_splits(config):
     t = torch.tensor(targets)
     cfg = None
     if config == "one_split":
-        cfg = dataclasses.replace(fused.INTERPRETER_CONFIG, fwd=fused.Tiles(BM=16, BV=64, BK=16), s_min=1,
+        cfg = dataclasses.replace(fused_config.INTERPRETER_CONFIG, fwd=fused_config.Tiles(BM=16, BV=64, BK=16), s_min=1,
                                   s_max=1, target_programs=1)
-    idx, count = fused.build_index(t.to(DEVICE), -100)
-    _, _, correct, _ = fused.fused_forward(h.to(DEVICE), w.to(DEVICE), None, t.to(DEVICE), idx, count, config=cfg)
-    assert correct.cpu().tolist() == [r % 2 == 0 for r in range(6)]
+    idx, count = fused_backend.build_index(t.to(DEVICE), -100)
+    _, _, pred, _ = lce_fused_fwd.fused_forward(h.to(DEVICE), w.to(DEVICE), None, t.to(DEVICE), idx, count, config=cfg)
+    assert pred.cpu().tolist() == [min(i) for i in ties]
 
 
 @MASKED_LANES
@@ -123,10 +124,12 @@ def test_split_choices_agree(s_min, target, bv):
                      seed=9)
     h, w, b = (x.float().to(DEVICE) for x in (case.hidden, case.weight, case.bias))
     t = case.targets.to(DEVICE)
-    cfg = dataclasses.replace(fused.INTERPRETER_CONFIG, fwd=fused.Tiles(BM=16, BV=bv, BK=16), s_min=s_min,
+    cfg = dataclasses.replace(fused_config.INTERPRETER_CONFIG, fwd=fused_config.Tiles(BM=16, BV=bv, BK=16), s_min=s_min,
                               s_max=8, target_programs=target)
-    idx, count = fused.build_index(t, -100)
-    loss, lse, correct, _ = fused.fused_forward(h, w, b, t, idx, count, label_smoothing=0.1, softcap=5.0, config=cfg)
+    idx, count = fused_backend.build_index(t, -100)
+    loss, lse, pred, _ = lce_fused_fwd.fused_forward(h, w, b, t, idx, count, label_smoothing=0.1, softcap=5.0,
+                                                     config=cfg)
+    correct = (pred.long() == t) & (t != -100)
     ref_loss = naive_linear_cross_entropy(case.hidden, case.weight, case.targets, case.bias, reduction="none",
                                           label_smoothing=0.1, softcap=5.0)
     _, ref_lse, ref_correct = naive_linear_cross_entropy(case.hidden, case.weight, case.targets, case.bias,
@@ -159,10 +162,10 @@ def test_strided_inputs_and_frozen_weight():
 
 def test_build_index_order_and_count():
     t = torch.tensor([5, -100, 2, -100, -100, 7, 0, -100]).to(DEVICE)
-    idx, count = fused.build_index(t, -100)
+    idx, count = fused_backend.build_index(t, -100)
     assert idx.dtype == count.dtype == torch.int32 and idx.shape == (8,) and count.shape == (1,)
     assert int(count) == 4 and idx[:4].cpu().tolist() == [0, 2, 5, 6]
-    idx, count = fused.build_index(torch.full((3,), -100, device=DEVICE), -100)
+    idx, count = fused_backend.build_index(torch.full((3,), -100, device=DEVICE), -100)
     assert int(count) == 0
 
 
@@ -200,8 +203,8 @@ def _stage_inputs(dtype):
     h, w, b = (x.to(dtype).to(DEVICE) for x in (case.hidden, case.weight, case.bias))
     t = case.targets.to(DEVICE)
     opts = {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 4.0}
-    idx, count = fused.build_index(t, -100)
-    stat = fused.fused_forward(h, w, b, t, idx, count, **opts)[3]
+    idx, count = fused_backend.build_index(t, -100)
+    stat = lce_fused_fwd.fused_forward(h, w, b, t, idx, count, **opts)[3]
     s = torch.rand(37, generator=torch.Generator().manual_seed(1)).to(DEVICE) + 0.5
     return (h, w, b, t, idx, count, stat, s), opts
 
@@ -215,13 +218,13 @@ def test_staged_backward_matches_atomic_for_any_chunking(gemm, stage_bytes, grad
     partial; each gradient alone, db without dW; gradient GEMMs in Triton or torch.mm) against the
     atomic kernel in float32, which the spec tests pin (bitwise repeatability: the CUDA test below)."""
     args, opts = _stage_inputs(torch.float32)
-    cfg = fused.INTERPRETER_CONFIG
+    cfg = fused_config.INTERPRETER_CONFIG
     staged = dataclasses.replace(cfg, backward="staged", stage_bytes=stage_bytes, stage_gemm=gemm)
     vc = staged.stage_columns(37, 517, 4)
     assert vc == {1: 64, 37 * 192 * 4: 192}.get(stage_bytes, 576), vc
     kw = dict(opts, grad_h=bool(grads[0]), grad_w=bool(grads[1]), grad_b=bool(grads[2]))
-    want = fused.fused_backward(*args, config=cfg, **kw)
-    got = fused.fused_backward(*args, config=staged, **kw)
+    want = lce_fused_bwd.fused_backward(*args, config=cfg, **kw)
+    got = lce_fused_bwd.fused_backward(*args, config=staged, **kw)
     for name, g, w_ in zip(("dh", "dW", "db"), got, want):
         assert (g is None) == (w_ is None), name
         if g is not None:
@@ -238,11 +241,11 @@ def test_staged_backward_matches_atomic_for_any_chunking(gemm, stage_bytes, grad
 def test_staged_backward_is_bitwise_repeatable(gemm, stage_bytes, dtype):
     """The staged backward on the GPU's tiles: two runs give the same bits for any chunking."""
     args, opts = _stage_inputs(dtype)
-    cfg = dataclasses.replace(fused.default_config(torch.device("cuda"), dtype), backward="staged",
+    cfg = dataclasses.replace(fused_config.default_config(torch.device("cuda"), dtype), backward="staged",
                               stage_bytes=stage_bytes, stage_gemm=gemm)
     kw = dict(opts, grad_h=True, grad_w=True, grad_b=True)
-    got = fused.fused_backward(*args, config=cfg, **kw)
-    again = fused.fused_backward(*args, config=cfg, **kw)
+    got = lce_fused_bwd.fused_backward(*args, config=cfg, **kw)
+    again = lce_fused_bwd.fused_backward(*args, config=cfg, **kw)
     for name, g, a in zip(("dh", "dW", "db"), got, again):
         assert torch.equal(g, a), f"{name}: two staged runs differ"
 
@@ -253,10 +256,10 @@ def test_staged_compact_h_is_the_same_sum(dtype):
     """stage_compact_h: the dW GEMM reads a slot-ordered copy of the labeled rows instead of
     gathering them; the same products in the same order, so bitwise the same gradients."""
     args, opts = _stage_inputs(dtype)
-    cfg = dataclasses.replace(fused.INTERPRETER_CONFIG, backward="staged")
+    cfg = dataclasses.replace(fused_config.INTERPRETER_CONFIG, backward="staged")
     kw = dict(opts, grad_b=True)
-    want = fused.fused_backward(*args, config=cfg, **kw)
-    got = fused.fused_backward(*args, config=dataclasses.replace(cfg, stage_compact_h=True), **kw)
+    want = lce_fused_bwd.fused_backward(*args, config=cfg, **kw)
+    got = lce_fused_bwd.fused_backward(*args, config=dataclasses.replace(cfg, stage_compact_h=True), **kw)
     for name, g, w_ in zip(("dh", "dW", "db"), got, want):
         assert torch.equal(g, w_), name
 
@@ -265,9 +268,9 @@ def test_staged_outputs_use_the_operand_dtypes():
     """The staged backward writes dW / db once, in the weight's / bias's dtype (no float32 (V, D)
     buffer and cast); dh accumulates over chunks in float32."""
     args, opts = _stage_inputs(torch.bfloat16)
-    dh, dw, db = fused.fused_backward(*args, **opts, grad_b=True, deterministic=True)
+    dh, dw, db = lce_fused_bwd.fused_backward(*args, **opts, grad_b=True, deterministic=True)
     assert (dh.dtype, dw.dtype, db.dtype) == (torch.float32, torch.bfloat16, torch.bfloat16)
-    dh0, dw0, db0 = fused.fused_backward(*args, **opts, grad_b=True, deterministic=False)
+    dh0, dw0, db0 = lce_fused_bwd.fused_backward(*args, **opts, grad_b=True, deterministic=False)
 
     # G is rounded to bf16 before the products in both designs (the GEMM operand on a GPU; the
     # interpreter's atomic kernel keeps it float32): agreement to a few bf16 ulps of each entry, with
@@ -287,7 +290,7 @@ def test_staged_outputs_use_the_operand_dtypes():
 
 
 def test_fused_config_errors():
-    cfg = fused.INTERPRETER_CONFIG
+    cfg = fused_config.INTERPRETER_CONFIG
     with pytest.raises(ValueError, match="^fused_config: backward"):
         dataclasses.replace(cfg, backward="ordered")
     with pytest.raises(ValueError, match="^fused_config: stage_gemm"):
@@ -297,7 +300,7 @@ def test_fused_config_errors():
     with pytest.raises(ValueError, match="^fused_config: stage_bytes.*stage_min_cols"):
         dataclasses.replace(cfg, stage_min_cols=-1)
     with pytest.raises(ValueError, match=r"^fused_config: stage.BK \(64\) must divide bwd.BV \(32\)"):
-        dataclasses.replace(cfg, bwd=fused.Tiles(BM=16, BV=32, BK=32), stage=fused.Tiles(BM=16, BV=32, BK=64))
+        dataclasses.replace(cfg, bwd=fused_config.Tiles(BM=16, BV=32, BK=32), stage=fused_config.Tiles(BM=16, BV=32, BK=64))
     with pytest.raises(ValueError, match="^fused_config: backward='atomic'.*deterministic"):
         dataclasses.replace(cfg, backward="atomic").backward_design(True)
     assert cfg.backward_design(True) == "staged" and cfg.backward_design(False) == "atomic"
@@ -309,7 +312,7 @@ def test_fused_config_errors():
 def test_stage_columns_rule(N, V, esize):
     """Chunk width: a multiple of every tile stepping through it, within stage_bytes unless one
     tile of columns is already over, never past the vocabulary rounded up to that tile."""
-    for cfg in (fused.CUDA_CONFIGS["half"], fused.CUDA_CONFIGS["fp32"], fused.INTERPRETER_CONFIG):
+    for cfg in (fused_config.CUDA_CONFIGS["half"], fused_config.CUDA_CONFIGS["fp32"], fused_config.INTERPRETER_CONFIG):
         align = max(cfg.bwd.BV, cfg.stage.BV, cfg.stage.BK)
         v_up = -(-V // align) * align
         floor = max(align, min(cfg.stage_min_cols // align * align, v_up))
@@ -318,15 +321,15 @@ def test_stage_columns_rule(N, V, esize):
         assert N * vc * esize <= cfg.stage_bytes or vc == floor
         if vc + align <= v_up:  # a wider chunk would break the budget
             assert N * (vc + align) * esize > cfg.stage_bytes
-    half = fused.CUDA_CONFIGS["half"]
+    half = fused_config.CUDA_CONFIGS["half"]
     # the target shape (README): 2048-entry chunks of a 64 MiB bf16 G; N = 10^6: still 2048, not 128
     assert half.stage_columns(16384, 151936, 2) == 2048 and half.stage_columns(10**6, 151936, 2) == 2048
 
 
 def test_deterministic_default_follows_torch_flag(monkeypatch):
     seen = []
-    real = fused.fused_backward
-    monkeypatch.setattr(fused, "fused_backward", lambda *a, **k: seen.append(k["deterministic"]) or real(*a, **k))
+    real = lce_fused_bwd.fused_backward
+    monkeypatch.setattr(lce_fused_bwd, "fused_backward", lambda *a, **k: seen.append(k["deterministic"]) or real(*a, **k))
     h = torch.randn(5, 16, device=DEVICE, requires_grad=True)
     w = torch.randn(40, 16, device=DEVICE, requires_grad=True)
     t = torch.randint(0, 40, (5,), device=DEVICE)
@@ -341,27 +344,27 @@ def test_deterministic_default_follows_torch_flag(monkeypatch):
 
 
 def test_deterministic_guard(monkeypatch):
-    """ops/fused.py: on CUDA the deterministic backward needs DVSFT_FUSED_DETERMINISTIC=1 until a GPU
+    """ops/backends/fused.py: on CUDA the deterministic backward needs DVSFT_FUSED_DETERMINISTIC=1 until a GPU
     run verifies their fix; without it a deterministic request is a ValueError naming the option
     and the alternatives, raised at the call (not in the backward)."""
     monkeypatch.delenv("DVSFT_FUSED_DETERMINISTIC", raising=False)
     cuda = torch.device("cuda")
     with pytest.raises(ValueError, match=r"^deterministic\b.*impl='chunked'"):
-        fused.check_deterministic(True, cuda)
-    fused.check_deterministic(False, cuda)
-    fused.check_deterministic(True, torch.device("cpu"))  # the interpreter runs them
+        fused_backend.check_deterministic(True, cuda)
+    fused_backend.check_deterministic(False, cuda)
+    fused_backend.check_deterministic(True, torch.device("cpu"))  # the interpreter runs them
     monkeypatch.setenv("DVSFT_FUSED_DETERMINISTIC", "1")
-    fused.check_deterministic(True, cuda)
+    fused_backend.check_deterministic(True, cuda)
     if torch.cuda.is_available():
         monkeypatch.delenv("DVSFT_FUSED_DETERMINISTIC")
         h = torch.randn(5, 16, device="cuda", requires_grad=True)
         w = torch.randn(40, 16, device="cuda")
         t = torch.randint(0, 40, (5,), device="cuda")
         with pytest.raises(ValueError, match="^deterministic"):
-            linear_cross_entropy_with_stats(h, w, t, impl="fused", deterministic=True)
+            lce_stats(h, w, t, impl="fused", deterministic=True)
         with torch.no_grad():  # no backward, nothing to refuse
-            linear_cross_entropy_with_stats(h, w, t, impl="fused", deterministic=True)
-        linear_cross_entropy_with_stats(h, w, t, impl="fused").loss.backward()
+            lce_stats(h, w, t, impl="fused", deterministic=True)
+        lce_stats(h, w, t, impl="fused").loss.backward()
 
 
 # ---------------------------------------------------------------- filtering
@@ -395,13 +398,13 @@ def test_filtering_error_within_bound(kind, deterministic):
     TAU / n_vt max|h| sum_i |s_i|, |db_v - db_v(unfiltered)| <= TAU / n_vt sum_i |s_i| (n_vt:
     vocabulary tiles of the backward kernel)."""
     h, w, b, t, s = (x.to(DEVICE) for x in _filter_case(kind))
-    idx, count = fused.build_index(t, -100)
-    _, _, _, stat = fused.fused_forward(h, w, b, t, idx, count)
+    idx, count = fused_backend.build_index(t, -100)
+    _, _, _, stat = lce_fused_fwd.fused_forward(h, w, b, t, idx, count)
     kw = {"grad_h": True, "grad_w": True, "grad_b": True, "deterministic": deterministic}
-    dh0, dw0, db0 = fused.fused_backward(h, w, b, t, idx, count, stat, s, **kw)
-    dh1, dw1, db1 = fused.fused_backward(h, w, b, t, idx, count, stat, s, grad_filter=True, **kw)
-    tau = fused.FILTER_TAU[torch.bfloat16]
-    cfg = fused.default_config(h.device, torch.bfloat16).bwd  # the tiles this device runs
+    dh0, dw0, db0 = lce_fused_bwd.fused_backward(h, w, b, t, idx, count, stat, s, **kw)
+    dh1, dw1, db1 = lce_fused_bwd.fused_backward(h, w, b, t, idx, count, stat, s, grad_filter=True, **kw)
+    tau = fused_config.FILTER_TAU[torch.bfloat16]
+    cfg = fused_config.default_config(h.device, torch.bfloat16).bwd  # the tiles this device runs
     n_vt = -(-w.shape[0] // cfg.BV)
     slack = 1e-6  # float32 accumulation-order differences
     err_h = (dh1 - dh0).abs().max(dim=1).values.cpu()
@@ -425,9 +428,9 @@ def test_filtering_error_within_bound(kind, deterministic):
 def test_grad_filter_needs_fused():
     h, w, t = torch.randn(4, 8), torch.randn(11, 8), torch.randint(0, 11, (4,))
     with pytest.raises(ValueError, match="^grad_filter"):
-        linear_cross_entropy_with_stats(h, w, t, impl="torch", grad_filter=True)
+        lce_stats(h, w, t, impl="torch", grad_filter=True)
     with pytest.raises(ValueError, match="^deterministic"):
-        linear_cross_entropy_with_stats(h, w, t, impl="torch", deterministic=1)
+        lce_stats(h, w, t, impl="torch", deterministic=1)
 
 
 # ---------------------------------------------------------------- edge cases
@@ -459,7 +462,7 @@ def test_target_out_of_range_is_nan_without_a_host_sync():
     t[3] = case.weight.shape[0]  # == V
     t[5] = -7
     h = case.hidden.float().to(DEVICE).requires_grad_()
-    out = linear_cross_entropy_with_stats(h, case.weight.float().to(DEVICE), t.to(DEVICE), reduction="none",
+    out = lce_stats(h, case.weight.float().to(DEVICE), t.to(DEVICE), reduction="none",
                                           impl="fused")
     bad = torch.zeros(9, dtype=torch.bool)
     bad[[3, 5]] = True
@@ -520,10 +523,10 @@ def test_no_logit_sized_allocation(deterministic, monkeypatch):
     t = torch.randint(0, v, (n,), generator=g).to(DEVICE)
     rec = AllocationRecorder()
     with rec:
-        linear_cross_entropy_with_stats(h, w, t, b, softcap=3.0, label_smoothing=0.1, impl="fused",
+        lce_stats(h, w, t, b, softcap=3.0, label_smoothing=0.1, impl="fused",
                                         deterministic=deterministic).loss.backward()
-    cfg = fused.default_config(h.device, h.dtype)
-    entries, _, _ = fused.partial_entries(n, v, cfg, fused._target_programs(cfg, h.device),
+    cfg = fused_config.default_config(h.device, h.dtype)
+    entries, _, _ = fused_config.partial_entries(n, v, cfg, fused_config.target_programs(cfg, h.device),
                                           cfg.fwd_tiles(True, True))
     gradients = {(n, d), (v, d), (v,)}
     vc = cfg.stage_columns(n, v, 2)
@@ -564,14 +567,14 @@ def test_cuda_graph_capture(deterministic, monkeypatch):
 
     def step():
         h.grad = w.grad = None
-        loss = linear_cross_entropy_with_stats(h, w, t, impl="auto", deterministic=deterministic).loss
+        loss = lce_stats(h, w, t, impl="auto", deterministic=deterministic).loss
         loss.backward()
         return loss
 
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        linear_cross_entropy_with_stats(h, w, t, impl="fused", deterministic=deterministic).loss.backward()
+        lce_stats(h, w, t, impl="fused", deterministic=deterministic).loss.backward()
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -615,7 +618,7 @@ def test_cuda_many_tiles_match_spec(options, impl, deterministic, monkeypatch):
         use_config(monkeypatch, stage_bytes=1100 * 1024 * 2, stage_min_cols=0,
                    stage_gemm="torch" if deterministic == "torch_gemm" else "triton")
     for dtype in (torch.bfloat16, torch.float32):
-        check_against_spec(case, dtype, lambda *a, **k: linear_cross_entropy_with_stats(
+        check_against_spec(case, dtype, lambda *a, **k: lce_stats(
             *a, **k, impl=impl, **extra).loss)
 
 
@@ -632,7 +635,7 @@ def test_cuda_aligned_tiles_match_spec(deterministic, monkeypatch):
     extra = {"deterministic": True} if deterministic else {}
     if deterministic:
         use_config(monkeypatch, stage_bytes=1, stage_gemm="torch" if deterministic == "torch_gemm" else "triton")
-        assert fused.default_config(torch.device("cuda"), torch.bfloat16).stage_columns(1024, 4096, 2) == 2048
+        assert fused_config.default_config(torch.device("cuda"), torch.bfloat16).stage_columns(1024, 4096, 2) == 2048
     for dtype in (torch.bfloat16, torch.float32):
-        check_against_spec(case, dtype, lambda *a, **k: linear_cross_entropy_with_stats(
+        check_against_spec(case, dtype, lambda *a, **k: lce_stats(
             *a, **k, impl="fused", **extra).loss)

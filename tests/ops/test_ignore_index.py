@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from dvsft_kernels import linear_cross_entropy
-from dvsft_kernels.ops.function import linear_cross_entropy_with_stats
 from dvsft_kernels.ops.naive import naive_linear_cross_entropy
+from tests.ops.cases import lce_stats
 
 N, D, V = 19, 24, 101
 TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
@@ -91,7 +91,7 @@ def test_matches_spec(impl, ignore_index, reduction, options):
 def test_stats_are_zero_at_ignored_positions(impl):
     _skip_without_triton(impl)
     h64, w64, _, t, _, _ = _inputs(7, {})
-    out = linear_cross_entropy_with_stats(h64.float(), w64.float(), t, ignore_index=7, impl=impl)
+    out = lce_stats(h64.float(), w64.float(), t, ignore_index=7, impl=impl)
     _, lse, correct = naive_linear_cross_entropy(h64, w64, t, ignore_index=7, return_stats=True)
     ignored = t == 7
     assert not out.correct[ignored].any() and out.lse[ignored].abs().max() == 0

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dvsft_kernels import linear_cross_entropy
-from dvsft_kernels.ops.function import linear_cross_entropy_with_stats
 from dvsft_kernels.ops.naive import naive_linear_cross_entropy
+from tests.ops.cases import lce_stats
 
 from .cases import OPTION_SETS, check_against_spec, make_case, reference, run, to_device
 from .errors import assert_error_rule
@@ -21,7 +21,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 def torch_impl(chunk_rows=None):
     def fn(*a, **k):
-        return linear_cross_entropy_with_stats(*a, **k, impl="torch", chunk_rows=chunk_rows).loss
+        return lce_stats(*a, **k, impl="torch", chunk_rows=chunk_rows).loss
     return fn
 
 
@@ -53,7 +53,7 @@ def test_stats_match_spec():
     top = (case.hidden @ case.weight.T + case.bias).argmax(-1)
     pick = (case.targets != -100) & (torch.arange(case.targets.numel()).reshape(case.targets.shape) % 3 == 0)
     case.targets[pick] = top[pick]
-    out = linear_cross_entropy_with_stats(case.hidden.float(), case.weight.float(), case.targets,
+    out = lce_stats(case.hidden.float(), case.weight.float(), case.targets,
                                           case.bias.float(), softcap=4.0, impl="torch", chunk_rows=8)
     _, lse, correct = naive_linear_cross_entropy(case.hidden, case.weight, case.targets, case.bias,
                                                  softcap=4.0, return_stats=True)
@@ -73,7 +73,7 @@ def test_argmax_accuracy_counts_correct_rows():
     targets = torch.arange(20) % D
     hidden[torch.arange(20), targets] = 1.0
     targets[10:] = (targets[10:] + 1) % D
-    out = linear_cross_entropy_with_stats(hidden, weight, targets, impl="torch")
+    out = lce_stats(hidden, weight, targets, impl="torch")
     assert out.correct[:10].all() and not out.correct[10:].any()
 
 
@@ -280,7 +280,7 @@ def test_chunked_impl_matches_spec(dtype, reduction, options, ignore_frac):
                                 reduction=reduction, seed=11))
 
     def fn(*a, **k):
-        return linear_cross_entropy_with_stats(*a, **k, impl="chunked", chunk_rows=16).loss
+        return lce_stats(*a, **k, impl="chunked", chunk_rows=16).loss
 
     check_against_spec(case, dtype, fn)
 
@@ -290,8 +290,8 @@ def test_chunked_impl_matches_spec(dtype, reduction, options, ignore_frac):
 def test_chunked_stats_match_torch_impl():
     case = _on_device(make_case(lead=(29,), options={"softcap": 4.0}, seed=5))
     args = (case.hidden.float(), case.weight.float(), case.targets)
-    a = linear_cross_entropy_with_stats(*args, softcap=4.0, impl="chunked", chunk_rows=8)
-    b = linear_cross_entropy_with_stats(*args, softcap=4.0, impl="torch", chunk_rows=8)
+    a = lce_stats(*args, softcap=4.0, impl="chunked", chunk_rows=8)
+    b = lce_stats(*args, softcap=4.0, impl="torch", chunk_rows=8)
     torch.testing.assert_close(a.lse, b.lse, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(a.row_loss, b.row_loss, rtol=1e-5, atol=1e-5)
     assert torch.equal(a.correct, b.correct)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dvsft_kernels.ops.function import linear_cross_entropy_with_stats
-from dvsft_kernels.ops.torch_impl import release_workspace
+from dvsft_kernels.ops.gemm import release_workspace
+from tests.ops.cases import lce_stats
 
 from ..memory import AllocationRecorder
 
@@ -41,7 +41,7 @@ def test_no_tensor_larger_than_a_chunk_or_a_parameter(options, reduction, bias):
     h, w, b, t, _ = inputs(1.0, bias=bias)
     rec = AllocationRecorder()
     with rec:
-        out = linear_cross_entropy_with_stats(h, w, t, b, reduction=reduction, impl="torch", chunk_rows=CHUNK,
+        out = lce_stats(h, w, t, b, reduction=reduction, impl="torch", chunk_rows=CHUNK,
                                               **options)
         out.loss.sum().backward()
     # the largest legitimate tensors: one chunk of logits, a weight-sized gradient
@@ -60,7 +60,7 @@ def test_work_and_allocations_scale_with_labeled_rows():
         with FlopCounterMode(display=False) as fc, rec:
             # default chunking: the budget allows all N rows in one chunk, so the logits buffer is
             # sized by the labeled rows alone
-            linear_cross_entropy_with_stats(h, w, t, impl="torch").loss.backward()
+            lce_stats(h, w, t, impl="torch").loss.backward()
         res[frac] = (fc.get_total_flops(), n_lab, rec)
         # nothing larger than the labeled rows' logits or a weight-sized gradient
         assert rec.largest <= max(n_lab * V, V * D), f"frac {frac}: {rec.largest_op()} for {n_lab} labeled rows"
@@ -87,7 +87,7 @@ def test_chunked_impl_bounded_by_its_chunk(dtype):
     t = torch.randint(0, v, (n,), generator=g).to(dev)
     rec = AllocationRecorder()
     with rec:
-        linear_cross_entropy_with_stats(h, w, t, impl="chunked", chunk_rows=chunk, softcap=3.0).loss.backward()
+        lce_stats(h, w, t, impl="chunked", chunk_rows=chunk, softcap=3.0).loss.backward()
     assert rec.largest <= max(chunk * v, v * d), f"{rec.largest_op()}"
     # live at once: the float32 chunk and its gradient copy, a few weight-sized float32 buffers
     # (dW, its scaled result, the float32 copy of a half weight), a few row-sized ones
@@ -100,14 +100,14 @@ def test_workspace_is_reused_and_released():
     import weakref
 
     h, w, _, t, _ = inputs(1.0)
-    linear_cross_entropy_with_stats(h.detach(), w.detach(), t, impl="torch", chunk_rows=CHUNK)
+    lce_stats(h.detach(), w.detach(), t, impl="torch", chunk_rows=CHUNK)
     rec = AllocationRecorder()
     with rec:  # second call: the chunk buffer is not allocated again
-        linear_cross_entropy_with_stats(h.detach(), w.detach(), t, impl="torch", chunk_rows=CHUNK)
+        lce_stats(h.detach(), w.detach(), t, impl="torch", chunk_rows=CHUNK)
     assert rec.largest < CHUNK * V, rec.largest_op()
-    from dvsft_kernels.ops import torch_impl
+    from dvsft_kernels.ops import gemm
 
-    ref = weakref.ref(torch_impl._workspace.buf0)
+    ref = weakref.ref(gemm.workspace_buffer(0))
     release_workspace()
     gc.collect()
     assert ref() is None
@@ -120,8 +120,8 @@ def test_no_grad_forward_does_only_the_projection(reduction):
     mode), and returns the same loss as with gradients on."""
     h, w, _, t, n_lab = inputs(0.5)
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        loss = linear_cross_entropy_with_stats(h, w, t, reduction=reduction, impl="torch").loss
+        loss = lce_stats(h, w, t, reduction=reduction, impl="torch").loss
     assert fc.get_total_flops() == 2 * n_lab * D * V
     assert not loss.requires_grad
-    torch.testing.assert_close(loss, linear_cross_entropy_with_stats(h, w, t, reduction=reduction,
+    torch.testing.assert_close(loss, lce_stats(h, w, t, reduction=reduction,
                                                                       impl="torch").loss.detach())

@@ -102,14 +102,14 @@ def test_sanitizer_error_type_survives_the_interpreter():
 # ---- the package's kernels ------------------------------------------------------------------
 # backward design -> (FusedConfig fields, fused kwargs, kernels that must have run)
 _DESIGNS = {
-    "atomic": ({}, {}, {"_lce_bwd_kernel"}),
-    "atomic_filter": ({}, {"grad_filter": True}, {"_lce_bwd_kernel"}),
-    "staged": ({}, {"deterministic": True}, {"_lce_stage_g_kernel", "_lce_stage_dw_kernel", "_lce_stage_dh_kernel"}),
+    "atomic": ({}, {}, {"lce_bwd_kernel"}),
+    "atomic_filter": ({}, {"grad_filter": True}, {"lce_bwd_kernel"}),
+    "staged": ({}, {"deterministic": True}, {"lce_stage_g_kernel", "lce_stage_dw_kernel", "lce_stage_dh_kernel"}),
     "staged_compact_h": ({"stage_compact_h": True}, {"deterministic": True},
-                         {"_lce_stage_g_kernel", "_lce_stage_dw_kernel", "_lce_stage_dh_kernel"}),
-    "staged_torch_gemm": ({"stage_gemm": "torch"}, {"deterministic": True}, {"_lce_stage_g_kernel"}),
+                         {"lce_stage_g_kernel", "lce_stage_dw_kernel", "lce_stage_dh_kernel"}),
+    "staged_torch_gemm": ({"stage_gemm": "torch"}, {"deterministic": True}, {"lce_stage_g_kernel"}),
 }
-_FWD = {"_lce_fwd_kernel", "_lce_fwd_combine_kernel"}
+_FWD = {"lce_fwd_kernel", "lce_fwd_combine_kernel"}
 
 
 @MASKED_LANES
@@ -131,15 +131,15 @@ def test_fused_kernels_stay_in_bounds_and_race_free(design, dtype, options, monk
 @MASKED_LANES
 @pytest.mark.parametrize("options", ["plain", "all"])
 def test_chunked_kernel_stays_in_bounds_and_race_free(options):
-    from dvsft_kernels.ops.function import linear_cross_entropy_with_stats
+    from .cases import lce_stats
 
     def chunked(*a, **k):
-        return linear_cross_entropy_with_stats(*a, **k, impl="chunked", chunk_rows=16).loss
+        return lce_stats(*a, **k, impl="chunked", chunk_rows=16).loss
 
     case = make_case(lead=(2, 37), options=OPTION_SETS[options], reduction="mean", seed=6)
     with KernelSanitizer() as san:
         check_against_spec(case, torch.bfloat16, chunked)
-    assert san.launches["_ce_chunk_kernel"] >= 2, san.launches
+    assert san.launches["ce_chunk_kernel"] >= 2, san.launches
 
 
 # (rows, D, V, ignored fraction): ragged (partial row, K, D and last-chunk tiles: 552 entries) and
@@ -156,14 +156,14 @@ def test_fused_kernels_with_the_sm90_tiles(design, dtype, shape, monkeypatch):
     # the CUDA configs' tiles (128-row, 128-256-entry tiles, BD 128 / 64) and chunk width (2048)
     # run by the interpreter: tile-size relations (BK dividing BV, G written up to a BV multiple past
     # the last chunk's end, partial D and row tiles) are checked as the GPU will run them
-    from dvsft_kernels.ops import fused
+    from dvsft_kernels.ops.kernels import fused_config
 
     n, D, V, ignore = _SM90_SHAPES[shape]
     fields, kwargs, kernels = _DESIGNS[design]
-    base = fused.CUDA_CONFIGS["fp32" if dtype == torch.float32 else "half"]
+    base = fused_config.CUDA_CONFIGS["fp32" if dtype == torch.float32 else "half"]
     config = dataclasses.replace(base, target_programs=8, stage_bytes=1, **fields)
     assert config.stage_columns(n, V, 2) == 2048  # two chunks
-    monkeypatch.setattr(fused, "default_config", lambda dev, dt: config)
+    monkeypatch.setattr(fused_config, "default_config", lambda dev, dt: config)
     case = make_case(lead=(1, n), D=D, V=V, ignore_frac=ignore, options=OPTION_SETS["all"], reduction="mean",
                      seed=7)
     with KernelSanitizer() as san:

@@ -7,7 +7,7 @@ its target. All math is float32:
     lse  = logsumexp_j y_j
     loss = (1 - eps) (lse - y_t) + eps (lse - mean_j y_j) + zl lse^2
     G_ij = s_i [p_ij (1 + 2 zl lse) - (1 - eps) [j == t] - eps / V] (1 - tanh^2(x_ij / softcap))
-    correct_i = argmax_j y_j == t_i                (first index on ties, as torch.argmax)
+    pred_i = argmax_j y_j                          (first index on ties, as torch.argmax)
 
 with p = softmax(y) and s_i the row scale (the loss is not scaled). One program per row sweeps
 the vocabulary twice in tiles of BLOCK_V: sweep 1 keeps, per thread, an online max / sum-exp, the
@@ -18,41 +18,23 @@ n = 16384, V = 151936 on an H100: ~8.3 ms at 3 TB/s with a bf16 G. Derivation, b
 choice, instruction counts: README.md beside this file.
 """
 
+import torch
 import triton
 import triton.language as tl
 
-# Below this |u| tanh(u) comes from its odd Taylor polynomial (degree 9, <= 1.3 ulp): the
-# exp form (1 - e) / (1 + e) cancels there (~60 ulps at u = 0.01). Above it the exp form is
-# <= ~4 ulps and never overflows, since e = exp(-2|u|) lies in [0, 1].
-TANH_POLY_MAX = tl.constexpr(0.3)
-MINUS_2_LOG2E = tl.constexpr(-2.8853900817779268)  # -2 / ln 2: exp(-2a) = exp2(a * this)
+from dvsft_kernels.ops.kernels.common import softcap_tanh
+from dvsft_kernels.ops.options import interpreting
 
 
 @triton.jit
-def _softcap(x, softcap, inv_cap):
-    """y = softcap * tanh(u) and dy/dx = 1 - tanh(u)^2, u = x / softcap, from exp2 only (libdevice
-    is unavailable in the interpreter). sech^2 = 4 e / (1 + e)^2 keeps its relative accuracy
-    where tanh^2 rounds to 1."""
-    u = x * inv_cap  # one multiply per element instead of a division
-    a = tl.abs(u)
-    e = tl.exp2(a * MINUS_2_LOG2E)  # exp(-2 |u|) in [0, 1]
-    r = 1.0 / (1.0 + e)
-    u2 = u * u
-    poly = u * (1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0 + u2 * (-17.0 / 315.0 + u2 * (62.0 / 2835.0)))))
-    t_exp = (1.0 - e) * r
-    t = tl.where(a < TANH_POLY_MAX, poly, tl.where(u < 0, -t_exp, t_exp))
-    return softcap * t, 4.0 * e * r * r
-
-
-@triton.jit
-def _ce_chunk_kernel(
+def ce_chunk_kernel(
     x_ptr,  # [M, V] float32 logits, unit stride along V
     t_ptr,  # [M] int32/int64 targets, all in [0, V)
     s_ptr,  # [M] float32 row scales (read only if HAS_SCALE)
     g_ptr,  # [M, V] gradient output (x_ptr itself when in place); float32 / bf16 / fp16
     loss_ptr,  # [M] float32
     lse_ptr,  # [M] float32
-    correct_ptr,  # [M] int8 (0/1)
+    pred_ptr,  # [M] int32 first argmax of y
     V,
     stride_xm,
     stride_gm,
@@ -88,7 +70,7 @@ def _ce_chunk_kernel(
         m_j = o_j < V
         b_x = tl.load(p_x + o_j, mask=m_j, other=0.0)  # [R, L, 4]
         if HAS_SOFTCAP:
-            b_y, _ = _softcap(b_x, softcap, inv_cap)
+            b_y, _ = softcap_tanh(b_x, softcap, inv_cap)
         else:
             b_y = b_x
         b_y = tl.where(m_j, b_y, float("-inf"))
@@ -116,7 +98,7 @@ def _ce_chunk_kernel(
     # y_t from the same formula on the same x, so it equals the y_t seen by the sweep.
     b_xt = tl.load(p_x + i_t)
     if HAS_SOFTCAP:
-        b_yt, _ = _softcap(b_xt, softcap, inv_cap)
+        b_yt, _ = softcap_tanh(b_xt, softcap, inv_cap)
     else:
         b_yt = b_xt
     b_loss = (b_mx - b_yt) + b_logs
@@ -125,7 +107,7 @@ def _ce_chunk_kernel(
     b_loss += zl * b_lse * b_lse
     tl.store(loss_ptr + i_m, b_loss)
     tl.store(lse_ptr + i_m, b_lse)
-    tl.store(correct_ptr + i_m, (b_argmax == i_t).to(tl.int8))
+    tl.store(pred_ptr + i_m, b_argmax)
 
     if COMPUTE_GRAD:
         # G = a exp(y - M) - c - d [j == t] (times sech^2 under softcap): the row scale, 1 / S,
@@ -144,7 +126,7 @@ def _ce_chunk_kernel(
             m_j = o_j < V
             b_x = tl.load(p_x + o_j, mask=m_j, other=0.0)  # [BV]
             if HAS_SOFTCAP:
-                b_y, b_sech2 = _softcap(b_x, softcap, inv_cap)
+                b_y, b_sech2 = softcap_tanh(b_x, softcap, inv_cap)
             else:
                 b_y = b_x
             b_g = b_a * tl.exp(b_y - b_mx) - b_c
@@ -154,17 +136,129 @@ def _ce_chunk_kernel(
             tl.store(p_g + o_j, b_g.to(g_ptr.dtype.element_ty), mask=m_j)
 
 
+# ------------------------------------------------------------------ launcher
+# Vocabulary tile of the CE chunk kernel: 32 lanes x num_warps threads, 8 float32 (two 16-byte
+# loads) per thread at the largest tile, 8 KB per program per tile. At 32-48 registers an H100 SM
+# holds 5-8 such programs, above the ~20 KB in flight that 3 TB/s x ~1 us / 132 SMs needs; larger
+# tiles buy no bandwidth. README.md has the byte model.
+CE_MAX_BLOCK_V = 2048
+_GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name}: on {t.device}, expected {device} (the device of x)")
+
+
+def ce_chunk_config(V: int, block_v: int | None = None) -> tuple[int, int, int]:
+    """(BLOCK_V, LANES, num_warps) for a vocabulary of V. BLOCK_V: the next power of two of V,
+    clamped to [16, CE_MAX_BLOCK_V] (or `block_v`); one warp per 256 elements of the tile, 1 to 8
+    warps; LANES, the threads that split a tile in sweep 1, owning 8 elements each (4 when the tile
+    is smaller than one warp's 128)."""
+    if block_v is None:
+        block_v = min(CE_MAX_BLOCK_V, max(16, triton.next_power_of_2(V)))
+    elif block_v < 4 or block_v & (block_v - 1):
+        raise ValueError(f"block_v: must be a power of two >= 4, got {block_v}")
+    num_warps = max(1, min(8, block_v // 256))
+    return block_v, min(32 * num_warps, block_v // 4), num_warps
+
+
+def ce_chunk(
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    row_scale: torch.Tensor | None = None,
+    *,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    compute_grad: bool = True,
+    grad_out: torch.Tensor | None = None,
+    block_v: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row CE of the float32 logits `x` (m, V) against `targets` (m,), and its gradient.
+
+    Returns (loss, lse, predicted): float32 (m,), float32 (m,), int32 (m,). `loss` is the
+    unscaled per-row ce + z_loss * lse**2 (the math is in this module's docstring); `lse` is of
+    the softcapped logits; `predicted` is the first argmax of the softcapped logits.
+
+    With compute_grad, G = row_scale[:, None] * dloss/dx (row_scale None = 1) is written into
+    `grad_out` ((m, V), float32 / bfloat16 / float16, unit stride on V), or over `x` itself when
+    grad_out is None (or is x); grad_out must not otherwise overlap x. Without compute_grad x is
+    only read and grad_out must be None.
+
+    Targets must lie in [0, V): they are not checked (that would sync the host); the caller
+    compacts ignored rows away first. `block_v` (a power of two) overrides the tile rule of
+    `ce_chunk_config`, for tests and tuning.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype != torch.float32:
+        raise ValueError(f"x: expected a 2-D float32 tensor, got {getattr(x, 'dtype', type(x))} "
+                         f"of shape {tuple(getattr(x, 'shape', ()))}")
+    m, V = x.shape
+    if not 0 < V < 2**31:
+        raise ValueError(f"x: vocabulary size {V} outside [1, 2^31)")
+    if V > 1 and x.stride(1) != 1:
+        raise ValueError(f"x: needs unit stride along V, got strides {x.stride()}")
+    device = x.device
+    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+        raise ValueError(f"x: on {device}; ce_chunk needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1")
+    if targets.shape != (m,) or targets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"targets: expected int32/int64 of shape ({m},), got {targets.dtype} {tuple(targets.shape)}")
+    _check_device("targets", targets, device)
+    if row_scale is not None:
+        if row_scale.shape != (m,) or not row_scale.is_floating_point():
+            raise ValueError(f"row_scale: expected a float tensor of shape ({m},), got "
+                             f"{row_scale.dtype} {tuple(row_scale.shape)}")
+        _check_device("row_scale", row_scale, device)
+    if label_smoothing < 0 or label_smoothing > 1:
+        raise ValueError(f"label_smoothing: must be in [0, 1], got {label_smoothing}")
+    if z_loss < 0:
+        raise ValueError(f"z_loss: must be >= 0, got {z_loss}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap: must be > 0 or None, got {softcap}")
+    if grad_out is not None and grad_out.data_ptr() == x.data_ptr() and grad_out.stride() == x.stride():
+        grad_out = None  # x itself: in place
+    if grad_out is not None:
+        if not compute_grad:
+            raise ValueError("grad_out: given with compute_grad=False")
+        if grad_out.shape != x.shape or grad_out.dtype not in _GRAD_DTYPES or (V > 1 and grad_out.stride(1) != 1):
+            raise ValueError(f"grad_out: expected ({m}, {V}) float32/bfloat16/float16 with unit stride on V, got "
+                             f"{grad_out.dtype} {tuple(grad_out.shape)} strides {grad_out.stride()}")
+        _check_device("grad_out", grad_out, device)
+    block_v, lanes, num_warps = ce_chunk_config(V, block_v)
+
+    loss = torch.empty(m, dtype=torch.float32, device=device)
+    lse = torch.empty(m, dtype=torch.float32, device=device)
+    predicted = torch.empty(m, dtype=torch.int32, device=device)
+    if m == 0:
+        return loss, lse, predicted
+    g = x if grad_out is None else grad_out
+    scale = row_scale.float().contiguous() if row_scale is not None else loss  # dummy when unused
+    ce_chunk_kernel[(m,)](
+        x_ptr=x, t_ptr=targets.contiguous(), s_ptr=scale, g_ptr=g, loss_ptr=loss, lse_ptr=lse, pred_ptr=predicted,
+        V=V, stride_xm=x.stride(0), stride_gm=g.stride(0),
+        eps=float(label_smoothing), zl=float(z_loss), softcap=float(softcap) if softcap is not None else 1.0,
+        HAS_SOFTCAP=softcap is not None,
+        HAS_SMOOTHING=label_smoothing > 0,
+        HAS_SCALE=row_scale is not None and compute_grad,
+        COMPUTE_GRAD=compute_grad,
+        BLOCK_V=block_v,
+        LANES=lanes,
+        num_warps=num_warps,
+    )
+    return loss, lse, predicted
+
+
 def _static_config(name, grad_dtype, has_softcap, block_v, num_warps, compute_grad=True):
-    """One sm_90 compile of `_ce_chunk_kernel` for scripts/kernel_report.py. Types follow the
+    """One sm_90 compile of `ce_chunk_kernel` for scripts/kernel_report.py. Types follow the
     triton.tools.compile convention: ':16' marks an argument the launcher would specialise as
     16-divisible (aligned pointers, strides and V of real vocabularies); integers below 2^31
     are passed as i32, as the launcher does."""
     return {
         "name": name,
-        "kernel": _ce_chunk_kernel,
+        "kernel": ce_chunk_kernel,
         "signature": {
             "x_ptr": "*fp32:16", "t_ptr": "*i64:16", "s_ptr": "*fp32:16", "g_ptr": f"*{grad_dtype}:16",
-            "loss_ptr": "*fp32:16", "lse_ptr": "*fp32:16", "correct_ptr": "*i8:16",
+            "loss_ptr": "*fp32:16", "lse_ptr": "*fp32:16", "pred_ptr": "*i32:16",
             "V": "i32:16", "stride_xm": "i32:16", "stride_gm": "i32:16",
             "eps": "fp32", "zl": "fp32", "softcap": "fp32",
         },
@@ -178,7 +272,7 @@ def _static_config(name, grad_dtype, has_softcap, block_v, num_warps, compute_gr
     }
 
 
-# What launch.ce_chunk compiles for real vocabularies (BLOCK_V 2048, 8 warps) with each switch
+# What ce_chunk compiles for real vocabularies (BLOCK_V 2048, 8 warps) with each switch
 # that changes register pressure, plus the 1024-wide tile of mid-size vocabularies.
 STATIC_CONFIGS = [
     _static_config("ce_chunk/bf16_grad", "bf16", False, 2048, 8),

@@ -10,13 +10,13 @@ dL/d row_loss; 0 for a target outside [0, V)):
     dh_i += sum_j G_ij W_j,   dW_j += sum_i G_ij h_i,   db_j += sum_i G_ij
 
 Two designs (README.md beside this file):
-- atomic (default), `_lce_bwd_kernel`: a program takes one (row tile, vocabulary tile), computes z
+- atomic (default), `lce_bwd_kernel`: a program takes one (row tile, vocabulary tile), computes z
   and G once and adds both products to dh / dW with float32 atomics. 8 n D V FLOPs with the
   forward; the order of the additions varies from run to run (results differ in the last bits).
-- staged (deterministic), per chunk of VC vocabulary entries: `_lce_stage_g_kernel` writes G for
+- staged (deterministic), per chunk of VC vocabulary entries: `lce_stage_g_kernel` writes G for
   every labeled row into a bounded staging buffer (N x VC in the GEMM operand dtype), then
-  `_lce_stage_dw_kernel` forms dW of the chunk's rows as a GEMM over the labeled rows (written once,
-  in the weight's dtype) and `_lce_stage_dh_kernel` adds G W_chunk to dh, each program owning its
+  `lce_stage_dw_kernel` forms dW of the chunk's rows as a GEMM over the labeled rows (written once,
+  in the weight's dtype) and `lce_stage_dh_kernel` adds G W_chunk to dh, each program owning its
   output tile. No atomics, every sum in a fixed order: bitwise repeatable. Also 8 n D V FLOPs; the
   bytes are G written once and read twice plus one float32 read-modify-write of dh per chunk.
 
@@ -25,27 +25,21 @@ TAU |s_i| / n_vt (n_vt = vocabulary tiles): the skipped mass of a row is at most
 so |dh_i error| <= TAU |s_i| max|W| and |dW_j error| <= (TAU / n_vt) max|h| sum_i |s_i|.
 """
 
+import torch
 import triton
 import triton.language as tl
 
-from dvsft_kernels.ops.kernels.ce_chunk import _softcap
-from dvsft_kernels.ops.kernels.lce_fused_fwd import _grouped, _logit_tile, _target32
-
-# sm_90 tiles by operand width (README.md), each the largest that compiles without spills (the
-# static report): a 128 x 128 logit / gradient tile (64 float32 per thread at 8 warps), gradient
-# products in 64-wide slices of D; float32 operands (three TF32 products) take BV 64, BK 32.
-BWD_TILES = {
-    "half": {"BM": 128, "BV": 128, "BK": 64, "BD": 64, "num_warps": 8, "num_stages": 3, "GROUP": 8},
-    "fp32": {"BM": 128, "BV": 64, "BK": 32, "BD": 32, "num_warps": 8, "num_stages": 3, "GROUP": 8},
-}
-# The staged backward's gradient GEMMs (dh: BM rows x BD of D; dW: BV vocabulary entries x BD; K
-# steps of BK), plain GEMM tiles with a float32 accumulator of 64 registers per thread at 8 warps.
-# 5 stages: dW's K steps gather h through idx, and Triton pipelines that load chain 3 deep at 5
-# stages (2 at 3 or 4); dh then keeps 5 W and G tiles in flight (160 KB of shared memory).
-STAGE_TILES = {
-    "half": {"BM": 128, "BV": 128, "BK": 64, "BD": 128, "num_warps": 8, "num_stages": 5, "GROUP": 8},
-    "fp32": {"BM": 128, "BV": 128, "BK": 32, "BD": 64, "num_warps": 8, "num_stages": 5, "GROUP": 8},
-}
+from dvsft_kernels.ops.gemm import accum_f32
+from dvsft_kernels.ops.kernels import fused_config
+from dvsft_kernels.ops.kernels.common import grouped, logit_tile, softcap_tanh, target32
+from dvsft_kernels.ops.kernels.fused_config import (
+    BWD_TILES,
+    FILTER_TAU,
+    STAGE_TILES,
+    FusedConfig,
+    dot_options,
+    strides,
+)
 
 
 @triton.jit
@@ -54,7 +48,7 @@ def _rows(o_j, count, idx_ptr, t_ptr, stat_ptr, s_ptr, N, V):
     is past count or the target is out of range), and the mask of rows that contribute."""
     m_j = o_j < count
     o_pos = tl.load(idx_ptr + o_j, mask=m_j, other=0).to(tl.int64)
-    b_t = _target32(tl.load(t_ptr + o_pos, mask=m_j, other=0), V)
+    b_t = target32(tl.load(t_ptr + o_pos, mask=m_j, other=0), V)
     m_r = m_j & (b_t >= 0)
     b_mx = tl.load(stat_ptr + o_j, mask=m_r, other=0.0)
     b_logs = tl.load(stat_ptr + N + o_j, mask=m_r, other=0.0)
@@ -70,7 +64,7 @@ def _grad_tile(b_z, o_v, m_v, m_r, b_t, b_mx, b_logs, b_s, V, eps, zl, softcap, 
     if HAS_SOFTCAP:
         # keep tanh only (y = softcap t, dy/dz = 1 - t^2): one float32 tile fewer in registers than
         # ce_chunk's sech^2 form; 1 - t^2 is exact to 2^-24 absolute, all G needs
-        b_th, _ = _softcap(b_z, 1.0, inv_cap)
+        b_th, _ = softcap_tanh(b_z, 1.0, inv_cap)
         b_y = softcap * b_th
     else:
         b_y = b_z
@@ -104,7 +98,7 @@ def _gemm_operand(b_g, w_ptr, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _lce_bwd_kernel(
+def lce_bwd_kernel(
     h_ptr, w_ptr, b_ptr, t_ptr, idx_ptr, cnt_ptr,
     stat_ptr,  # [2, N] float32 by slot: M, log S (the forward combine's)
     s_ptr,  # [N] float32 gradient scale by position
@@ -126,12 +120,12 @@ def _lce_bwd_kernel(
     # the grid is sized for the static N: tiles past the labeled count have nothing to add
     if pid >= n_rt * n_vt:
         return
-    i_r, i_v = _grouped(pid, n_rt, n_vt, GROUP)
+    i_r, i_v = grouped(pid, n_rt, n_vt, GROUP)
     o_j = i_r * BM + tl.arange(0, BM)
     m_j, m_r, o_pos, b_t, b_mx, b_logs, b_s = _rows(o_j, count, idx_ptr, t_ptr, stat_ptr, s_ptr, N, V)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
-    b_z = _logit_tile(h_ptr, w_ptr, b_ptr, o_pos, m_j, o_v, m_v, D, stride_hn, stride_hd, stride_wv, stride_wd,
+    b_z = logit_tile(h_ptr, w_ptr, b_ptr, o_pos, m_j, o_v, m_v, D, stride_hn, stride_hd, stride_wv, stride_wd,
                       HAS_BIAS, BM, BV, BK, EVEN_K, DOT_F32, PRECISION)
     b_g = _grad_tile(b_z, o_v, m_v, m_r, b_t, b_mx, b_logs, b_s, V, eps, zl, softcap, 1.0 / softcap,
                      HAS_SOFTCAP, HAS_SMOOTHING)  # [BM, BV]
@@ -174,7 +168,7 @@ def _lce_bwd_kernel(
 
 # ------------------------------------------------------------------ staged (deterministic) backward
 @triton.jit
-def _lce_stage_g_kernel(
+def lce_stage_g_kernel(
     h_ptr, w_ptr, b_ptr, t_ptr, idx_ptr, cnt_ptr, stat_ptr, s_ptr,
     g_ptr,  # [N, VC] staging buffer in the GEMM operand dtype: G of vocabulary v0 + [0, VC) by slot
     # (BY_POSITION: by position, rows of unlabeled positions left as they are, zero)
@@ -195,13 +189,13 @@ def _lce_stage_g_kernel(
     n_ct = tl.cdiv(tl.minimum(VC, V - v0), BV)
     if pid >= n_rt * n_ct:
         return
-    i_r, i_c = _grouped(pid, n_rt, n_ct, GROUP)
+    i_r, i_c = grouped(pid, n_rt, n_ct, GROUP)
     o_j = i_r * BM + tl.arange(0, BM)
     m_j, m_r, o_pos, b_t, b_mx, b_logs, b_s = _rows(o_j, count, idx_ptr, t_ptr, stat_ptr, s_ptr, N, V)
     o_c = i_c * BV + tl.arange(0, BV)  # column in the chunk
     o_v = v0 + o_c
     m_v = o_v < V
-    b_z = _logit_tile(h_ptr, w_ptr, b_ptr, o_pos, m_j, o_v, m_v, D, stride_hn, stride_hd, stride_wv, stride_wd,
+    b_z = logit_tile(h_ptr, w_ptr, b_ptr, o_pos, m_j, o_v, m_v, D, stride_hn, stride_hd, stride_wv, stride_wd,
                       HAS_BIAS, BM, BV, BK, EVEN_K, DOT_F32, PRECISION)
     b_g = _grad_tile(b_z, o_v, m_v, m_r, b_t, b_mx, b_logs, b_s, V, eps, zl, softcap, 1.0 / softcap,
                      HAS_SOFTCAP, HAS_SMOOTHING)  # [BM, BV], 0 past V
@@ -217,7 +211,7 @@ def _lce_stage_g_kernel(
 
 
 @triton.jit
-def _lce_stage_dw_kernel(
+def lce_stage_dw_kernel(
     h_ptr, idx_ptr, cnt_ptr, g_ptr, pdb_ptr,
     dw_ptr,  # [V, D] in the weight's dtype: rows v0 + [0, VC) written here, once
     db_ptr,  # [V] in the bias's dtype (COMPUTE_DB)
@@ -238,7 +232,7 @@ def _lce_stage_dw_kernel(
         n_dt = tl.cdiv(D, BD)
     else:
         n_dt = 1
-    i_c, i_d = _grouped(pid, n_ct, n_dt, GROUP)
+    i_c, i_d = grouped(pid, n_ct, n_dt, GROUP)
     o_c = i_c * BV + tl.arange(0, BV)
     m_c = o_c < vc
     if COMPUTE_DW:
@@ -271,7 +265,7 @@ def _lce_stage_dw_kernel(
 
 
 @triton.jit
-def _lce_stage_dh_kernel(
+def lce_stage_dh_kernel(
     w_ptr, idx_ptr, cnt_ptr, g_ptr,
     dh_ptr,  # [N, D] float32 by position: += this chunk's G W
     v0, V, D, VC,
@@ -288,7 +282,7 @@ def _lce_stage_dh_kernel(
     n_dt = tl.cdiv(D, BD)
     if pid >= n_rt * n_dt:
         return
-    i_r, i_d = _grouped(pid, n_rt, n_dt, GROUP)
+    i_r, i_d = grouped(pid, n_rt, n_dt, GROUP)
     o_j = i_r * BM + tl.arange(0, BM)
     m_j = o_j < count
     o_pos = tl.load(idx_ptr + o_j, mask=m_j, other=0).to(tl.int64)
@@ -314,6 +308,104 @@ def _lce_stage_dh_kernel(
     m = m_j[:, None] & m_d[None, :]
     tl.store(p_dh, tl.load(p_dh, mask=m, other=0.0) + b_acc, mask=m)
 
+
+# ------------------------------------------------------------------ launchers
+def fused_backward(h2, weight, bias, flat_t, idx, count, stat, scale, *, label_smoothing=0.0, z_loss=0.0,
+                   softcap=None, grad_h=True, grad_w=True, grad_b=False, deterministic=False, grad_filter=False,
+                   config: FusedConfig | None = None):
+    """dh (N, D) float32 by position (zero where unlabeled), dW (V, D), db (V,) (None where not
+    requested) for the row gradient scales `scale` (N,) float32 by position. dW and db are float32
+    from the atomic backward, in the weight's / bias's dtype from the staged one."""
+    N, D = h2.shape
+    V = weight.shape[0]
+    dev = h2.device
+    cfg = config or fused_config.default_config(dev, weight.dtype)
+    dot_f32, precision = dot_options(weight.dtype)
+    staged = cfg.backward_design(deterministic) == "staged"
+    dh = torch.zeros(N, D, dtype=torch.float32, device=dev) if grad_h else None
+
+    def zero_dw_db():
+        return (torch.zeros(V, D, dtype=torch.float32, device=dev) if grad_w else None,
+                torch.zeros(V, dtype=torch.float32, device=dev) if grad_b else None)
+
+    if N == 0 or not (grad_h or grad_w or grad_b):
+        return (dh, *zero_dw_db())
+    dummy = stat
+    s_hn, s_hd, s_wv, s_wd = strides(h2, weight)
+    # arguments every backward kernel reads
+    rows = {"h_ptr": h2, "w_ptr": weight, "b_ptr": bias if bias is not None else dummy, "t_ptr": flat_t,
+            "idx_ptr": idx, "cnt_ptr": count, "stat_ptr": stat, "s_ptr": scale.float().contiguous(),
+            "N": N, "V": V, "D": D, "stride_hn": s_hn, "stride_hd": s_hd, "stride_wv": s_wv, "stride_wd": s_wd,
+            "eps": float(label_smoothing), "zl": float(z_loss),
+            "softcap": float(softcap) if softcap is not None else 1.0, "TAU": FILTER_TAU[weight.dtype],
+            "HAS_BIAS": bias is not None, "HAS_SOFTCAP": softcap is not None, "HAS_SMOOTHING": label_smoothing > 0,
+            "FILTER": bool(grad_filter), "DOT_F32": dot_f32, "PRECISION": precision}
+
+    if staged:  # writes dW / db whole, in the operand dtypes
+        return _staged_backward(rows, cfg, dh, grad_w, grad_b)
+    dW, db = zero_dw_db()
+    t = cfg.bwd
+    lce_bwd_kernel[(triton.cdiv(N, t.BM) * triton.cdiv(V, t.BV),)](  # grid for the static bound N
+        **rows, dh_ptr=dh if grad_h else dummy, dw_ptr=dW if grad_w else dummy, db_ptr=db if grad_b else dummy,
+        COMPUTE_DH=grad_h, COMPUTE_DW=grad_w, COMPUTE_DB=grad_b, GROUP=t.GROUP,
+        BM=t.BM, BV=t.BV, BK=t.BK, BD=t.BD, EVEN_K=D % t.BK == 0, EVEN_D=D % t.BD == 0,
+        num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    return dh, dW, db
+
+
+def _staged_backward(rows, cfg: FusedConfig, dh, grad_w, grad_b):
+    """The deterministic design (README.md beside this file): per chunk of VC vocabulary entries, G
+    of every labeled row into a bounded buffer, then dW of the chunk's rows and dh += G W_chunk as
+    GEMMs without atomics (Triton, or torch.mm over all N positions with stage_gemm="torch"). The
+    chunk loop is static (V, N), so a CUDA graph captures it."""
+    h2, weight, idx, count, dummy = rows["h_ptr"], rows["w_ptr"], rows["idx_ptr"], rows["cnt_ptr"], rows["stat_ptr"]
+    bias = rows["b_ptr"]  # the dummy when there is none
+    N, V, D = rows["N"], rows["V"], rows["D"]
+    dev = h2.device
+    tg, ts = cfg.bwd, cfg.stage
+    VC = cfg.stage_columns(N, V, weight.element_size())
+    by_pos = cfg.stage_gemm == "torch"
+    # by slot: rows past count are never read; by position: unlabeled rows are never written, and
+    # the GEMMs read them, so they start (and stay) zero
+    g = (torch.zeros if by_pos else torch.empty)(N, VC, dtype=weight.dtype, device=dev)
+    # written whole, chunk by chunk (every row, every D tile): no zero fill, no float32 copy
+    dW = torch.empty(V, D, dtype=weight.dtype, device=dev) if grad_w else None
+    db = torch.empty(V, dtype=bias.dtype, device=dev) if grad_b else None
+    pdb = torch.empty(triton.cdiv(N, tg.BM), VC, dtype=torch.float32, device=dev) if grad_b else g
+    dot = {"DOT_F32": rows["DOT_F32"], "PRECISION": rows["PRECISION"]}
+    n_rt_g, n_rt_s = triton.cdiv(N, tg.BM), triton.cdiv(N, ts.BM)
+    n_dt = triton.cdiv(D, ts.BD)
+    # slots past count gather row 0: a static-size copy, no host sync; the kernel never reads them
+    hs = h2.index_select(0, idx) if cfg.stage_compact_h and grad_w and not by_pos else h2
+    triton_dw = grad_w and not by_pos
+    for v0 in range(0, V, VC):
+        vc = min(VC, V - v0)
+        lce_stage_g_kernel[(n_rt_g * triton.cdiv(vc, tg.BV),)](
+            **rows, g_ptr=g, pdb_ptr=pdb, v0=v0, VC=VC, COMPUTE_DB=grad_b, BY_POSITION=by_pos,
+            BM=tg.BM, BV=tg.BV, BK=tg.BK, GROUP=tg.GROUP, EVEN_K=D % tg.BK == 0,
+            num_warps=tg.num_warps, num_stages=tg.num_stages,
+        )
+        if triton_dw or grad_b:
+            lce_stage_dw_kernel[(triton.cdiv(vc, ts.BV) * (n_dt if triton_dw else 1),)](
+                h_ptr=hs, idx_ptr=idx, cnt_ptr=count, g_ptr=g, pdb_ptr=pdb, dw_ptr=dW if triton_dw else dummy,
+                db_ptr=db if grad_b else dummy, v0=v0, V=V, D=D, VC=VC, stride_hn=hs.stride(0),
+                stride_hd=hs.stride(1), COMPUTE_DW=triton_dw, COMPUTE_DB=grad_b,
+                GATHER=hs is h2, BV=ts.BV, BD=ts.BD, BK=ts.BK, GROUP=ts.GROUP, BM_G=tg.BM, **dot,
+                num_warps=ts.num_warps, num_stages=ts.num_stages,
+            )
+        if grad_w and by_pos:  # float32 accumulation inside the GEMM, written in the weight's dtype
+            torch.mm(g[:, :vc].t(), h2, out=dW[v0:v0 + vc])
+        if dh is not None and by_pos:
+            accum_f32(dh, g[:, :vc], weight[v0:v0 + vc])
+        elif dh is not None:
+            lce_stage_dh_kernel[(n_rt_s * n_dt,)](
+                w_ptr=weight, idx_ptr=idx, cnt_ptr=count, g_ptr=g, dh_ptr=dh, v0=v0, V=V, D=D, VC=VC,
+                stride_wv=weight.stride(0), stride_wd=weight.stride(1),
+                BM=ts.BM, BD=ts.BD, BK=ts.BK, GROUP=ts.GROUP, **dot,
+                num_warps=ts.num_warps, num_stages=ts.num_stages,
+            )
+    return dh, dW, db
 
 _PTR_SIG = {
     "t_ptr": "*i64:16", "idx_ptr": "*i32:16", "cnt_ptr": "*i32:16", "stat_ptr": "*fp32:16", "s_ptr": "*fp32:16",
@@ -349,30 +441,30 @@ def _static_bwd(name, kernel, tiles, dtype, has_softcap, flt=False, **switches):
 _ALL = {"COMPUTE_DH": True, "COMPUTE_DW": True, "COMPUTE_DB": True}
 _DW_DB = {"COMPUTE_DW": True, "COMPUTE_DB": True}
 _H, _F = "half", "fp32"
-# What ops/fused.py launches on sm_90: per dtype, the atomic kernel with softcap (the heaviest
+# What ops/backends/fused.py launches on sm_90: per dtype, the atomic kernel with softcap (the heaviest
 # epilogue), without it and with filtering; the staged kernels (G at its widest epilogue, both GEMMs).
 STATIC_CONFIGS = [
-    _static_bwd("lce_fused_bwd/atomic_bf16", _lce_bwd_kernel, BWD_TILES[_H], "bf16", False, **_ALL),
-    _static_bwd("lce_fused_bwd/atomic_bf16_softcap", _lce_bwd_kernel, BWD_TILES[_H], "bf16", True, **_ALL),
-    _static_bwd("lce_fused_bwd/atomic_bf16_softcap_filter", _lce_bwd_kernel, BWD_TILES[_H], "bf16", True, True,
+    _static_bwd("lce_fused_bwd/atomic_bf16", lce_bwd_kernel, BWD_TILES[_H], "bf16", False, **_ALL),
+    _static_bwd("lce_fused_bwd/atomic_bf16_softcap", lce_bwd_kernel, BWD_TILES[_H], "bf16", True, **_ALL),
+    _static_bwd("lce_fused_bwd/atomic_bf16_softcap_filter", lce_bwd_kernel, BWD_TILES[_H], "bf16", True, True,
                 **_ALL),
-    _static_bwd("lce_fused_bwd/atomic_fp16_softcap", _lce_bwd_kernel, BWD_TILES[_H], "fp16", True, **_ALL),
-    _static_bwd("lce_fused_bwd/atomic_fp32_softcap", _lce_bwd_kernel, BWD_TILES[_F], "fp32", True, **_ALL),
+    _static_bwd("lce_fused_bwd/atomic_fp16_softcap", lce_bwd_kernel, BWD_TILES[_H], "fp16", True, **_ALL),
+    _static_bwd("lce_fused_bwd/atomic_fp32_softcap", lce_bwd_kernel, BWD_TILES[_F], "fp32", True, **_ALL),
 ] + [
     cfg
     for w, dt in ((_H, "bf16"), (_H, "fp16"), (_F, "fp32"))
     for cfg in (
-        _static_bwd(f"lce_fused_bwd/stage_g_{dt}_softcap_filter", _lce_stage_g_kernel, BWD_TILES[w], dt, True, True,
+        _static_bwd(f"lce_fused_bwd/stage_g_{dt}_softcap_filter", lce_stage_g_kernel, BWD_TILES[w], dt, True, True,
                     COMPUTE_DB=True, BY_POSITION=False),
-        _static_bwd(f"lce_fused_bwd/stage_dw_{dt}", _lce_stage_dw_kernel, STAGE_TILES[w], dt, False,
+        _static_bwd(f"lce_fused_bwd/stage_dw_{dt}", lce_stage_dw_kernel, STAGE_TILES[w], dt, False,
                     BM_G=BWD_TILES[w]["BM"], GATHER=True, **_DW_DB),
-        _static_bwd(f"lce_fused_bwd/stage_dh_{dt}", _lce_stage_dh_kernel, STAGE_TILES[w], dt, False),
+        _static_bwd(f"lce_fused_bwd/stage_dh_{dt}", lce_stage_dh_kernel, STAGE_TILES[w], dt, False),
     )
 ] + [
     # the dW kernel over a slot-ordered copy of the labeled rows (FusedConfig.stage_compact_h)
-    _static_bwd("lce_fused_bwd/stage_dw_bf16_compact", _lce_stage_dw_kernel, STAGE_TILES[_H], "bf16", False,
+    _static_bwd("lce_fused_bwd/stage_dw_bf16_compact", lce_stage_dw_kernel, STAGE_TILES[_H], "bf16", False,
                 BM_G=BWD_TILES[_H]["BM"], GATHER=False, **_DW_DB),
     # G by position for torch.mm gradient GEMMs (FusedConfig.stage_gemm="torch")
-    _static_bwd("lce_fused_bwd/stage_g_bf16_by_position", _lce_stage_g_kernel, BWD_TILES[_H], "bf16", True,
+    _static_bwd("lce_fused_bwd/stage_g_bf16_by_position", lce_stage_g_kernel, BWD_TILES[_H], "bf16", True,
                 COMPUTE_DB=False, BY_POSITION=True),
 ]

@@ -12,7 +12,7 @@ and writes them as one partial per (slot, split). The combine kernel merges a ro
 M = max m, S = sum se exp(m - M), lse = M + log S,
 
     loss = (1 - eps) (M - yt + log S) + eps (M - sy / V + log S) + zl lse^2,
-    correct = (first argmax == t).
+    pred = first argmax (the combine kernel writes it by position).
 
 No host synchronisation: count (labeled rows) is read on the device; the grid is sized for the
 static upper bound and programs past the real work return at once. The number of vocabulary splits
@@ -20,22 +20,20 @@ S is chosen on the device from count (`_num_splits`), so a few rows still fill t
 tile choice and the byte model: README.md beside this file.
 """
 
+import torch
 import triton
 import triton.language as tl
 
-from dvsft_kernels.ops.kernels.ce_chunk import _softcap
-
-# sm_90 tiles of the forward by operand width (README.md). 16-bit: a 128 x 256 float32 logit tile
-# is 128 registers per thread at 8 warps; with the plain epilogue (softcap allowed) the kernel
-# fits in 255 registers without spills and ran 20 % faster than 128 x 128 on an H100
-# (benchmarks/results/2026-11-27-h100/fused_sweep.json); a bias or label smoothing adds live values
-# that spill there, so those calls use 128 x 128 ("_epilogue"). 3 stages of BK 64 (16-bit) or 32
-# (float32, three TF32 products). GROUP: row tiles that programs running together share.
-FWD_TILES = {
-    "half": dict(BM=128, BV=256, BK=64, num_warps=8, num_stages=3, GROUP=8),
-    "half_epilogue": dict(BM=128, BV=128, BK=64, num_warps=8, num_stages=3, GROUP=8),
-    "fp32": dict(BM=128, BV=128, BK=32, num_warps=8, num_stages=3, GROUP=8),
-}
+from dvsft_kernels.ops.kernels import fused_config
+from dvsft_kernels.ops.kernels.common import grouped, logit_tile, softcap_tanh, target32
+from dvsft_kernels.ops.kernels.fused_config import (
+    FWD_TILES,
+    FusedConfig,
+    dot_options,
+    partial_entries,
+    strides,
+    target_programs,
+)
 
 
 @triton.jit
@@ -47,57 +45,6 @@ def _num_splits(count, V, TARGET, BM: tl.constexpr, BV: tl.constexpr, S_MIN: tl.
     n_rt = tl.maximum(tl.cdiv(count, BM), 1)
     s = tl.maximum(tl.cdiv(TARGET, n_rt), S_MIN)
     return tl.maximum(tl.minimum(tl.minimum(s, S_MAX), tl.cdiv(V, BV)), 1)
-
-
-@triton.jit
-def _target32(b_t, V):
-    """Targets as int32 (tile compares stay 32-bit), -1 for any value outside [0, V)."""
-    return tl.where((b_t >= 0) & (b_t < V), b_t, -1).to(tl.int32)
-
-
-@triton.jit
-def _grouped(pid, n_a, n_b, GROUP: tl.constexpr):
-    """pid -> (a, b) over an n_a x n_b grid, GROUP consecutive a per group and a fastest inside a
-    group: programs that run together share GROUP row tiles (a) and read n_programs / GROUP
-    different vocabulary tiles (b)."""
-    per_group = GROUP * n_b
-    g = pid // per_group
-    a0 = g * GROUP
-    rows = tl.minimum(n_a - a0, GROUP)
-    r = pid % per_group
-    return a0 + r % rows, r // rows
-
-
-@triton.jit
-def _logit_tile(h_ptr, w_ptr, b_ptr, o_pos, m_rows, o_v, m_v, D, stride_hn, stride_hd, stride_wv, stride_wd,
-                HAS_BIAS: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
-                EVEN_K: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
-    """z = h[o_pos] W[o_v]^T (+ b[o_v]) as a float32 [BM, BV] tile. o_pos: int64 indices of the
-    gathered hidden rows (masked rows read 0); masked vocabulary entries read 0."""
-    # pointers rebuilt from per-row / per-column bases at every step: loop-carried [BM, BK] and
-    # [BK, BV] pointer tensors would hold 64-bit addresses in registers for the whole loop
-    o_k = tl.arange(0, BK)
-    o_hrow = o_pos * stride_hn  # [BM] int64
-    o_wcol = o_v.to(tl.int64) * stride_wv  # [BV] int64
-    b_z = tl.zeros([BM, BV], dtype=tl.float32)
-    for k0 in range(0, D, BK):
-        o_kk = k0 + o_k
-        p_h = h_ptr + o_hrow[:, None] + o_kk[None, :] * stride_hd  # [BM, BK]
-        p_w = w_ptr + o_wcol[None, :] + o_kk[:, None] * stride_wd  # [BK, BV] = W^T tile
-        if EVEN_K:
-            b_h = tl.load(p_h, mask=m_rows[:, None], other=0.0)
-            b_w = tl.load(p_w, mask=m_v[None, :], other=0.0)
-        else:
-            m_k = o_kk < D
-            b_h = tl.load(p_h, mask=m_rows[:, None] & m_k[None, :], other=0.0)
-            b_w = tl.load(p_w, mask=m_v[None, :] & m_k[:, None], other=0.0)
-        if DOT_F32:  # interpreter: tl.dot on bf16 operands returns garbage there
-            b_h = b_h.to(tl.float32)
-            b_w = b_w.to(tl.float32)
-        b_z = tl.dot(b_h, b_w, b_z, input_precision=PRECISION)
-    if HAS_BIAS:
-        b_z += tl.load(b_ptr + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
-    return b_z
 
 
 @triton.jit
@@ -126,7 +73,7 @@ def _target_logit(h_ptr, w_ptr, b_ptr, o_pos, m_rows, b_t, D, stride_hn, stride_
 
 
 @triton.jit
-def _lce_fwd_kernel(
+def lce_fwd_kernel(
     h_ptr,  # [N, D] hidden states (all positions; labeled rows gathered through idx)
     w_ptr,  # [V, D] weight
     b_ptr,  # [V] bias (read only if HAS_BIAS)
@@ -151,7 +98,7 @@ def _lce_fwd_kernel(
     S = _num_splits(count, V, TARGET, BM, BV, S_MIN, S_MAX)
     if pid >= n_rt * S:
         return
-    i_r, i_s = _grouped(pid, n_rt, S, GROUP)
+    i_r, i_s = grouped(pid, n_rt, S, GROUP)
     n_vt = tl.cdiv(V, BV)
     vt0 = i_s * n_vt // S
     vt1 = (i_s + 1) * n_vt // S
@@ -159,7 +106,7 @@ def _lce_fwd_kernel(
     o_j = i_r * BM + tl.arange(0, BM)
     m_j = o_j < count
     o_pos = tl.load(idx_ptr + o_j, mask=m_j, other=0).to(tl.int64)
-    b_t = _target32(tl.load(t_ptr + o_pos, mask=m_j, other=0), V)
+    b_t = target32(tl.load(t_ptr + o_pos, mask=m_j, other=0), V)
     inv_cap = 1.0 / softcap
 
     b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
@@ -172,16 +119,16 @@ def _lce_fwd_kernel(
         b_zt = _target_logit(h_ptr, w_ptr, b_ptr, o_pos, m_j, b_t, D, stride_hn, stride_hd, stride_wv, stride_wd,
                              HAS_BIAS, BM, BK, EVEN_K)
         if HAS_SOFTCAP:
-            b_zt, _ = _softcap(b_zt, softcap, inv_cap)
+            b_zt, _ = softcap_tanh(b_zt, softcap, inv_cap)
         tl.store(yt_ptr + o_j, b_zt, mask=m_j)
     for vt in range(vt0, vt1):
         o_v = vt * BV + tl.arange(0, BV)
         m_v = o_v < V
-        b_z = _logit_tile(h_ptr, w_ptr, b_ptr, o_pos, m_j, o_v, m_v, D,
+        b_z = logit_tile(h_ptr, w_ptr, b_ptr, o_pos, m_j, o_v, m_v, D,
                           stride_hn, stride_hd, stride_wv, stride_wd,
                           HAS_BIAS, BM, BV, BK, EVEN_K, DOT_F32, PRECISION)  # [BM, BV]
         if HAS_SOFTCAP:
-            b_y, _ = _softcap(b_z, softcap, inv_cap)
+            b_y, _ = softcap_tanh(b_z, softcap, inv_cap)
         else:
             b_y = b_z
         b_y = tl.where(m_v[None, :], b_y, float("-inf"))
@@ -204,18 +151,18 @@ def _lce_fwd_kernel(
 
 
 @triton.jit
-def _lce_fwd_combine_kernel(
+def lce_fwd_combine_kernel(
     t_ptr, idx_ptr, cnt_ptr,
-    pm_ptr, pse_ptr, psy_ptr, parg_ptr, yt_ptr,  # partials of _lce_fwd_kernel
+    pm_ptr, pse_ptr, psy_ptr, parg_ptr, yt_ptr,  # partials of lce_fwd_kernel
     stat_ptr,  # [2, N] float32 out, by slot: row max M and log S (what the backward reads)
-    loss_ptr, lse_ptr, correct_ptr,  # [N] by position (float32, float32, int8); only labeled ones written
+    loss_ptr, lse_ptr, pred_ptr,  # [N] by position (float32, float32, int32 argmax); only labeled ones written
     N, V, TARGET,
     eps, zl,
     HAS_SMOOTHING: tl.constexpr,
     BM: tl.constexpr, BV: tl.constexpr, S_MIN: tl.constexpr, S_MAX: tl.constexpr,  # the forward's
     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,  # BLOCK_S: power of two >= S_MAX
 ):
-    """Merge each row's S partials; loss, lse and correct at the row's position. A target outside
+    """Merge each row's S partials; loss, lse and the first argmax at the row's position. A target outside
     [0, V) (not checked on the host: that would synchronise) gives NaN loss and lse; the backward
     gives that row a zero gradient."""
     pid = tl.program_id(0)
@@ -244,25 +191,75 @@ def _lce_fwd_combine_kernel(
     b_loss += zl * b_lse * b_lse
 
     o_pos = tl.load(idx_ptr + o_j, mask=m_j, other=0).to(tl.int64)
-    b_t = _target32(tl.load(t_ptr + o_pos, mask=m_j, other=0), V)
+    b_t = target32(tl.load(t_ptr + o_pos, mask=m_j, other=0), V)
     bad = b_t < 0
     tl.store(stat_ptr + o_j, b_mx, mask=m_j)
     tl.store(stat_ptr + N + o_j, b_logs, mask=m_j)
     tl.store(loss_ptr + o_pos, tl.where(bad, float("nan"), b_loss), mask=m_j)
     tl.store(lse_ptr + o_pos, tl.where(bad, float("nan"), b_lse), mask=m_j)
-    tl.store(correct_ptr + o_pos, ((b_arg == b_t) & ~bad).to(tl.int8), mask=m_j)
+    tl.store(pred_ptr + o_pos, b_arg, mask=m_j)
 
+
+# ------------------------------------------------------------------ launcher
+def fused_forward(h2, weight, bias, flat_t, idx, count, *, label_smoothing=0.0, z_loss=0.0, softcap=None,
+                  config: FusedConfig | None = None):
+    """Per-position row_loss (float32, 0 where unlabeled), lse, predicted (int32 first argmax, -1
+    where unlabeled), and the per-slot statistics (2, N) float32 [row max; log sum-exp - max] the
+    backward reads."""
+    N, D = h2.shape
+    V = weight.shape[0]
+    dev = h2.device
+    cfg = config or fused_config.default_config(dev, weight.dtype)
+    has_smoothing = label_smoothing > 0
+    t = cfg.fwd_tiles(bias is not None, has_smoothing)
+    target = target_programs(cfg, dev)
+    entries, grid, block_s = partial_entries(N, V, cfg, target, t)
+    dot_f32, precision = dot_options(weight.dtype)
+
+    row_loss = torch.zeros(N, dtype=torch.float32, device=dev)
+    lse = torch.zeros(N, dtype=torch.float32, device=dev)
+    predicted = torch.full((N,), -1, dtype=torch.int32, device=dev)
+    stat = torch.empty(2, N, dtype=torch.float32, device=dev)
+    if N == 0:
+        return row_loss, lse, predicted, stat
+    pm = torch.empty(entries, dtype=torch.float32, device=dev)
+    pse = torch.empty(entries, dtype=torch.float32, device=dev)
+    yt = torch.empty(N, dtype=torch.float32, device=dev)
+    psy = torch.empty(entries, dtype=torch.float32, device=dev) if has_smoothing else pm
+    parg = torch.empty(entries, dtype=torch.int32, device=dev)
+    b = bias if bias is not None else pm  # dummy pointer when unused
+    s_hn, s_hd, s_wv, s_wd = strides(h2, weight)
+
+    lce_fwd_kernel[(grid,)](
+        h_ptr=h2, w_ptr=weight, b_ptr=b, t_ptr=flat_t, idx_ptr=idx, cnt_ptr=count,
+        pm_ptr=pm, pse_ptr=pse, psy_ptr=psy, parg_ptr=parg, yt_ptr=yt,
+        V=V, D=D, stride_hn=s_hn, stride_hd=s_hd, stride_wv=s_wv, stride_wd=s_wd,
+        softcap=float(softcap) if softcap is not None else 1.0, TARGET=target,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=has_smoothing,
+        BM=t.BM, BV=t.BV, BK=t.BK, GROUP=t.GROUP, S_MIN=cfg.s_min, S_MAX=cfg.s_max,
+        EVEN_K=D % t.BK == 0, DOT_F32=dot_f32, PRECISION=precision,
+        num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    block_r = max(1, min(128, 2048 // block_s))
+    lce_fwd_combine_kernel[(triton.cdiv(N, block_r),)](
+        t_ptr=flat_t, idx_ptr=idx, cnt_ptr=count, pm_ptr=pm, pse_ptr=pse, psy_ptr=psy, parg_ptr=parg, yt_ptr=yt,
+        stat_ptr=stat, loss_ptr=row_loss, lse_ptr=lse, pred_ptr=predicted,
+        N=N, V=V, TARGET=target, eps=float(label_smoothing), zl=float(z_loss),
+        HAS_SMOOTHING=has_smoothing, BM=t.BM, BV=t.BV, S_MIN=cfg.s_min, S_MAX=cfg.s_max,
+        BLOCK_R=block_r, BLOCK_S=block_s, num_warps=4,
+    )
+    return row_loss, lse, predicted, stat
 
 def _static_fwd(name, dtype, has_softcap, has_smoothing=True, tiles=None, has_bias=True):
-    """One sm_90 compile of `_lce_fwd_kernel` for scripts/kernel_report.py, typed as the launcher
+    """One sm_90 compile of `lce_fwd_kernel` for scripts/kernel_report.py, typed as the launcher
     specialises a real call: aligned pointers, 16-divisible V, D and row strides (':16'), unit
-    inner strides (constexpr 1); the tiles ops/fused.py picks for these switches."""
+    inner strides (constexpr 1); the tiles fused_config.py picks for these switches."""
     key = "fp32" if dtype == "fp32" else ("half_epilogue" if has_bias or has_smoothing else "half")
     t = dict(FWD_TILES[key], **(tiles or {}))
     prec = "tf32x3" if dtype == "fp32" else "tf32"
     return {
         "name": name,
-        "kernel": _lce_fwd_kernel,
+        "kernel": lce_fwd_kernel,
         "signature": {
             "h_ptr": f"*{dtype}:16", "w_ptr": f"*{dtype}:16", "b_ptr": f"*{dtype}:16", "t_ptr": "*i64:16",
             "idx_ptr": "*i32:16", "cnt_ptr": "*i32:16", "pm_ptr": "*fp32:16", "pse_ptr": "*fp32:16",
@@ -285,11 +282,11 @@ def _static_fwd(name, dtype, has_softcap, has_smoothing=True, tiles=None, has_bi
 def _static_combine(name, block_s=256):
     return {
         "name": name,
-        "kernel": _lce_fwd_combine_kernel,
+        "kernel": lce_fwd_combine_kernel,
         "signature": {
             "t_ptr": "*i64:16", "idx_ptr": "*i32:16", "cnt_ptr": "*i32:16", "pm_ptr": "*fp32:16",
             "pse_ptr": "*fp32:16", "psy_ptr": "*fp32:16", "parg_ptr": "*i32:16", "yt_ptr": "*fp32:16",
-            "stat_ptr": "*fp32:16", "loss_ptr": "*fp32:16", "lse_ptr": "*fp32:16", "correct_ptr": "*i8:16",
+            "stat_ptr": "*fp32:16", "loss_ptr": "*fp32:16", "lse_ptr": "*fp32:16", "pred_ptr": "*i32:16",
             "N": "i32", "V": "i32:16", "TARGET": "i32", "eps": "fp32", "zl": "fp32",
         },
         "constexprs": {
@@ -303,7 +300,7 @@ def _static_combine(name, block_s=256):
     }
 
 
-# What ops/fused.py launches on sm_90: each dtype, both 16-bit tile choices at their widest
+# What ops/backends/fused.py launches on sm_90: each dtype, both 16-bit tile choices at their widest
 # epilogue (softcap; bias and smoothing), the combine at the largest split count.
 STATIC_CONFIGS = [
     _static_fwd("lce_fused_fwd/bf16", "bf16", False, has_smoothing=False, has_bias=False),

@@ -1,5 +1,5 @@
 """`impl="chunked"`: per chunk of compacted labeled rows, the projection GEMM into a float32
-buffer, one fused Triton pass (`launch.ce_chunk`: online max / sum-exp, loss terms, argmax and the
+buffer, one fused Triton pass (`kernels/ce_chunk.py`: online max / sum-exp, loss terms, argmax and the
 logit gradient written in the GEMM dtype), then the two gradient GEMMs with float32 accumulation of
 dW (across chunks in a float32 buffer; a single chunk of 16-bit operands writes dW in the weight's
 dtype straight from the GEMM's float32 accumulator). Memory: one (chunk_rows, V) float32 buffer
@@ -10,28 +10,18 @@ from __future__ import annotations
 
 import torch
 
-from dvsft_kernels.ops.torch_impl import _accum_f32, chunk_rows_for, compute_weight, mm_f32, row_outputs
+from dvsft_kernels.ops.backends.base import CompactBackend, Grads
+from dvsft_kernels.ops.backends.registry import register
+from dvsft_kernels.ops.gemm import accum_f32, chunk_rows_for, compute_weight, mm_f32, row_outputs
+from dvsft_kernels.ops.options import LCEOptions
 
 
-def lce_chunked(
-    h: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    scale: torch.Tensor | None,
-    *,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    grad_h: bool = False,
-    grad_w: bool = False,
-    grad_b: bool = False,
-    chunk_rows: int | None = None,
-    need_correct: bool = True,  # computed anyway: free in this pass
-):
-    """Same contract as `torch_impl.lce_torch`."""
-    from dvsft_kernels.ops.launch import ce_chunk
+def lce_chunked(h, weight, bias, targets, scale, options: LCEOptions, grads: Grads):
+    """`CompactBackend.rows` with the CE pass in one Triton kernel per chunk (argmax included:
+    free in this pass)."""
+    from dvsft_kernels.ops.kernels.ce_chunk import ce_chunk  # imports triton
 
+    grad_h, grad_w, grad_b = grads
     n, D = h.shape
     V = weight.shape[0]
     dev = h.device
@@ -41,14 +31,14 @@ def lce_chunked(
     if any_grad and scale is None:
         raise ValueError("scale: required when gradients are requested")
 
-    m_max = chunk_rows or chunk_rows_for(n, V, dev)
+    m_max = options.chunk_rows or chunk_rows_for(n, V, dev)
     # One chunk: its GEMM accumulates in float32 and rounds once, so dW is written in the weight's
     # dtype (no float32 (V, D) buffer, and half the bytes here and in the backward's scale + cast).
     one_chunk_dw = n <= m_max and W.dtype != torch.float32
-    loss, lse, correct, dh, dW, db = row_outputs(n, D, V, dev, grad_h, grad_w, grad_b,
+    loss, lse, pred, dh, dW, db = row_outputs(n, D, V, dev, grad_h, grad_w, grad_b,
                                                  W.dtype if one_chunk_dw else torch.float32)
     if n == 0:
-        return loss, lse, correct, dh, dW, db
+        return loss, lse, pred, dh, dW, db
 
     xbuf = torch.empty(m_max, V, dtype=torch.float32, device=dev)
     # G in the GEMM dtype: the gradient GEMMs read half the bytes of a float32 G
@@ -63,14 +53,14 @@ def lce_chunked(
         if b is not None:
             x.add_(b)
         g = gbuf[:m]
-        l_c, lse_c, cor_c = ce_chunk(
+        l_c, lse_c, pred_c = ce_chunk(
             x, targets[s0:s1], scale[s0:s1] if any_grad else None,
-            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+            label_smoothing=options.label_smoothing, z_loss=options.z_loss, softcap=options.softcap,
             compute_grad=any_grad, grad_out=None if g.data_ptr() == x.data_ptr() else g,
         )
         loss[s0:s1] = l_c
         lse[s0:s1] = lse_c
-        correct[s0:s1] = cor_c
+        pred[s0:s1] = pred_c
         if not any_grad:
             continue
         if grad_h:
@@ -78,7 +68,15 @@ def lce_chunked(
         if grad_w and one_chunk_dw:
             torch.mm(g.T, hc, out=dW)
         elif grad_w:
-            _accum_f32(dW, g.T, hc, first=s0 == 0)
+            accum_f32(dW, g.T, hc, first=s0 == 0)
         if grad_b:
             db.add_(g.sum(0, dtype=torch.float32))
-    return loss, lse, correct, dh, dW, db
+    return loss, lse, pred, dh, dW, db
+
+
+@register
+class ChunkedBackend(CompactBackend):
+    name = "chunked"
+
+    def rows(self, h, weight, bias, t, scale, options: LCEOptions, grads: Grads):
+        return lce_chunked(h, weight, bias, t, scale, options, grads)

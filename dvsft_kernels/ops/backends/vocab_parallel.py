@@ -20,13 +20,9 @@ import contextlib
 import torch
 import torch.distributed as dist
 
-from dvsft_kernels.ops.torch_impl import (
-    chunk_rows_for,
-    compute_weight,
-    explicit_grad_gemms,
-    mm_f32,
-    row_outputs,
-)
+from dvsft_kernels.ops.backends.base import CompactBackend, Grads, Inputs
+from dvsft_kernels.ops.gemm import chunk_rows_for, compute_weight, explicit_grad_gemms, mm_f32, row_outputs
+from dvsft_kernels.ops.options import FLOAT_DTYPES, REDUCTIONS, LCEOptions
 
 
 class Collectives:
@@ -56,8 +52,6 @@ _EXACT = ("ok", "V_local", "rows", "D", "ignore_index", "dtype", "grad_hidden", 
           "num_items", "targets")
 _FLOAT = ("hidden", "hidden_scale", "token_weights_sum", "token_weights_scale")
 _RTOL = 1e-6
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_REDUCTIONS = ("mean", "sum", "none")
 
 
 def _bits(x) -> int:
@@ -99,12 +93,13 @@ def refusing_on_error(group, hidden):
         raise
 
 
-def vocab_layout(group, hidden, weight, bias, targets, token_weights, num_items, ignore_index: int,
-                 reduction: str, opts: dict) -> tuple[int, int]:
+def vocab_layout(group, x: Inputs, options: LCEOptions) -> tuple[int, int]:
     """(vocab_start, V_total) of this rank's slice. Checks on every rank that all ranks agree on the
     labeled rows (targets, and a checksum of their hidden states and token weights), the hidden
     size, the options and which gradients are computed, so a mismatch is a ValueError everywhere
     rather than a hang in a later collective or a silently wrong loss."""
+    hidden, weight, bias, targets, token_weights, num_items = x
+    ignore_index, reduction = options.ignore_index, options.reduction
     dev = hidden.device
     D = hidden.shape[-1]
     flat_t = targets.reshape(-1).to(torch.int64)
@@ -132,12 +127,12 @@ def vocab_layout(group, hidden, weight, bias, targets, token_weights, num_items,
         n_items = torch.tensor(-1, dtype=torch.int64, device=dev)
     else:  # a device tensor stays on the device: no host sync
         n_items = torch.as_tensor(num_items, device=dev).double().reshape(()).view(torch.int64)
-    softcap = opts["softcap"]
-    head = [1, weight.shape[0], n, D, ignore_index, _DTYPES.index(hidden.dtype),
+    softcap = options.softcap
+    head = [1, weight.shape[0], n, D, ignore_index, FLOAT_DTYPES.index(hidden.dtype),
             int(grad_on and hidden.requires_grad), int(grad_on and weight.requires_grad), int(bias is not None),
-            int(bias is not None and grad_on and bias.requires_grad), _REDUCTIONS.index(reduction),
-            _bits(opts["label_smoothing"]), _bits(opts["z_loss"]), -1 if softcap is None else _bits(softcap),
-            int(opts["chunk_rows"] or 0), int(token_weights is not None)]
+            int(bias is not None and grad_on and bias.requires_grad), REDUCTIONS.index(reduction),
+            _bits(options.label_smoothing), _bits(options.z_loss), -1 if softcap is None else _bits(softcap),
+            int(options.chunk_rows or 0), int(token_weights is not None)]
     exact = torch.cat([torch.tensor(head, dtype=torch.int64, device=dev), n_items.reshape(1),
                        t_check.reshape(1)])
     floats = torch.stack([h_sum, h_scale, tw_sum, tw_scale])
@@ -166,41 +161,26 @@ def vocab_layout(group, hidden, weight, bias, targets, token_weights, num_items,
     return int(starts[rank]), int(sizes.sum())
 
 
-def lce_torch_vocab_parallel(
-    h: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    scale: torch.Tensor | None,
-    *,
-    coll: Collectives,
-    vocab_start: int,
-    vocab_total: int,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
-    grad_h: bool = False,
-    grad_w: bool = False,
-    grad_b: bool = False,
-    chunk_rows: int | None = None,
-    need_correct: bool = True,  # computed anyway: free in this pass
-):
-    """Same contract as `torch_impl.lce_torch`, on this rank's slice [vocab_start, +V_local) of a
-    vocabulary of vocab_total; targets are global ids. dh is already summed over ranks."""
+def lce_torch_vocab_parallel(h, weight, bias, targets, scale, options: LCEOptions, grads: Grads, *,
+                             coll: Collectives, vocab_start: int, vocab_total: int):
+    """`CompactBackend.rows` on this rank's slice [vocab_start, +V_local) of a vocabulary of
+    vocab_total; targets are global ids. dh is already summed over ranks; the argmax is computed
+    always (free in this pass)."""
+    eps, zl, softcap = options.label_smoothing, options.z_loss, options.softcap
+    grad_h, grad_w, grad_b = grads
     n, D = h.shape
     V = weight.shape[0]
     dev = h.device
-    eps, zl = float(label_smoothing), float(z_loss)
     W = compute_weight(weight)
     b = bias.float() if bias is not None else None
     any_grad = grad_h or grad_w or grad_b
 
-    loss, lse, correct, dh, dW, db = row_outputs(n, D, V, dev, grad_h, grad_w, grad_b)
+    loss, lse, pred, dh, dW, db = row_outputs(n, D, V, dev, grad_h, grad_w, grad_b)
     if n == 0:
-        return loss, lse, correct, dh, dW, db
+        return loss, lse, pred, dh, dW, db
 
     # sized by the global vocabulary: every rank must walk the same chunks
-    m_max = chunk_rows or chunk_rows_for(n, vocab_total, dev)
+    m_max = options.chunk_rows or chunk_rows_for(n, vocab_total, dev)
     buf = torch.empty(m_max, V, dtype=torch.float32, device=dev)
     buf2 = torch.empty(m_max, V, dtype=torch.float32, device=dev) if softcap is not None else None
     for s0 in range(0, n, m_max):
@@ -230,7 +210,7 @@ def lce_torch_vocab_parallel(
         # first global argmax: the smallest global index among ranks holding the max
         cand = torch.where(mx == big_m, amax + vocab_start, torch.full_like(amax, vocab_total))
         gmax = coll.min_(cand)
-        correct[s0:s1] = gmax == targets[s0:s1]
+        pred[s0:s1] = gmax
 
         lse_c = big_m + ssum.log()
         ce = (1 - eps) * (lse_c - y_t)
@@ -251,4 +231,25 @@ def lce_torch_vocab_parallel(
                             first=s0 == 0)
     if grad_h:
         coll.sum_(dh)
-    return loss, lse, correct, dh, dW, db
+    return loss, lse, pred, dh, dW, db
+
+
+class VocabParallelBackend(CompactBackend):
+    """The PyTorch path over a vocabulary-parallel head; made per call (it holds the group and,
+    after `prepare`, this rank's slice). Not traceable by torch.compile: no custom op."""
+
+    name = "vocab_parallel"
+
+    def __init__(self, group):
+        self.coll = Collectives(group)
+        self.vocab_start = self.vocab_total = None
+
+    def prepare(self, x: Inputs, options: LCEOptions) -> None:
+        self.vocab_start, self.vocab_total = vocab_layout(self.coll.group, x, options)
+
+    def vocab_size(self, weight: torch.Tensor) -> int:
+        return self.vocab_total
+
+    def rows(self, h, weight, bias, t, scale, options: LCEOptions, grads: Grads):
+        return lce_torch_vocab_parallel(h, weight, bias, t, scale, options, grads, coll=self.coll,
+                                        vocab_start=self.vocab_start, vocab_total=self.vocab_total)
