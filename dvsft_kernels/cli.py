@@ -67,22 +67,15 @@ class _Parser(argparse.ArgumentParser):
 
 # ------------------------------------------------------------------------------------------- label
 
-# --family NAME: default geometry. Qwen families run transformers' own image processor class with
-# its default settings (that gives image_grid_thw); the others use the family constructor, whose
+# --family NAME: default geometry of a family in dvsft_kernels.labeling.registry (its names and aliases).
+# A family with a default_processor runs it on the image (Qwen: transformers' own image processor class
+# with its default settings, which gives image_grid_thw); the others use the family's builder, whose
 # defaults are the processor class defaults. Checkpoints often differ (LLaVA-1.5 crops 336 px, the
 # class 224): `--processor DIR` reads a checkpoint's own settings.
-FAMILIES: dict[str, str] = {
-    "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen2_vl",
-    "llava": "llava", "llava_next": "llava_next", "llava_onevision": "llava_onevision",
-    "internvl": "internvl", "idefics3": "idefics3", "smolvlm": "idefics3", "gemma3": "gemma3",
-    "pixtral": "pixtral", "mistral3": "pixtral",
-}
-# Qwen3-VL is the one Qwen family whose patch differs from the class default (16, not 14)
-_QWEN_SETTINGS = {"qwen3_vl": {"patch_size": 16}}
+def _family_names() -> tuple[str, ...]:
+    from dvsft_kernels.labeling import registry
 
-
-def _norm_family(name: str) -> str:
-    return name.strip().lower().replace("-", "_").replace(".", "_")
+    return registry.names(aliases=True)
 
 
 @dataclass
@@ -90,14 +83,14 @@ class _Geometry:
     """How a grid is made for an image: with a checkpoint's processor, or a family's defaults."""
 
     family: str | None  # --family given without --processor
-    processor: Any = None  # ProcessorMixin (--processor) or Qwen2VLImageProcessor (--family qwen*)
+    processor: Any = None  # ProcessorMixin (--processor) or the family's default_processor (--family)
 
     def grid(self, image):
         from dvsft_kernels.labeling import VisualGrid
 
         if self.processor is None:
-            return getattr(VisualGrid, f"for_{FAMILIES[self.family]}")((image.height, image.width))
-        if self.family is not None:  # Qwen defaults: the image processor's own image_grid_thw
+            return VisualGrid.for_family(self.family, (image.height, image.width))
+        if self.family is not None:  # a family's default processor (Qwen: its own image_grid_thw)
             outputs = self.processor(images=[image], return_tensors="pt")
             return VisualGrid.from_processor(self.processor, image, outputs)
         # a checkpoint's processor: from_processor reads the settings a processor call would use
@@ -120,22 +113,22 @@ def _geometry(args) -> _Geometry:
             if "video" in str(e).lower():
                 hint = " (processors with a video processor, e.g. Qwen2-VL, InternVL, need torchvision)"
             raise UsageError(f"--processor: cannot load a processor from {str(d)!r}: {e}{hint}") from None
-        from dvsft_kernels.labeling.families import detect_family
+        from dvsft_kernels.labeling.registry import detect_family
 
         try:
             detect_family(proc)
         except TypeError as e:
             raise UsageError(f"--processor: {e}") from None
         return _Geometry(None, proc)
-    fam = _norm_family(args.family)
-    if fam not in FAMILIES:
-        raise UsageError(f"--family: unknown family {args.family!r}; known: {', '.join(FAMILIES)}")
-    if FAMILIES[fam] == "qwen2_vl":
-        import transformers
+    from dvsft_kernels.labeling import registry
 
-        # the PIL backend computes the same sizes and needs no torchvision (nor warns about it)
-        cls = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
-        return _Geometry(fam, cls(**_QWEN_SETTINGS.get(fam, {})))
+    try:
+        family = registry.get(args.family, argument="--family")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    fam = registry.normalize_name(args.family)
+    if family.default_processor is not None:
+        return _Geometry(fam, family.default_processor(fam))
     return _Geometry(fam)
 
 
@@ -301,7 +294,7 @@ def _add_label_args(p: argparse.ArgumentParser) -> None:
                    help="OCR output for IMAGE (Tesseract TSV, hOCR, PaddleOCR / docTR / words JSON), "
                         "or a directory of them named like the images (same stem)")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--family", help=f"model family, default geometry ({', '.join(FAMILIES)})")
+    g.add_argument("--family", help=f"model family, default geometry ({', '.join(_family_names())})")
     g.add_argument("--processor", metavar="DIR", help="local checkpoint dir for AutoProcessor (no hub)")
     p.add_argument("--tokenizer", metavar="DIR",
                    help="dir with tokenizer.json (or the file); required with --family")

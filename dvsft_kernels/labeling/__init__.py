@@ -1,5 +1,12 @@
-"""OCR words -> per-visual-token labels (docs/labeling.md)."""
+"""OCR words -> per-visual-token labels (docs/labeling.md).
 
+Layout: ``grid.py`` (VisualGrid, GridView), ``registry.py`` (the VLM families: ``Family``,
+``register``, look-ups), ``families/`` (one module per family, each registering itself; imported
+here, so importing this package fills the registry), ``assign.py`` (labels for one image),
+``batch.py`` (a batch's ``vision_labels``), ``readers.py`` (OCR files), ``overlay.py`` (pictures).
+"""
+
+from dvsft_kernels.labeling import families as families  # registers every VLM family
 from dvsft_kernels.labeling.assign import DROP_REASONS, LabelReport, clear_token_cache, label_visual_tokens
 from dvsft_kernels.labeling.batch import (
     build_vision_labels,

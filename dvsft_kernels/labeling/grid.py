@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from dvsft_kernels.labeling import registry
+
 
 @dataclass(frozen=True)
 class GridView:
@@ -189,73 +191,73 @@ class VisualGrid:
         return out
 
     # ---------------------------------------------------------------------------------------
-    # family constructors (geometry lives in families.py; these only forward)
+    # family constructors: geometry lives in the family modules (dvsft_kernels/labeling/families/),
+    # found through the registry (dvsft_kernels/labeling/registry.py); these only look it up
+    @classmethod
+    def for_family(cls, family: str, image_size, *args: Any, **kwargs: Any) -> VisualGrid:
+        """Grid of an image of ``image_size`` (H, W) under a registered family's geometry builder;
+        ``family`` is its name or an alias (``registry.names(aliases=True)``), further arguments are
+        the builder's (``registry.get(family).build``). Unknown family: ValueError listing the known."""
+        fam = registry.get(family)
+        return cls._checked(fam, fam.build(image_size, *args, **kwargs))
+
     @classmethod
     def for_qwen2_vl(
         cls, image_size, image_grid_thw, patch_size: int = 14, merge_size: int = 2
     ) -> VisualGrid:
         """Qwen2-VL / Qwen2.5-VL / Qwen3-VL (Qwen3-VL checkpoints: ``patch_size=16``)."""
-        from dvsft_kernels.labeling import families
-
-        return families.qwen2_vl(image_size, image_grid_thw, patch_size=patch_size, merge_size=merge_size)
+        return cls.for_family(
+            "qwen2_vl", image_size, image_grid_thw, patch_size=patch_size, merge_size=merge_size
+        )
 
     @classmethod
     def for_llava(cls, image_size, **kwargs: Any) -> VisualGrid:
-        """LLaVA-1.5; see :func:`dvsft_kernels.labeling.families.llava` for the arguments."""
-        from dvsft_kernels.labeling import families
-
-        return families.llava(image_size, **kwargs)
+        """LLaVA-1.5; see :func:`dvsft_kernels.labeling.families.llava.llava` for the arguments."""
+        return cls.for_family("llava", image_size, **kwargs)
 
     @classmethod
     def for_llava_next(cls, image_size, **kwargs: Any) -> VisualGrid:
-        """LLaVA-NeXT (anyres); see :func:`dvsft_kernels.labeling.families.llava_next`."""
-        from dvsft_kernels.labeling import families
-
-        return families.llava_next(image_size, **kwargs)
+        """LLaVA-NeXT (anyres); see :func:`dvsft_kernels.labeling.families.llava_next.llava_next`."""
+        return cls.for_family("llava_next", image_size, **kwargs)
 
     @classmethod
     def for_llava_onevision(cls, image_size, **kwargs: Any) -> VisualGrid:
-        """LLaVA-OneVision; see :func:`dvsft_kernels.labeling.families.llava_onevision`."""
-        from dvsft_kernels.labeling import families
-
-        return families.llava_onevision(image_size, **kwargs)
+        """LLaVA-OneVision; see :func:`dvsft_kernels.labeling.families.llava_onevision.llava_onevision`."""
+        return cls.for_family("llava_onevision", image_size, **kwargs)
 
     @classmethod
     def for_internvl(cls, image_size, **kwargs: Any) -> VisualGrid:
-        """InternVL (GotOcr2 tiling); see :func:`dvsft_kernels.labeling.families.internvl`."""
-        from dvsft_kernels.labeling import families
-
-        return families.internvl(image_size, **kwargs)
+        """InternVL (GotOcr2 tiling); see :func:`dvsft_kernels.labeling.families.internvl.internvl`."""
+        return cls.for_family("internvl", image_size, **kwargs)
 
     @classmethod
     def for_idefics3(cls, image_size, **kwargs: Any) -> VisualGrid:
-        """Idefics3 and SmolVLM; see :func:`dvsft_kernels.labeling.families.idefics3`."""
-        from dvsft_kernels.labeling import families
-
-        return families.idefics3(image_size, **kwargs)
+        """Idefics3 and SmolVLM; see :func:`dvsft_kernels.labeling.families.idefics3.idefics3`."""
+        return cls.for_family("idefics3", image_size, **kwargs)
 
     @classmethod
     def for_gemma3(cls, image_size, **kwargs: Any) -> VisualGrid:
-        """Gemma 3 (pan-and-scan optional); see :func:`dvsft_kernels.labeling.families.gemma3`."""
-        from dvsft_kernels.labeling import families
-
-        return families.gemma3(image_size, **kwargs)
+        """Gemma 3 (pan-and-scan optional); see :func:`dvsft_kernels.labeling.families.gemma3.gemma3`."""
+        return cls.for_family("gemma3", image_size, **kwargs)
 
     @classmethod
     def for_pixtral(cls, image_size, **kwargs: Any) -> VisualGrid:
-        """Pixtral and Mistral 3; see :func:`dvsft_kernels.labeling.families.pixtral`."""
-        from dvsft_kernels.labeling import families
-
-        return families.pixtral(image_size, **kwargs)
+        """Pixtral and Mistral 3; see :func:`dvsft_kernels.labeling.families.pixtral.pixtral`."""
+        return cls.for_family("pixtral", image_size, **kwargs)
 
     @classmethod
     def from_processor(
         cls, processor, image_or_size, outputs=None, index: int = 0, *, images_kwargs=None
     ) -> VisualGrid:
-        """Grid of image ``index`` of ``outputs`` (the processor's BatchFeature), for any supported
-        family; see :func:`dvsft_kernels.labeling.families.grid_from_processor`."""
-        from dvsft_kernels.labeling import families
-
-        return families.grid_from_processor(
-            processor, image_or_size, outputs, index, images_kwargs=images_kwargs
+        """Grid of image ``index`` of ``outputs`` (the processor's BatchFeature), for any registered
+        family; see :func:`dvsft_kernels.labeling.registry.grid_from_processor`."""
+        fam = registry.for_processor(processor)
+        return cls._checked(
+            fam, fam.from_processor(processor, image_or_size, outputs, index, images_kwargs=images_kwargs)
         )
+
+    @classmethod
+    def _checked(cls, fam: registry.Family, grid: Any) -> VisualGrid:
+        if not isinstance(grid, VisualGrid):
+            raise TypeError(f"family {fam.name!r} built a {type(grid).__name__}, not a VisualGrid")
+        return grid
