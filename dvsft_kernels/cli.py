@@ -371,9 +371,23 @@ def _run_label(args) -> int:
 
 # -------------------------------------------------------------------------------------------- main
 
+def _add_readout_args(p: argparse.ArgumentParser) -> None:  # the readout lives in dvsft_kernels/readout.py
+    from dvsft_kernels.readout import add_readout_args
+
+    add_readout_args(p)
+
+
+def _run_readout(args) -> int:
+    from dvsft_kernels.readout import run_readout
+
+    return run_readout(args)
+
+
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[Any], int]]] = {
     "label": ("label the visual tokens of an image (or a directory of images) from OCR words",
               _add_label_args, _run_label),
+    "readout": ("what a checkpoint reads at each visual token of a page (picture, JSON, accuracy)",
+                _add_readout_args, _run_readout),
 }
 
 
