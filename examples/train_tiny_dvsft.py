@@ -13,6 +13,9 @@ on held-out pages against chance (1 / number of words).
 
     python examples/train_tiny_dvsft.py                 # 600 steps, ~35 s on 2 cores
     python examples/train_tiny_dvsft.py --steps 100 --out /tmp/dvsft_tiny
+
+--out receives the curves, summary.json and the trained model with its processor (save_pretrained),
+which `dvsft-kernels readout --model OUT` reads (docs/readout.md).
 """
 
 from __future__ import annotations
@@ -117,6 +120,10 @@ def build_processor(task: Task = TASKS["read"]):
             if name == "video_processor" and arg is None:
                 return None
             return super().check_argument_for_proper_class(name, arg)
+
+        @classmethod
+        def get_attributes(cls):  # no video processor to save: save_pretrained writes the other parts
+            return [a for a in super().get_attributes() if a != "video_processor"]
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -354,10 +361,12 @@ def main(argv=None):
     trainer.train()
     after = trainer.evaluate()
     elapsed = time.time() - t0
+    trainer.save_model(args.out)  # the model and, below, its processor: `dvsft-kernels readout --model OUT`
 
     if rank != 0:  # one report, from rank 0
         return None
     os.makedirs(args.out, exist_ok=True)
+    processor.save_pretrained(args.out)
     history = [h for h in trainer.state.log_history if "vision_loss" in h and "loss" in h]
     png = os.path.join(args.out, "dvsft_tiny_curves.png")
     plot(trainer.state.log_history, png)
