@@ -18,6 +18,7 @@ from torch import nn
 
 from dvsft_kernels.ops.backends.vocab_parallel import refusing_on_error
 from dvsft_kernels.ops.function import linear_cross_entropy
+from dvsft_kernels.ops.options import no_host_sync_allowed, safe_reciprocal
 
 # DVLossOutput's detached per-stream figures, in the order metrics() and the trainer report them
 METRIC_NAMES = ("text_loss", "vision_loss", "text_tokens", "vision_tokens", "text_accuracy", "vision_accuracy")
@@ -47,14 +48,6 @@ def _check_weight(name: str, v) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
         raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
     return float(v)
-
-
-def _sync_free(hidden: torch.Tensor) -> bool:
-    """True while nothing may wait on the device: torch.compile is tracing, or a CUDA graph is
-    being captured. DVLoss then turns its value checks into NaN (see DVLoss.forward)."""
-    if torch.compiler.is_compiling():
-        return True
-    return hidden.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _shifted(labels: torch.Tensor, shift: bool, ignore_index: int) -> torch.Tensor:
@@ -119,8 +112,7 @@ class DVLoss(nn.Module):
             n_vis = vis_mask.sum()
             d_text = self._denominator("num_text_items", num_text_items, n_text)
             d_vis = self._denominator("num_vision_items", num_vision_items, n_vis)
-        inv_text = torch.where(d_text > 0, 1.0 / d_text.clamp_min(1e-30), torch.zeros_like(d_text))
-        inv_vis = torch.where(d_vis > 0, 1.0 / d_vis.clamp_min(1e-30), torch.zeros_like(d_vis))
+        inv_text, inv_vis = safe_reciprocal(d_text), safe_reciprocal(d_vis)
         token_weights = (text_mask * (self.text_weight * inv_text) + vis_mask * (self.vision_weight * inv_vis))
 
         out = linear_cross_entropy(
@@ -173,7 +165,7 @@ class DVLoss(nn.Module):
         # Value checks read the labels on the host. Under CUDA-graph capture or torch.compile they
         # cannot: an id outside [0, V) then gives its row a NaN loss (the fused op's contract; the
         # compacting impls still raise, inside the op) and a position in both streams a NaN loss.
-        sync_free = _sync_free(hidden)
+        sync_free = no_host_sync_allowed()
         streams = []
         for name, lab, shift in (("labels", labels, self.shift), ("vision_labels", vision_labels, self.vision_shift)):
             if lab is None:

@@ -49,7 +49,7 @@ def train_tokenizer(path: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     with contextlib.redirect_stdout(io.StringIO()):
-        import this  # noqa: F401 - prints the Zen on import
+        import this
     corpus = [codecs.decode(this.s, "rot13")]
     for name in ("argparse", "json", "collections", "logging", "pathlib", "subprocess", "textwrap",
                  "random", "datetime", "csv", "decimal", "unittest", "email.message", "http.client"):
@@ -78,7 +78,7 @@ def main() -> None:
     overlay.parent.mkdir(parents=True, exist_ok=True)
     from dvsft_kernels.cli import main as cli
 
-    rel = lambda p: str(p.relative_to(ROOT))  # noqa: E731 - paths as the docs show them
+    rel = lambda p: str(p.relative_to(ROOT))
     os.chdir(ROOT)
     code = cli(["label", rel(DATA / "page.png"), rel(DATA / "page.tsv"), "--family", "qwen2_vl",
                 "--tokenizer", rel(DATA / "tokenizer"), "--mode", "aligned", "--overlay", rel(overlay),

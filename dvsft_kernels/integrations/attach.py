@@ -71,7 +71,7 @@ def _text_config(config):
     get = getattr(config, "get_text_config", None)
     try:
         return get() if callable(get) else config
-    except Exception:  # some configs raise when several text configs exist
+    except Exception:  # noqa: BLE001 - some configs raise when several text configs exist
         return config
 
 
@@ -387,7 +387,7 @@ class AttachHandle:
         try:  # rebuild so `loss` is the first field (to_tuple(), outputs[0]) as in a normal HF output
             items = {k: v for k, v in output.items() if k != "loss"}
             new = type(output)(loss=loss, **items)
-        except Exception:
+        except Exception:  # noqa: BLE001 - an output class that cannot be rebuilt: set the item instead
             new = output
             new["loss"] = loss
         new.dvsft_metrics = metrics  # an attribute, not an item: Trainer's logits gathering never sees it
@@ -454,7 +454,7 @@ class AttachHandle:
         if _ATTACHED.get(self.model) is self:
             del _ATTACHED[self.model]
 
-    def __enter__(self) -> AttachHandle:
+    def __enter__(self) -> AttachHandle:  # noqa: PYI034 - Self needs Python 3.11
         return self
 
     def __exit__(self, *exc) -> None:

@@ -218,7 +218,7 @@ class DVSFTCollator:
                 ]
             )
 
-            def expanded(p):
+            def expanded(p, shifts=shifts):
                 return p + sum(d for end, d in shifts if end <= p)
 
             starts = offsets[b, :, 0]

@@ -80,10 +80,7 @@ class DVSFTTrainerMixin:
     # ---- columns -------------------------------------------------------------------------------------
 
     def _dvsft_columns(self) -> list[str]:
-        cols = list(_EXTRA_COLUMNS)
-        for c in getattr(self.data_collator, "dvsft_input_columns", ()) or ():
-            cols.append(c)
-        return cols
+        return [*_EXTRA_COLUMNS, *(getattr(self.data_collator, "dvsft_input_columns", ()) or ())]
 
     def _dvsft_keep_columns(self) -> None:
         if not self.args.remove_unused_columns:

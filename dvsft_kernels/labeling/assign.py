@@ -305,7 +305,7 @@ def label_visual_tokens(
     ):
         raise ValueError(f"min_coverage must be in (0, 1], got {min_coverage!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
-        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")  # noqa: TRY004 (ValueError, as DESIGN asks)
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
     if min_score is not None and (
         isinstance(min_score, bool) or not isinstance(min_score, (int, float)) or math.isnan(min_score)
     ):

@@ -134,7 +134,7 @@ def scatter_vision_labels(
     ``grids`` / ``image_labels``: flat lists in batch order, or per-sample lists. Returns a LongTensor
     shaped like ``input_ids`` (on its device), ``ignore_index`` everywhere else."""
     if isinstance(image_token_id, bool) or not isinstance(image_token_id, (int, np.integer)):
-        raise ValueError(f"image_token_id must be an int, got {image_token_id!r}")  # noqa: TRY004 (ValueError, as DESIGN asks)
+        raise ValueError(f"image_token_id must be an int, got {image_token_id!r}")
     ids, squeeze, device = _as_ids(input_ids)
     flat, per_sample = _flatten(grids, "grids")
     labs, per_sample_l = _flatten(image_labels, "image_labels")

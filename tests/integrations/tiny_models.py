@@ -23,19 +23,19 @@ SPECIAL = {"boi": 1001, "eoi": 1002, "vstart": 1003, "vend": 1004, "video": 1005
 
 
 def _llama(**kw):
-    d = dict(
-        model_type="llama",
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    d = {
+        "model_type": "llama",
+        "vocab_size": V,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
     d.update(kw)
     return d
 
@@ -45,30 +45,30 @@ def _qwen2(**kw):
 
 
 def _clip(**kw):
-    d = dict(
-        model_type="clip_vision_model",
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=16,
-        patch_size=4,
-        projection_dim=32,
-    )
+    d = {
+        "model_type": "clip_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 16,
+        "patch_size": 4,
+        "projection_dim": 32,
+    }
     d.update(kw)
     return d
 
 
 def _siglip(**kw):
-    d = dict(
-        model_type="siglip_vision_model",
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=16,
-        patch_size=4,
-    )
+    d = {
+        "model_type": "siglip_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": 16,
+        "patch_size": 4,
+    }
     d.update(kw)
     return d
 
@@ -147,29 +147,29 @@ def qwen2_vl(seed=0, cls=tf.Qwen2VLForConditionalGeneration, cfg_cls=tf.Qwen2VLC
     torch.manual_seed(seed)
     text = _qwen2(rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0})
     text.pop("model_type")
-    vis = dict(
-        depth=1,
-        embed_dim=32,
-        hidden_size=32,
-        num_heads=2,
-        patch_size=4,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        mlp_ratio=2,
-    )
+    vis = {
+        "depth": 1,
+        "embed_dim": 32,
+        "hidden_size": 32,
+        "num_heads": 2,
+        "patch_size": 4,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "mlp_ratio": 2,
+    }
     if family == "qwen2_5_vl":
-        vis = dict(
-            depth=2,
-            hidden_size=32,
-            out_hidden_size=32,
-            intermediate_size=48,
-            num_heads=2,
-            patch_size=4,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=16,
-            fullatt_block_indexes=[1],
-        )
+        vis = {
+            "depth": 2,
+            "hidden_size": 32,
+            "out_hidden_size": 32,
+            "intermediate_size": 48,
+            "num_heads": 2,
+            "patch_size": 4,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 16,
+            "fullatt_block_indexes": [1],
+        }
     if family == "qwen3_vl":
         text["head_dim"] = 8
         text["rope_parameters"] = {
@@ -178,18 +178,18 @@ def qwen2_vl(seed=0, cls=tf.Qwen2VLForConditionalGeneration, cfg_cls=tf.Qwen2VLC
             "rope_theta": 10000.0,
             "mrope_interleaved": True,
         }
-        vis = dict(
-            depth=2,
-            hidden_size=32,
-            out_hidden_size=32,
-            intermediate_size=48,
-            num_heads=2,
-            patch_size=4,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            num_position_embeddings=16,
-            deepstack_visual_indexes=[0],
-        )
+        vis = {
+            "depth": 2,
+            "hidden_size": 32,
+            "out_hidden_size": 32,
+            "intermediate_size": 48,
+            "num_heads": 2,
+            "patch_size": 4,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "num_position_embeddings": 16,
+            "deepstack_visual_indexes": [0],
+        }
     cfg = cfg_cls(
         text_config=text,
         vision_config=vis,
@@ -266,14 +266,14 @@ def llava_onevision(seed=0):
 
 def internvl(seed=0):
     torch.manual_seed(seed)
-    vis = dict(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=[16, 16],
-        patch_size=[4, 4],
-    )
+    vis = {
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": [16, 16],
+        "patch_size": [4, 4],
+    }
     cfg = tf.InternVLConfig(vision_config=vis, text_config=_qwen2(), image_token_id=IMG, image_seq_length=4)
     model = tf.InternVLForConditionalGeneration(cfg)
     return Tiny("internvl", model, lambda B: {"pixel_values": torch.randn(B, 3, 16, 16)})
@@ -281,14 +281,14 @@ def internvl(seed=0):
 
 def idefics3(seed=0, cls=tf.Idefics3ForConditionalGeneration, cfg_cls=tf.Idefics3Config, family="idefics3"):
     torch.manual_seed(seed)
-    vis = dict(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=16,
-        patch_size=4,
-    )
+    vis = {
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": 16,
+        "patch_size": 4,
+    }
     cfg = cfg_cls(vision_config=vis, text_config=_llama(), image_token_id=IMG, scale_factor=2)
     model = cls(cfg)
 
@@ -307,22 +307,22 @@ def smolvlm(seed=0):
 
 def gemma3(seed=0, final_logit_softcapping=None):
     torch.manual_seed(seed)
-    text = dict(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        query_pre_attn_scalar=8,
-        sliding_window=8,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        final_logit_softcapping=final_logit_softcapping,
-    )
+    text = {
+        "vocab_size": V,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "query_pre_attn_scalar": 8,
+        "sliding_window": 8,
+        "max_position_embeddings": 512,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "final_logit_softcapping": final_logit_softcapping,
+    }
     cfg = tf.Gemma3Config(
         text_config=text,
         vision_config=_siglip(),
@@ -337,30 +337,30 @@ def gemma3(seed=0, final_logit_softcapping=None):
 
 def mistral3(seed=0):
     torch.manual_seed(seed)
-    vis = dict(
-        model_type="pixtral",
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=4,
-        head_dim=16,
-    )
-    text = dict(
-        model_type="mistral",
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    vis = {
+        "model_type": "pixtral",
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 4,
+        "head_dim": 16,
+    }
+    text = {
+        "model_type": "mistral",
+        "vocab_size": V,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "max_position_embeddings": 512,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
     cfg = tf.Mistral3Config(vision_config=vis, text_config=text, image_token_index=IMG, spatial_merge_size=2)
     model = tf.Mistral3ForConditionalGeneration(cfg)
 
@@ -503,33 +503,33 @@ def qwen2_vl_for_processor(processor, seed: int = 0, hidden: int = 32):
     torch.manual_seed(seed)
     tok = processor.tokenizer
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
-    text = dict(
-        vocab_size=len(tok),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        rope_parameters={
+    text = {
+        "vocab_size": len(tok),
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 1024,
+        "rope_parameters": {
             "rope_type": "default",
             "mrope_section": [hidden // 16, hidden // 32, hidden // 32],
             "rope_theta": 10000.0,
         },
-        pad_token_id=ids["<|endoftext|>"],
-        bos_token_id=ids["<|im_start|>"],
-        eos_token_id=ids["<|im_end|>"],
-    )
-    vis = dict(
-        depth=1,
-        embed_dim=hidden,
-        hidden_size=hidden,
-        num_heads=2,
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        mlp_ratio=2,
-    )
+        "pad_token_id": ids["<|endoftext|>"],
+        "bos_token_id": ids["<|im_start|>"],
+        "eos_token_id": ids["<|im_end|>"],
+    }
+    vis = {
+        "depth": 1,
+        "embed_dim": hidden,
+        "hidden_size": hidden,
+        "num_heads": 2,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "mlp_ratio": 2,
+    }
     cfg = tf.Qwen2VLConfig(
         text_config=text,
         vision_config=vis,

@@ -231,8 +231,8 @@ class TestDocTR:
         assert flat(got[0].box) == pytest.approx(flat(((1, 1), (2, 1), (2, 2), (1, 2))))
 
     @pytest.mark.parametrize("doc, match", [
-        (doctr_doc(geometry=((10, 20), (30, 40))), r"pages\[0\]\.blocks\[0\]\.lines\[0\]\.words\[0\]"
-                                                   r"\.geometry\[0\]: .*not a relative"),
+        (doctr_doc(geometry=((10, 20), (30, 40))), (r"pages\[0\]\.blocks\[0\]\.lines\[0\]\.words\[0\]"
+                                                    r"\.geometry\[0\]: .*not a relative")),
         (doctr_doc(confidence="hi"), r"words\[0\]\.confidence"),
         (doctr_doc(geometry=((0.3, 0.2), (0.1, 0.4))), r"words\[0\]\.geometry: \(xmax"),
         ({"pages": [{"dimensions": (1, 1), "blocks": [{"lines": [{"words": [{"value": "x"}]}]}]}]},

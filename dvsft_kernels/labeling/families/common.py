@@ -88,7 +88,7 @@ def as_int(v, name):
     if isinstance(v, float) and v.is_integer():
         v = int(v)
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-        raise ValueError(f"{name} must hold ints, got {v!r}")  # noqa: TRY004 (ValueError, as DESIGN asks)
+        raise ValueError(f"{name} must hold ints, got {v!r}")
     return int(v)
 
 

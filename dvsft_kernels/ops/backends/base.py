@@ -101,7 +101,7 @@ class Backend:
     def op_formula(self, aux: tuple, g: torch.Tensor, options: LCEOptions, grads: Grads, meta: Meta):
         """Gradients straight from the auxiliary outputs (traceable ops), or None: then the
         autograd formula calls the backward op, which runs `op_backward`."""
-        return None
+        return
 
     def op_backward(self, x: Inputs, aux: tuple, g: torch.Tensor, options: LCEOptions, grads: Grads):
         raise NotImplementedError(f"impl={self.name!r} has no custom op")

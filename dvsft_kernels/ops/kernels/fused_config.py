@@ -18,9 +18,9 @@ from dvsft_kernels.ops.options import interpreting
 # that spill there, so those calls use 128 x 128 ("_epilogue"). 3 stages of BK 64 (16-bit) or 32
 # (float32, three TF32 products). GROUP: row tiles that programs running together share.
 FWD_TILES = {
-    "half": dict(BM=128, BV=256, BK=64, num_warps=8, num_stages=3, GROUP=8),
-    "half_epilogue": dict(BM=128, BV=128, BK=64, num_warps=8, num_stages=3, GROUP=8),
-    "fp32": dict(BM=128, BV=128, BK=32, num_warps=8, num_stages=3, GROUP=8),
+    "half": {"BM": 128, "BV": 256, "BK": 64, "num_warps": 8, "num_stages": 3, "GROUP": 8},
+    "half_epilogue": {"BM": 128, "BV": 128, "BK": 64, "num_warps": 8, "num_stages": 3, "GROUP": 8},
+    "fp32": {"BM": 128, "BV": 128, "BK": 32, "num_warps": 8, "num_stages": 3, "GROUP": 8},
 }
 
 
