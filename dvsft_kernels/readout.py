@@ -33,8 +33,8 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 __all__ = [
-    "Readout", "ReadoutToken", "add_readout_args", "draw_readout", "load_checkpoint", "load_processor",
-    "readout", "run_readout",
+    "Readout", "ReadoutToken", "add_readout_args", "auto_scale", "cell_color", "default_prompt", "draw_readout",
+    "load_checkpoint", "load_processor", "readout", "run_readout",
 ]
 
 # Family names accepted by --family / family=, with the processor class each checkpoint of the family
@@ -332,12 +332,17 @@ def _truncated(s: str, font, width: float) -> str:
 
 
 def auto_scale(readout: Readout) -> float:
-    """Scale at which the narrowest cell is about 72 px wide (1..8), the page at most 2400 px."""
+    """Scale at which the narrowest cell is about 72 px wide (1..8), with the page at most 2400 px
+    (never below 1 for one view); a montage of several views at most 4800 px on its longer side."""
     widths = [t.box[2] - t.box[0] for t in readout.tokens if t.box is not None]
-    if not widths:
-        return 1.0
     H, W = readout.image_size
-    s = min(max(_TARGET_CELL_PX / max(min(widths), 1e-6), 1.0), 8.0, max(_MAX_SIDE_PX / max(H, W), 1.0))
+    s = min(max(_TARGET_CELL_PX / max(min(widths), 1e-6), 1.0), 8.0) if widths else 1.0
+    s = min(s, max(_MAX_SIDE_PX / max(H, W), 1.0))
+    nv = len(readout.grid.views)
+    if nv > 1:
+        ncol = math.ceil(math.sqrt(nv))
+        nrow = math.ceil(nv / ncol)
+        s = min(s, 2 * _MAX_SIDE_PX / max(ncol * W, nrow * H))
     return float(s)
 
 

@@ -38,10 +38,11 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 FONT_DIR = "/usr/share/fonts/truetype/dejavu"
 FONTS = ["DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf"]
-WORDS = (
-    "apple river stone cloud green house light table water north paper smile tiger piano"
-    " candle forest bridge garden silver rocket window yellow dragon mirror"
-).split()
+WORDS = [
+    "apple", "river", "stone", "cloud", "green", "house", "light", "table", "water", "north", "paper", "smile",
+    "tiger", "piano", "candle", "forest", "bridge", "garden", "silver", "rocket", "window", "yellow", "dragon",
+    "mirror",
+]
 SPECIALS = [
     "<|endoftext|>",
     "<|im_start|>",
@@ -143,33 +144,33 @@ def build_model(processor, hidden=96, layers=2, vision_depth=2):
     tok = processor.tokenizer
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIALS}
     head_dim = hidden // 4
-    text = dict(
-        vocab_size=len(tok),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rope_parameters={
+    text = {
+        "vocab_size": len(tok),
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "rope_parameters": {
             "rope_type": "default",
             "rope_theta": 10000.0,
             "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8],
         },
-        pad_token_id=ids["<|endoftext|>"],
-        bos_token_id=ids["<|im_start|>"],
-        eos_token_id=ids["<|im_end|>"],
-    )
-    vision = dict(
-        depth=vision_depth,
-        embed_dim=hidden,
-        hidden_size=hidden,
-        num_heads=4,
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        mlp_ratio=2,
-    )
+        "pad_token_id": ids["<|endoftext|>"],
+        "bos_token_id": ids["<|im_start|>"],
+        "eos_token_id": ids["<|im_end|>"],
+    }
+    vision = {
+        "depth": vision_depth,
+        "embed_dim": hidden,
+        "hidden_size": hidden,
+        "num_heads": 4,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "mlp_ratio": 2,
+    }
     cfg = tf.Qwen2VLConfig(
         text_config=text,
         vision_config=vision,
