@@ -12,15 +12,7 @@ then (the fused one reruns its forward for the row statistics: 2 n D V more FLOP
 
 from __future__ import annotations
 
-from dvsft_kernels.ops.backends.base import (
-    Backend,
-    Grads,
-    Inputs,
-    Meta,
-    fake_precomputed_aux,
-    precomputed_aux,
-    precomputed_formula,
-)
+from dvsft_kernels.ops.backends.base import Backend, Grads, Inputs, Meta, PrecomputedLayout, precomputed_aux
 from dvsft_kernels.ops.backends.fused import fused_backward_core, fused_forward_core
 from dvsft_kernels.ops.backends.registry import get_backend, register
 from dvsft_kernels.ops.options import LCEOptions, capturing
@@ -32,7 +24,7 @@ def run_time_choice() -> str:
 
 
 @register
-class AutoBackend(Backend):
+class AutoBackend(PrecomputedLayout, Backend):
     name = "auto"
 
     def op_forward(self, x: Inputs, options: LCEOptions, grads: Grads):
@@ -47,14 +39,6 @@ class AutoBackend(Backend):
         dh = dh.reshape(x.hidden.shape) if grads.hidden else None
         return fwd, precomputed_aux(x.hidden, dh, dW.float() if grads.weight else None,
                                     db.float() if grads.bias else None)
-
-    def fake_aux(self, x: Inputs, options: LCEOptions, grads: Grads):
-        return fake_precomputed_aux(x, options, grads)
-
-    def op_formula(self, aux, g, options: LCEOptions, grads: Grads, meta: Meta):
-        if options.reduction == "none":
-            return None
-        return precomputed_formula(aux, g, grads, meta)
 
     def op_backward(self, x: Inputs, aux, g, options: LCEOptions, grads: Grads):
         choice = run_time_choice()

@@ -153,7 +153,20 @@ def scale_output(x: torch.Tensor, g: torch.Tensor | None, dtype: torch.dtype) ->
     return torch.mul(x, g, out=torch.empty(x.shape, dtype=dtype, device=x.device))
 
 
-class CompactBackend(Backend):
+class PrecomputedLayout:
+    """Custom-op hooks of the "precomputed" auxiliary layout (below): mean / sum scale the gradients
+    formed in the forward, "none" calls the backward op."""
+
+    def fake_aux(self, x: Inputs, options: LCEOptions, grads: Grads) -> tuple:
+        return fake_precomputed_aux(x, options, grads)
+
+    def op_formula(self, aux, g, options: LCEOptions, grads: Grads, meta: Meta):
+        if options.reduction == "none":
+            return None
+        return precomputed_formula(aux, g, grads, meta)
+
+
+class CompactBackend(PrecomputedLayout, Backend):
     """Compacts the labeled rows, then runs `rows` on them (the backend's own product)."""
 
     def rows(self, h, weight, bias, t, scale, options: LCEOptions, grads: Grads):
@@ -234,14 +247,6 @@ class CompactBackend(Backend):
             full = torch.zeros(x.targets.numel(), ref.shape[-1], dtype=torch.float32, device=ref.device)
             dh = full.index_copy_(0, saved.idx, dh).reshape(ref.shape)
         return fwd, precomputed_aux(ref, dh, saved.dW, saved.db)
-
-    def fake_aux(self, x: Inputs, options: LCEOptions, grads: Grads) -> tuple:
-        return fake_precomputed_aux(x, options, grads)
-
-    def op_formula(self, aux, g, options: LCEOptions, grads: Grads, meta: Meta):
-        if options.reduction == "none":
-            return None
-        return precomputed_formula(aux, g, grads, meta)
 
     def op_backward(self, x: Inputs, aux, g, options: LCEOptions, grads: Grads):
         idx, t, h, w = compact_rows(x, options.ignore_index, self.vocab_size(x.weight))
