@@ -16,13 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dvsft_kernels.errors import UsageError
+
 EXIT_USAGE = 2
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif")
 OCR_EXTS = (".tsv", ".hocr", ".html", ".htm", ".xhtml", ".json", ".jsonl", ".txt")
-
-
-class UsageError(Exception):
-    """Bad command-line input: printed as ``dvsft-kernels CMD: error: MSG``, exit status 2."""
 
 
 # optional dependencies by top-level module: the pip command that installs each

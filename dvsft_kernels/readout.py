@@ -655,7 +655,7 @@ def add_readout_args(p: argparse.ArgumentParser) -> None:
 
 
 def _out_path(flag: str, value: str | None) -> Path | None:
-    from dvsft_kernels.cli import UsageError
+    from dvsft_kernels.errors import UsageError
 
     if value is None:
         return None
@@ -671,7 +671,7 @@ def run_readout(args) -> int:
     """`dvsft-kernels readout`: bad input is a UsageError naming its flag (exit 2, no traceback)."""
     import torch
 
-    from dvsft_kernels.cli import UsageError
+    from dvsft_kernels.errors import UsageError
     from dvsft_kernels.labeling import read_ocr
 
     if not 0.0 < args.min_coverage <= 1.0:

@@ -375,7 +375,9 @@ class AttachHandle:
                 num_vision_items=state["n_vis"],
             )
         metrics = {k: getattr(res, k).detach() for k in METRIC_NAMES}
-        self.last_output = DVLossOutput(loss=res.loss.detach(), **metrics)
+        # per-position predictions too, when the loss was asked for them (what readout() draws)
+        self.last_output = DVLossOutput(loss=res.loss.detach(), **metrics, predicted=res.predicted,
+                                        probability=res.probability)
         return self._with_loss(output, res.loss, metrics)
 
     # ---- helpers -------------------------------------------------------------------------------------
