@@ -18,7 +18,7 @@ from torch import nn
 
 from dvsft_kernels.ops.backends.vocab_parallel import refusing_on_error
 from dvsft_kernels.ops.function import linear_cross_entropy
-from dvsft_kernels.ops.options import no_host_sync_allowed, safe_reciprocal
+from dvsft_kernels.ops.options import mean_denominator, no_host_sync_allowed, safe_reciprocal
 
 # DVLossOutput's detached per-stream figures, in the order metrics() and the trainer report them
 METRIC_NAMES = ("text_loss", "vision_loss", "text_tokens", "vision_tokens", "text_accuracy", "vision_accuracy")
@@ -200,12 +200,11 @@ class DVLoss(nn.Module):
 
     @staticmethod
     def _denominator(name, given, count):
-        if given is None:
-            return count.float()
         if isinstance(given, torch.Tensor):
             if given.dim() != 0:
                 raise ValueError(f"{name}: expected an int or a 0-dim tensor")
-            return given.detach().to(device=count.device, dtype=torch.float32)
-        if isinstance(given, bool) or not isinstance(given, (int, float)) or given < 0 or not math.isfinite(given):
+            given = given.detach()
+        elif given is not None and (isinstance(given, bool) or not isinstance(given, (int, float)) or given < 0
+                                    or not math.isfinite(given)):
             raise ValueError(f"{name}: expected a number >= 0 or a 0-dim tensor, got {given!r}")
-        return torch.full((), float(given), device=count.device)  # a fill, not a host-to-device copy
+        return mean_denominator(count, given, count.device)

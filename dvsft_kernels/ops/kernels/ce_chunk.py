@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from dvsft_kernels.ops.kernels.common import softcap_tanh
-from dvsft_kernels.ops.options import interpreting
+from dvsft_kernels.ops.options import LCEOptions, interpreting
 
 
 @triton.jit
@@ -209,12 +209,7 @@ def ce_chunk(
             raise ValueError(f"row_scale: expected a float tensor of shape ({m},), got "
                              f"{row_scale.dtype} {tuple(row_scale.shape)}")
         _check_device("row_scale", row_scale, device)
-    if label_smoothing < 0 or label_smoothing > 1:
-        raise ValueError(f"label_smoothing: must be in [0, 1], got {label_smoothing}")
-    if z_loss < 0:
-        raise ValueError(f"z_loss: must be >= 0, got {z_loss}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap: must be > 0 or None, got {softcap}")
+    LCEOptions(label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)  # the op's checks of these
     if grad_out is not None and grad_out.data_ptr() == x.data_ptr() and grad_out.stride() == x.stride():
         grad_out = None  # x itself: in place
     if grad_out is not None:
