@@ -78,6 +78,10 @@ class LCEOptions:
     def replace(self, **changes) -> LCEOptions:
         return dataclasses.replace(self, **changes)
 
+    def loss_terms(self) -> dict:
+        """The options that define the loss value, as the Triton launchers take them (keywords)."""
+        return {"label_smoothing": self.label_smoothing, "z_loss": self.z_loss, "softcap": self.softcap}
+
     def wants_deterministic(self) -> bool:
         det = self.deterministic
         return torch.are_deterministic_algorithms_enabled() if det is None else det

@@ -55,7 +55,7 @@ def lce_chunked(h, weight, bias, targets, scale, options: LCEOptions, grads: Gra
         g = gbuf[:m]
         l_c, lse_c, pred_c = ce_chunk(
             x, targets[s0:s1], scale[s0:s1] if any_grad else None,
-            label_smoothing=options.label_smoothing, z_loss=options.z_loss, softcap=options.softcap,
+            **options.loss_terms(),
             compute_grad=any_grad, grad_out=None if g.data_ptr() == x.data_ptr() else g,
         )
         loss[s0:s1] = l_c

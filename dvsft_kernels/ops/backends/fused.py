@@ -95,8 +95,8 @@ def fused_forward_core(x: Inputs, options: LCEOptions, grads: Grads) -> tuple[Fo
         check_deterministic(options.wants_deterministic(), dev)  # at the call, not first in the backward
     idx, count = build_index(flat_t, options.ignore_index)
     row_loss, lse, pred, stat = fused_forward(
-        h2, weight, bias, flat_t, idx, count, label_smoothing=options.label_smoothing, z_loss=options.z_loss,
-        softcap=options.softcap, config=fused_config.default_config(dev, weight.dtype))
+        h2, weight, bias, flat_t, idx, count, **options.loss_terms(),
+        config=fused_config.default_config(dev, weight.dtype))
     tw = token_weights.reshape(-1).float() if token_weights is not None else None
     if options.reduction == "mean":
         inv = safe_reciprocal(mean_denominator(count, num_items, dev))
@@ -132,7 +132,7 @@ def fused_backward_core(saved: FusedSaved, g, options: LCEOptions, grads: Grads,
     check_deterministic(det, saved.h2.device)
     dh, dW, db = fused_backward(
         saved.h2, saved.weight, saved.bias, saved.flat_t, saved.idx, saved.count, saved.stat, scale,
-        label_smoothing=options.label_smoothing, z_loss=options.z_loss, softcap=options.softcap,
+        **options.loss_terms(),
         grad_h=grads.hidden, grad_w=grads.weight, grad_b=grads.bias, deterministic=det,
         grad_filter=options.grad_filter, config=fused_config.default_config(saved.h2.device, saved.weight.dtype),
     )

@@ -16,13 +16,15 @@ used here because their fused pass needs the whole row (see the README's "Scalin
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import zlib
 
 import torch
 import torch.distributed as dist
 
 from dvsft_kernels.ops.backends.base import CompactBackend, Grads, Inputs
 from dvsft_kernels.ops.gemm import chunk_rows_for, compute_weight, explicit_grad_gemms, mm_f32, row_outputs
-from dvsft_kernels.ops.options import FLOAT_DTYPES, REDUCTIONS, LCEOptions
+from dvsft_kernels.ops.options import FLOAT_DTYPES, LCEOptions
 
 
 class Collectives:
@@ -47,9 +49,12 @@ class Collectives:
 # The agreement check: one all_gather of a small int64 fingerprint per rank before any other
 # collective. Exact fields must match on every rank; the float checksums (float64 bits in the same
 # vector) within _RTOL of their scale, so identical inputs reduced in another order still agree.
-_EXACT = ("ok", "V_local", "rows", "D", "ignore_index", "dtype", "grad_hidden", "grad_weight", "bias",
-          "grad_bias", "reduction", "label_smoothing", "z_loss", "softcap", "chunk_rows", "token_weights",
-          "num_items", "targets")
+# Every field of LCEOptions takes part (a new option needs no edit here) except those that only choose
+# how this rank computes.
+_RANK_LOCAL_OPTIONS = ("impl", "deterministic", "return_stats")
+_OPTIONS = tuple(f.name for f in dataclasses.fields(LCEOptions) if f.name not in _RANK_LOCAL_OPTIONS)
+_EXACT = ("ok", "V_local", "rows", "D", "dtype", "grad_hidden", "grad_weight", "bias", "grad_bias",
+          "token_weights", "num_items", "targets", *_OPTIONS)
 _FLOAT = ("hidden", "hidden_scale", "token_weights_sum", "token_weights_scale")
 _RTOL = 1e-6
 
@@ -57,6 +62,18 @@ _RTOL = 1e-6
 def _bits(x) -> int:
     """A float as the int64 of its float64 bits (exact comparison of option values)."""
     return int(torch.tensor(float(x), dtype=torch.float64).view(torch.int64))
+
+
+def _option_code(v) -> int:
+    """An option value as one int64 for the fingerprint: None -1, bools and ints as they are, floats by
+    their bits, strings by their CRC-32."""
+    if v is None:
+        return -1
+    if isinstance(v, (bool, int)):
+        return int(v)
+    if isinstance(v, float):
+        return _bits(v)
+    return zlib.crc32(str(v).encode())
 
 
 def _gather(group, exact: torch.Tensor, floats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,7 +116,7 @@ def vocab_layout(group, x: Inputs, options: LCEOptions) -> tuple[int, int]:
     size, the options and which gradients are computed, so a mismatch is a ValueError everywhere
     rather than a hang in a later collective or a silently wrong loss."""
     hidden, weight, bias, targets, token_weights, num_items = x
-    ignore_index, reduction = options.ignore_index, options.reduction
+    ignore_index = options.ignore_index
     dev = hidden.device
     D = hidden.shape[-1]
     flat_t = targets.reshape(-1).to(torch.int64)
@@ -127,14 +144,12 @@ def vocab_layout(group, x: Inputs, options: LCEOptions) -> tuple[int, int]:
         n_items = torch.tensor(-1, dtype=torch.int64, device=dev)
     else:  # a device tensor stays on the device: no host sync
         n_items = torch.as_tensor(num_items, device=dev).double().reshape(()).view(torch.int64)
-    softcap = options.softcap
-    head = [1, weight.shape[0], n, D, ignore_index, FLOAT_DTYPES.index(hidden.dtype),
+    head = [1, weight.shape[0], n, D, FLOAT_DTYPES.index(hidden.dtype),
             int(grad_on and hidden.requires_grad), int(grad_on and weight.requires_grad), int(bias is not None),
-            int(bias is not None and grad_on and bias.requires_grad), REDUCTIONS.index(reduction),
-            _bits(options.label_smoothing), _bits(options.z_loss), -1 if softcap is None else _bits(softcap),
-            int(options.chunk_rows or 0), int(token_weights is not None)]
+            int(bias is not None and grad_on and bias.requires_grad), int(token_weights is not None)]
+    codes = [_option_code(getattr(options, name)) for name in _OPTIONS]
     exact = torch.cat([torch.tensor(head, dtype=torch.int64, device=dev), n_items.reshape(1),
-                       t_check.reshape(1)])
+                       t_check.reshape(1), torch.tensor(codes, dtype=torch.int64, device=dev)])
     floats = torch.stack([h_sum, h_scale, tw_sum, tw_scale])
     ex, fl = _gather(group, exact, floats)
 
