@@ -20,6 +20,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks import costs, e2e, fused_sweep, providers, report, runner, shapes, worker
+from tests.import_graph import import_cycles
 
 TIMING = {"cpu": {"warmup": 1, "min_reps": 1, "max_reps": 1, "min_time_s": 0.0}}
 TINY = shapes.Shape("tiny-test", 48, 24, 263, 0.5)
@@ -430,42 +431,9 @@ def test_fused_sweep_smoke_under_the_interpreter(tmp_path):
     assert rows[-1]["part"] == "done"
 
 
-def _benchmarks_import_graph() -> dict[str, set[str]]:
-    """module -> the benchmarks modules it imports (anywhere in the file, function bodies included)."""
-    import ast
-
-    names = {p.stem for p in (REPO / "benchmarks").glob("*.py")}
-    graph = {}
-    for p in (REPO / "benchmarks").glob("*.py"):
-        deps = set()
-        for node in ast.walk(ast.parse(p.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                if node.module == "benchmarks":
-                    deps |= {a.name for a in node.names if a.name in names}
-                elif node.module.startswith("benchmarks."):
-                    deps.add(node.module.split(".")[1])
-            elif isinstance(node, ast.Import):
-                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("benchmarks.")}
-        graph[p.stem] = deps - {p.stem}
-    return graph
-
-
 def test_benchmarks_modules_import_no_cycle():
-    graph = _benchmarks_import_graph()
-    assert "errors" in graph["worker"] and "errors" in graph["e2e"] and "e2e" in graph["worker"]
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
-
-    def visit(m, path):
-        state[m] = 1
-        for d in sorted(graph.get(m, ())):
-            assert state.get(d) != 1, "import cycle: " + " -> ".join([*path, m, d])
-            if d not in state:
-                visit(d, [*path, m])
-        state[m] = 2
-
-    for m in sorted(graph):
-        if m not in state:
-            visit(m, [])
+    # e2e and worker share the failed-row formatter through errors.py instead of importing each other
+    assert import_cycles(REPO / "benchmarks", "benchmarks") == []
 
 
 def test_failing_e2e_cell_is_a_failed_row(monkeypatch):
