@@ -6,6 +6,11 @@ the view's content). A token gets the word of largest coverage if that is >= ``m
 more specific one, e.g. a word over its line), then the word listed first. Separator / newline /
 padding positions of the grid are never labeled.
 
+Punctuation: a word's leading and trailing punctuation (Unicode categories P*, plus quote-like
+symbols such as ``\u0060`` and ``\u00b4``) is not its content: ``\u2018Total:`` is tokenised and labeled as
+``Total`` (``first``: every cell gets ``Total``'s first token; ``aligned``: a cell over a stripped
+character gets the nearest content token). A word that is only punctuation keeps its own tokens.
+
 Speed: cells of a view form a separable grid (column x-spans times row y-spans), so each word's
 touched columns / rows come from two ``searchsorted`` calls and only (word, touched cell) pairs are
 scored; all words of a page are tokenised in one batched call.
@@ -13,9 +18,11 @@ scored; all words of a page are tokenised in one batched call.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import operator
+import unicodedata
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -108,6 +115,29 @@ def _boxes(raw_boxes) -> np.ndarray:
             q = b.reshape(n, 4, 2)
             return np.concatenate([q.min(axis=1), q.max(axis=1)], axis=1)
     return np.stack([_one_box(bx, i) for i, bx in enumerate(raw_boxes)])
+
+
+# ------------------------------------------------------------------------------------------------
+# a word's content: the text without leading / trailing punctuation
+#: symbols OCR engines return for quotes that are not in a Unicode punctuation category (P*)
+QUOTE_LIKE = frozenset("`\u00b4\u02b9\u02ba\u02bb\u02bc\u02dd\u02ee\u2032\u2033\u2034\u2035\u2036\u2037\uff02\uff07\uff40")
+
+
+def _is_punct(ch: str) -> bool:
+    return ch in QUOTE_LIKE or ch.isspace() or unicodedata.category(ch).startswith("P")
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def content_span(text: str) -> tuple[int, int]:
+    """``(start, end)``: ``text[start:end]`` is the word without its leading and trailing punctuation
+    (Unicode categories P*, :data:`QUOTE_LIKE`, whitespace); ``(0, len(text))`` when nothing else is
+    left (a word that is only punctuation keeps its own tokens)."""
+    a, b = 0, len(text)
+    while a < b and _is_punct(text[a]):
+        a += 1
+    while b > a and _is_punct(text[b - 1]):
+        b -= 1
+    return (a, b) if a < b else (0, len(text))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -369,7 +399,9 @@ def label_visual_tokens(
 
     ok = np.flatnonzero(reason < 0)
     prefix = default_add_prefix_space(tokenizer) if add_prefix_space is None else add_prefix_space
-    toks = _tokenize(tokenizer, [texts[i] for i in ok], prefix, mode == "aligned", bool(token_cache))
+    spans = [content_span(texts[i]) for i in ok]
+    contents = [texts[i][a:b] for i, (a, b) in zip(ok.tolist(), spans)]
+    toks = _tokenize(tokenizer, contents, prefix, mode == "aligned", bool(token_cache))
     no_tok = toks.count == 0
     reason[ok[no_tok]] = 6
     keep = ~no_tok  # over ok
@@ -419,8 +451,12 @@ def label_visual_tokens(
             bw = wi[best]
             pos = toks.start[keep][bw]
             if mode == "aligned":
+                kept = np.flatnonzero(keep)
                 pos = pos + _aligned_piece(
-                    np.concatenate(xc_l)[best], bw, box[wids], toks, keep, [texts[i] for i in wids]
+                    np.concatenate(xc_l)[best], bw, box[wids], toks, keep,
+                    nchar=np.array([len(contents[k]) for k in kept], np.int64).reshape(-1),
+                    full=np.array([len(texts[i]) for i in wids], np.int64).reshape(-1),
+                    lead=np.array([spans[k][0] for k in kept], np.int64).reshape(-1),
                 )
             labels[tok[best]] = toks.ids[pos]
             report.labeled_tokens = int(best.size)
@@ -429,12 +465,16 @@ def label_visual_tokens(
     return (out, report) if return_report else out
 
 
-def _aligned_piece(xc, bw, raw_box, toks: _Tokens, keep, texts) -> np.ndarray:
-    """Piece offset (within its word) under horizontal position xc, for tokens won by words bw."""
-    nchar = np.fromiter(map(len, texts), np.int64, len(texts))
+def _aligned_piece(xc, bw, raw_box, toks: _Tokens, keep, *, nchar, full, lead) -> np.ndarray:
+    """Piece offset (within its word) under horizontal position xc, for tokens won by words bw.
+
+    ``full``: characters of each word's text, over which the box is spread; ``nchar`` / ``lead``: the
+    length and start of its content (the tokenised part); a position over a stripped character is
+    moved to the nearest content character."""
     x0, x1 = raw_box[bw, 0], raw_box[bw, 2]
     frac = np.clip((xc - x0) / (x1 - x0), 0.0, 1.0)
-    ch = np.minimum((frac * nchar[bw]).astype(np.int64), nchar[bw] - 1)
+    ch = np.minimum((frac * full[bw]).astype(np.int64), full[bw] - 1)
+    ch = np.clip(ch - lead[bw], 0, nchar[bw] - 1)
     # pieces of the kept words, keyed by (word, char start): the last piece starting at or before the
     # character holds it; among pieces with the same start (a character split over bytes) the first
     start, count = toks.start[keep], toks.count[keep]  # dropped words have no pieces: all pieces are kept
