@@ -80,6 +80,10 @@ def test_stats_match_torch_impl():
     torch.testing.assert_close(a.lse, b.lse, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(a.row_loss, b.row_loss, rtol=1e-5, atol=1e-5)
     assert torch.equal(a.correct, b.correct)
+    top = (case.hidden.double() @ case.weight.double().T + case.bias.double()).argmax(-1)
+    labeled = case.targets != -100
+    assert torch.equal(a.predicted, b.predicted) and torch.equal(a.predicted[labeled].cpu(), top[labeled].cpu())
+    assert bool((a.predicted[~labeled] == -1).all())
 
 
 def _tie_inputs(V, D=16):

@@ -60,6 +60,10 @@ def test_stats_match_spec():
     torch.testing.assert_close(out.lse, lse.float(), rtol=1e-5, atol=1e-5)
     assert torch.equal(out.correct, correct)
     assert correct.any() and not correct.all()
+    # predicted: the spec's argmax at every labeled position (checked beyond the rows where it is
+    # the target), -1 at ignored ones
+    labeled = case.targets != -100
+    assert torch.equal(out.predicted[labeled], top[labeled]) and bool((out.predicted[~labeled] == -1).all())
     ref_rows = naive_linear_cross_entropy(case.hidden, case.weight, case.targets, case.bias, softcap=4.0,
                                           reduction="none")
     torch.testing.assert_close(out.row_loss, ref_rows.float(), rtol=1e-5, atol=1e-5)
@@ -295,6 +299,10 @@ def test_chunked_stats_match_torch_impl():
     torch.testing.assert_close(a.lse, b.lse, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(a.row_loss, b.row_loss, rtol=1e-5, atol=1e-5)
     assert torch.equal(a.correct, b.correct)
+    top = (case.hidden.double() @ case.weight.double().T).argmax(-1)
+    labeled = case.targets != -100
+    assert torch.equal(a.predicted, b.predicted) and torch.equal(a.predicted[labeled].cpu(), top[labeled].cpu())
+    assert bool((a.predicted[~labeled] == -1).all())
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
