@@ -378,3 +378,32 @@ def test_ignore_index(impl, ignore_index):
         bad[0, 3] = -100
         with pytest.raises(ValueError, match="^vision_labels: ids must lie in"):
             fn(hidden, weight, labels, bad)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_return_predictions_match_full_logits(softcap):
+    """predicted / probability at every position with a target (either stream) equal the float64
+    argmax and softmax probability of the full logits; -1 / 0 elsewhere; absent by default."""
+    hidden, weight, labels, vision = make(seed=3)
+    bias = torch.randn(weight.shape[0], generator=torch.Generator().manual_seed(4))
+    out = DVLoss(0.5, softcap=softcap, return_predictions=True)(hidden, weight, labels, vision, bias=bias)
+    z = hidden.double() @ weight.double().T + bias.double()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    p = z.softmax(-1)
+    text_t = torch.full_like(labels, IGN)
+    text_t[:, :-1] = labels[:, 1:]  # the HF shift of the text stream; vision unshifted
+    has = (text_t != IGN) | (vision != IGN)
+    top = z.argmax(-1)
+    assert torch.equal(out.predicted[has], top[has]) and bool((out.predicted[~has] == -1).all())
+    torch.testing.assert_close(out.probability[has].double(), p.gather(-1, top[..., None])[..., 0][has],
+                               rtol=1e-5, atol=1e-6)
+    assert bool((out.probability[~has] == 0).all())
+    plain = DVLoss(0.5, softcap=softcap)(hidden, weight, labels, vision, bias=bias)
+    assert plain.predicted is None and plain.probability is None
+    torch.testing.assert_close(plain.loss, out.loss)
+
+
+def test_return_predictions_errors():
+    with pytest.raises(ValueError, match="^return_predictions: expected a bool"):
+        DVLoss(return_predictions=1)
