@@ -94,6 +94,9 @@ class DVLoss(nn.Module):
         self.chunk_rows, self.deterministic, self.grad_filter = chunk_rows, deterministic, grad_filter
         if not isinstance(return_predictions, bool):
             raise ValueError(f"return_predictions: expected a bool, got {return_predictions!r}")
+        if return_predictions and process_group is not None:
+            # the gathered logit of the predicted token lives on one rank's slice of the head
+            raise ValueError("return_predictions: not supported with process_group (vocabulary-parallel head)")
         self.return_predictions = return_predictions
 
     def extra_repr(self) -> str:
@@ -137,10 +140,7 @@ class DVLoss(nn.Module):
     @torch.no_grad()
     def _predictions(self, hidden, weight, bias, out) -> dict:
         """predicted (the op's argmax) and its probability exp(z_pred - lse), z_pred from one gathered
-        dot per position (no logits). With a process group the local weight holds a slice, so the
-        gathered logit would need another collective: refused."""
-        if self.process_group is not None:
-            raise ValueError("return_predictions: not supported with process_group (vocabulary-parallel head)")
+        dot per position (no logits)."""
         pred = out.predicted
         has = pred >= 0
         rows = pred.clamp_min(0)

@@ -407,3 +407,5 @@ def test_return_predictions_match_full_logits(softcap):
 def test_return_predictions_errors():
     with pytest.raises(ValueError, match="^return_predictions: expected a bool"):
         DVLoss(return_predictions=1)
+    with pytest.raises(ValueError, match="^return_predictions: not supported with process_group"):
+        DVLoss(return_predictions=True, process_group=object())
