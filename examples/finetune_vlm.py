@@ -365,6 +365,7 @@ def main(argv=None):
     # LLaVA-OneVision, ... in transformers 5) nothing matches and the run would silently go on from
     # --model's weights. A full-weights checkpoint is therefore loaded with from_pretrained here, and
     # Trainer's weight loading skipped (optimizer, scheduler, RNG and data position still come from it).
+    # (huggingface/transformers#43701; still so in 5.24.)
     weights_from = resume if resume and not args.lora else path
     model, processor = load_checkpoint(weights_from, device=device, dtype=args.dtype)
     processor = savable(processor)
