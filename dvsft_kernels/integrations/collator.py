@@ -14,16 +14,39 @@ conversation, the processor expands image placeholders and tokenises, and
 
 Everything else the processor returns (pixel values, `image_grid_thw`, `mm_token_type_ids`,
 `token_type_ids`, `image_sizes`, `pixel_attention_mask`, ...) passes through unchanged.
+
+Bad records (docs/labeling.md, "Collating with OCR"): a record without messages, or whose image is
+missing, unreadable, truncated or over Pillow's decompression-bomb limit, is left out of the batch,
+counted in `collator.skipped` (reason -> count) and logged; a page where OCR finds no words, or
+where the OCR engine fails, keeps its text labels and gets no vision labels (`collator.ocr_stats`).
+`strict=True` raises a ValueError naming the record instead of skipping it.
 """
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 _DROP = ("offset_mapping", "text_replacement_offsets")
+log = logging.getLogger(__name__)
+
+#: reasons a record is left out of a batch (keys of ``DVSFTCollator.skipped``)
+SKIP_REASONS = ("no_messages", "missing_file", "unreadable_image", "decompression_bomb")
+
+
+class _Skip(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _record_name(s, i: int) -> str:
+    rid = s.get("id") if isinstance(s, Mapping) else None
+    return f"sample {i}" if rid is None else f"sample {i} (id {rid!r})"
 
 
 def _listify(x) -> list:
@@ -43,7 +66,12 @@ class DVSFTCollator:
         an image part, one is put before the first user message's text for each image;
       * ``image`` (one image) or ``images`` (a list);
       * ``words``: the OCR words of the image (``OCRWord`` / ``(text, box[, score])`` / dicts), or one such
-        list per image when there are several; ``None`` or ``[]``: no vision labels for that image.
+        list per image when there are several; ``[]``: no vision labels for that image; absent or
+        ``None``: read by ``ocr`` when it is set, else no vision labels;
+      * ``id`` (optional): named in warnings and errors.
+
+    Images given as paths are opened here (a PIL image is loaded here), so an unreadable one is a
+    skipped record rather than an error inside the processor.
 
     Args:
         processor: the model's processor (image processor + tokenizer + chat template).
@@ -52,10 +80,21 @@ class DVSFTCollator:
         image_token_id: the model's ``config.image_token_id`` if it differs from the processor's.
         max_length: refuse batches longer than this (truncation would cut image runs).
         processor_kwargs: extra keyword arguments for the processor call.
+        ocr: words for records without them: an engine name (``"tesseract"``, ``"paddleocr"``,
+            ``"doctr"``; ``dvsft_kernels.labeling.run_ocr``, cached by the image's content, so later
+            epochs do not rerun it), a callable ``image -> words`` (called with the PIL image), or None.
+        ocr_kwargs: keyword arguments for ``run_ocr`` (``lang``, ``cache_dir``, ``min_confidence``, ...).
+        strict: raise a ValueError naming the record on bad data instead of skipping it (see the
+            module docstring); an empty page is never an error.
+
+    Attributes:
+        skipped: ``Counter`` of records left out, by reason (:data:`SKIP_REASONS`).
+        ocr_stats: ``Counter``: ``pages`` read by OCR, ``no_words`` (pages where it found none),
+            ``failed`` (pages where the engine failed: no vision labels).
     """
 
     #: raw sample keys a Trainer must not drop before collation (read by the DV-SFT trainer mixin)
-    dvsft_input_columns = ("image", "images", "words", "messages")
+    dvsft_input_columns = ("image", "images", "words", "messages", "id")
 
     def __init__(
         self,
@@ -69,7 +108,16 @@ class DVSFTCollator:
         max_length: int | None = None,
         processor_kwargs: Mapping[str, Any] | None = None,
         label_kwargs: Mapping[str, Any] | None = None,
+        ocr=None,
+        ocr_kwargs: Mapping[str, Any] | None = None,
+        strict: bool = False,
     ):
+        if not isinstance(strict, bool):
+            raise ValueError(f"strict: expected True or False, got {strict!r}")
+        self.ocr, self.ocr_kwargs = self._check_ocr(ocr, ocr_kwargs)
+        self.strict = strict
+        self.skipped: Counter = Counter()
+        self.ocr_stats: Counter = Counter()
         if train_on not in ("assistant", "last"):
             raise ValueError(f"train_on: expected 'assistant' or 'last', got {train_on!r}")
         tok = getattr(processor, "tokenizer", None)
@@ -83,23 +131,93 @@ class DVSFTCollator:
         self.processor_kwargs = dict(processor_kwargs or {})
         self.label_kwargs = {"mode": mode, "min_coverage": min_coverage, **dict(label_kwargs or {})}
 
+    @staticmethod
+    def _check_ocr(ocr, ocr_kwargs):
+        import inspect
+
+        from dvsft_kernels.labeling.ocr import _engine_options, check_engine, run_ocr
+
+        kwargs = dict(ocr_kwargs or {})
+        if ocr is None or callable(ocr):
+            if kwargs:
+                raise ValueError("ocr_kwargs: only used with an OCR engine name (ocr='tesseract', ...)")
+            return ocr, kwargs
+        if not isinstance(ocr, str):
+            raise ValueError(f"ocr: expected an engine name, a callable or None, got {type(ocr).__name__}")
+        try:
+            check_engine(ocr)
+        except ValueError as e:  # OCREngineMissing keeps its type
+            raise type(e)(f"ocr: {str(e).removeprefix('engine: ')}") from None
+        try:
+            inspect.signature(run_ocr).bind(None, ocr, **kwargs)
+        except TypeError as e:
+            raise ValueError(f"ocr_kwargs: {e}") from None
+        if "engine" in kwargs:
+            raise ValueError("ocr_kwargs: pass the engine as ocr=, not in ocr_kwargs")
+        try:
+            _engine_options(ocr, kwargs)  # bad values fail now, not in the first batch
+        except ValueError as e:
+            raise ValueError(f"ocr_kwargs: {e}") from None
+        return ocr, kwargs
+
     # ---- per sample ----------------------------------------------------------------------------------
 
     def _sample(self, s: Mapping, i: int):
-        if not isinstance(s, Mapping) or "messages" not in s:
-            raise ValueError(
-                f"sample {i}: expected a mapping with 'messages' (and 'image' / 'images', 'words')"
-            )
+        from dvsft_kernels.labeling.ocr import ImageError, load_image
+
+        name = _record_name(s, i)
+        if not isinstance(s, Mapping) or not s.get("messages"):
+            raise _Skip("no_messages", f"{name}: expected a mapping with 'messages' (and 'image' / 'images', "
+                        "'words')")
         images = _listify(s.get("images")) or _listify(s.get("image"))
+        loaded = []
+        for k, img in enumerate(images):
+            if isinstance(img, str) or hasattr(img, "__fspath__") or hasattr(img, "load"):
+                where = f"{name}: image" if len(images) == 1 else f"{name}: images[{k}]"
+                try:
+                    img = load_image(img, name=where)
+                except ImageError as e:
+                    raise _Skip(e.reason, str(e)) from None
+            loaded.append(img)
+        images = loaded
         words = s.get("words")
         if len(images) <= 1:
-            words = [list(words or [])] if images else []
+            words = [words] if images else []
         else:
-            words = [list(w or []) for w in (words or [[]] * len(images))]
+            words = list(words) if words is not None else [None] * len(images)
             if len(words) != len(images):
                 raise ValueError(f"sample {i}: {len(images)} images but {len(words)} word lists")
+        words = [list(self._ocr(img, name) if w is None else w) for img, w in zip(images, words)]
         messages = self._with_image_parts([dict(m) for m in s["messages"]], len(images), i)
         return images, words, messages
+
+    def _ocr(self, image, name: str) -> list:
+        """The words of a record's image read by ``self.ocr`` ([] without one, or when it fails)."""
+        if self.ocr is None:
+            return []
+        from dvsft_kernels.labeling.ocr import OCRFailed, run_ocr
+
+        self.ocr_stats["pages"] += 1
+        try:
+            if callable(self.ocr):
+                words = list(self.ocr(image) or [])
+            else:
+                from PIL import Image
+
+                if not isinstance(image, Image.Image):
+                    raise OCRFailed(f"OCR needs a path or a PIL image, got {type(image).__name__}")
+                words = run_ocr(image, self.ocr, **self.ocr_kwargs)
+        except Exception as e:  # an engine's failure on one page must not stop the epoch
+            if not callable(self.ocr) and isinstance(e, ValueError):
+                raise  # a configuration error (e.g. a language not installed): every page would fail
+            if self.strict:
+                raise ValueError(f"{name}: OCR failed: {e}") from e
+            self.ocr_stats["failed"] += 1
+            log.warning("DVSFTCollator: %s: OCR failed (%s); the image gets no vision labels", name, e)
+            return []
+        if not words:
+            self.ocr_stats["no_words"] += 1
+        return words
 
     @staticmethod
     def _with_image_parts(messages, n_images, i):
@@ -148,9 +266,24 @@ class DVSFTCollator:
 
         if not samples:
             raise ValueError("samples: empty batch")
-        parsed = [self._sample(s, i) for i, s in enumerate(samples)]
+        parsed, index, skipped = [], [], Counter()
+        first = None
+        for i, s in enumerate(samples):
+            try:
+                parsed.append(self._sample(s, i))
+                index.append(i)
+            except _Skip as e:
+                if self.strict:
+                    raise ValueError(str(e)) from None
+                skipped[e.reason] += 1
+                first = first or str(e)
+                log.warning("DVSFTCollator: skipped %s (%s)", e, e.reason)
+        self.skipped.update(skipped)
+        if not parsed:
+            why = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items()))
+            raise ValueError(f"samples: every record of the batch was skipped ({why}); first: {first}")
         texts, spans = [], []
-        for i, (_, _, messages) in enumerate(parsed):
+        for i, (_, _, messages) in zip(index, parsed):
             text = self._render(messages)
             texts.append(text)
             spans.append(self._answer_spans(messages, text, i))
