@@ -298,6 +298,15 @@ def test_bad_records_are_counted_and_skipped_and_strict_names_the_first(data, tm
     reasons = ("unreadable", "no messages", "not found", "bad `words`", "no image", "not JSON")
     for n, why in zip(range(2, 8), reasons):
         assert f"bad.jsonl:{n}:" in skipped[n - 2] and why in skipped[n - 2], skipped[n - 2]
+    # an `ocr` file (any read_ocr format; here the plain words JSON) instead of inline words
+    (tmp_path / "words.json").write_text(json.dumps(good["words"]))
+    (tmp_path / "bad_words.json").write_text("{")
+    plain = {k: v for k, v in good.items() if k != "words"}
+    g = tmp_path / "ocr.jsonl"
+    g.write_text(json.dumps({**plain, "ocr": "words.json"}) + "\n" + json.dumps({**plain, "ocr": "bad_words.json"}))
+    records, skipped = ft.load_records(str(g))
+    assert records[0]["words"] == good["words"]
+    assert len(skipped) == 1 and "ocr.jsonl:2: OCR file" in skipped[0] and "bad_words.json" in skipped[0]
     # --strict stops at the first bad record, naming it, before any model is loaded
     with pytest.raises(SystemExit, match=r"--strict: .*bad\.jsonl:2: image .*broken\.png.* is unreadable"):
         ft.main(["--model", str(tmp_path / "no_model"), "--data", str(f), "--strict"])
