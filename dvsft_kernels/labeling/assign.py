@@ -311,9 +311,11 @@ def label_visual_tokens(
             are clipped to the image.
         grid: the image's :class:`VisualGrid`.
         tokenizer: a Hugging Face tokenizer (fast ones use one batched backend call and offsets).
-        mode: ``"first"`` — the word's first sub-token; ``"aligned"`` — the sub-token holding the
-            character under the token's horizontal centre (centre x mapped into the word box,
-            proportional to characters; character spans from the tokenizer's offsets, evenly spread
+        mode: ``"first"`` — the first sub-token of the word's content (the text without leading /
+            trailing punctuation, see :func:`content_span`); ``"aligned"`` — the content sub-token
+            holding the character under the token's horizontal centre (centre x mapped into the word
+            box, proportional to the characters of the whole text; a stripped character takes the
+            nearest content character; character spans from the tokenizer's offsets, evenly spread
             when it has none).
         min_coverage: in (0, 1].
         add_prefix_space: tokenise ``" " + text`` (dropping pieces that spell only that space).
