@@ -131,6 +131,9 @@ def _for_engine(img):
 def _digest(img) -> str:
     h = hashlib.sha256()
     h.update(f"{img.mode}|{img.size[0]}x{img.size[1]}|".encode())
+    if img.mode in ("P", "PA"):  # the bytes are palette indices: the palette is part of the picture
+        h.update(bytes(img.getpalette() or []))
+        h.update(repr(img.info.get("transparency")).encode())
     h.update(img.tobytes())
     return h.hexdigest()
 
@@ -383,7 +386,9 @@ def run_ocr(
     if cache:
         key = _key(_digest(img), engine, opts)
         words = _memo_get(key)
-        if words is None and cache_dir is not None:
+        if words is not None and cache_dir is not None and not _disk_path(cache_dir, key).exists():
+            _disk_put(cache_dir, key, words)  # read earlier without cache_dir: share it now
+        elif words is None and cache_dir is not None:
             words = _disk_get(cache_dir, key)
             if words is not None:
                 _memo_put(key, words)

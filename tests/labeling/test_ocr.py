@@ -190,6 +190,19 @@ def test_memory_cache_is_a_bounded_lru(fake_engine, monkeypatch):
     assert len(fake_engine) == 4
 
 
+def test_palette_images_with_other_palettes_are_other_pages(fake_engine):
+    """P mode pixels are palette indices: the same indices under another palette are another picture."""
+    a = Image.new("P", (30, 20), 0)
+    a.putpalette([255, 255, 255] + [0, 0, 0] * 255)
+    b = a.copy()
+    b.putpalette([0, 0, 0] * 256)
+    assert a.tobytes() == b.tobytes()
+    run_ocr(a)
+    run_ocr(b)
+    run_ocr(a.copy())
+    assert len(fake_engine) == 2
+
+
 def test_min_confidence_filters_after_the_cache(fake_engine):
     img = Image.new("RGB", (50, 20), "white")
     assert [w.text for w in run_ocr(img)] == ["w1", "hi"]
@@ -269,7 +282,7 @@ def _module(monkeypatch, name, **attrs):
     return m
 
 
-def test_paddleocr_wiring_through_a_stand_in(monkeypatch):
+def test_paddleocr_wiring_through_a_stand_in(monkeypatch, tmp_path):
     """A stand-in ``paddleocr`` (2.x API): the image reaches it as an RGB array, the language is mapped,
     its text lines are split into words, and the result is cached."""
     seen = []
@@ -289,6 +302,13 @@ def test_paddleocr_wiring_through_a_stand_in(monkeypatch):
     assert [w.text for w in words] == ["Total", "due"] and words[0].score == 0.9
     assert run_ocr(img, engine="paddleocr") == words and len(seen) == 2
     assert [w.text for w in run_ocr(img, engine="paddleocr", split_lines=False)] == ["Total due"]
+    assert len(seen) == 3
+    # a page read without cache_dir is written there when asked with it; quadrilaterals survive the disk
+    assert run_ocr(img, engine="paddleocr", cache_dir=tmp_path) == words and len(seen) == 3
+    assert len(list(tmp_path.rglob("*.json"))) == 1
+    clear_ocr_cache()
+    assert run_ocr(img, engine="paddleocr", cache_dir=tmp_path) == words and len(seen) == 3
+    assert len(words[0].box) == 4 and len(words[0].box[0]) == 2
 
 
 def test_doctr_wiring_through_a_stand_in(monkeypatch):
