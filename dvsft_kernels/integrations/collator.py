@@ -17,14 +17,16 @@ Everything else the processor returns (pixel values, `image_grid_thw`, `mm_token
 
 Bad records (docs/labeling.md, "Collating with OCR"): a record without messages, or whose image is
 missing, unreadable, truncated or over Pillow's decompression-bomb limit, is left out of the batch,
-counted in `collator.skipped` (reason -> count) and logged; a page where OCR finds no words, or
-where the OCR engine fails, keeps its text labels and gets no vision labels (`collator.ocr_stats`).
+counted in `collator.skipped` (reason -> count) and logged; an image where OCR finds no words, where
+the OCR engine fails, or whose given words are malformed keeps its text labels and gets no vision
+labels (`collator.vision_stats`).
 `strict=True` raises a ValueError naming the record instead of skipping it.
 """
 
 from __future__ import annotations
 
 import logging
+import numbers
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -89,8 +91,9 @@ class DVSFTCollator:
 
     Attributes:
         skipped: ``Counter`` of records left out, by reason (:data:`SKIP_REASONS`).
-        ocr_stats: ``Counter``: ``pages`` read by OCR, ``no_words`` (pages where it found none),
-            ``failed`` (pages where the engine failed: no vision labels).
+        vision_stats: ``Counter``: ``ocr_pages`` (images read by OCR), and images kept without vision
+            labels: ``no_words`` (OCR found none), ``ocr_failed`` (the engine failed), ``bad_words``
+            (the record's words are malformed: not a list of words, a bad box or text).
     """
 
     #: raw sample keys a Trainer must not drop before collation (read by the DV-SFT trainer mixin)
@@ -117,7 +120,7 @@ class DVSFTCollator:
         self.ocr, self.ocr_kwargs = self._check_ocr(ocr, ocr_kwargs)
         self.strict = strict
         self.skipped: Counter = Counter()
-        self.ocr_stats: Counter = Counter()
+        self.vision_stats: Counter = Counter()
         if train_on not in ("assistant", "last"):
             raise ValueError(f"train_on: expected 'assistant' or 'last', got {train_on!r}")
         tok = getattr(processor, "tokenizer", None)
@@ -187,9 +190,37 @@ class DVSFTCollator:
             words = list(words) if words is not None else [None] * len(images)
             if len(words) != len(images):
                 raise ValueError(f"sample {i}: {len(images)} images but {len(words)} word lists")
-        words = [list(self._ocr(img, name) if w is None else w) for img, w in zip(images, words)]
+        words = [
+            self._ocr(img, name) if w is None else self._given_words(w, name if len(images) == 1 else
+                                                                     f"{name}: images[{k}]")
+            for k, (img, w) in enumerate(zip(images, words))
+        ]
         messages = self._with_image_parts([dict(m) for m in s["messages"]], len(images), i)
         return images, words, messages
+
+    def _given_words(self, words, name: str) -> list:
+        """``words`` as a list when every word has a str text and a usable box, else [] (counted and
+        logged; ``strict``: a ValueError naming the record)."""
+        from dvsft_kernels.labeling.assign import _fields, _one_box
+
+        try:
+            if isinstance(words, (str, bytes, Mapping)) or not hasattr(words, "__iter__"):
+                raise ValueError(f"words: expected a list of words, got {type(words).__name__}")
+            words = list(words)
+            for j, w in enumerate(words):
+                text, box, score = _fields(w, j)
+                if not isinstance(text, str):
+                    raise ValueError(f"words[{j}].text must be a str, got {type(text).__name__}")
+                _one_box(box, j)
+                if score is not None and (isinstance(score, bool) or not isinstance(score, numbers.Real)):
+                    raise ValueError(f"words[{j}].score must be a number, got {score!r}")
+        except (TypeError, ValueError) as e:
+            if self.strict:
+                raise ValueError(f"{name}: {e}") from None
+            self.vision_stats["bad_words"] += 1
+            log.warning("DVSFTCollator: %s: %s; the image gets no vision labels", name, e)
+            return []
+        return words
 
     def _ocr(self, image, name: str) -> list:
         """The words of a record's image read by ``self.ocr`` ([] without one, or when it fails)."""
@@ -197,7 +228,7 @@ class DVSFTCollator:
             return []
         from dvsft_kernels.labeling.ocr import OCRFailed, run_ocr
 
-        self.ocr_stats["pages"] += 1
+        self.vision_stats["ocr_pages"] += 1
         try:
             if callable(self.ocr):
                 words = list(self.ocr(image) or [])
@@ -212,11 +243,11 @@ class DVSFTCollator:
                 raise  # a configuration error (e.g. a language not installed): every page would fail
             if self.strict:
                 raise ValueError(f"{name}: OCR failed: {e}") from e
-            self.ocr_stats["failed"] += 1
+            self.vision_stats["ocr_failed"] += 1
             log.warning("DVSFTCollator: %s: OCR failed (%s); the image gets no vision labels", name, e)
             return []
         if not words:
-            self.ocr_stats["no_words"] += 1
+            self.vision_stats["no_words"] += 1
         return words
 
     @staticmethod

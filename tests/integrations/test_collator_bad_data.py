@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -104,7 +106,7 @@ def test_records_without_words_are_read_by_tesseract_once(proc, spy, tmp_path):
     assert torch.equal(batch["vision_labels"], given["vision_labels"])
     got = set(batch["vision_labels"][0].tolist()) - {IGN}
     assert got and got <= _ids(proc, WORDS) and len(got & _ids(proc, ["Market", "report", "shows", "growth"])) >= 3
-    assert coll.ocr_stats == {"pages": 2} and not coll.skipped
+    assert coll.vision_stats == {"ocr_pages": 2} and not coll.skipped
     again = coll(data)  # the second epoch: no OCR
     assert len(spy) == 1 and torch.equal(again["vision_labels"], batch["vision_labels"])
 
@@ -120,12 +122,13 @@ def test_words_given_or_empty_are_not_read_and_a_callable_gets_the_image(proc, t
     coll = DVSFTCollator(proc, ocr=reader)
     img.save(tmp_path / "p.png")
     batch = coll([record(str(tmp_path / "p.png")), record(img, words=[]),
-                  record(img, words=[OCRWord("alpha", (0, 0, 336, 112))])])
+                  record(img, words=[OCRWord("alpha", (0, 0, 336, 112), np.float32(0.9))])])  # numpy score: fine
     assert len(seen) == 1 and isinstance(seen[0], Image.Image) and seen[0].size == img.size
     v = batch["vision_labels"]
     assert set(v[0].tolist()) - {IGN} == _ids(proc, ["beta"])
     assert set(v[1].tolist()) == {IGN}
     assert set(v[2].tolist()) - {IGN} == _ids(proc, ["alpha"])
+    assert coll.vision_stats == {"ocr_pages": 1}
 
 
 def test_several_images_none_entries_are_read(proc):
@@ -203,7 +206,7 @@ def test_a_page_without_words_keeps_its_text_labels(proc, spy):
         batch = coll([record(blank), record(page(["Market", "report"]))])
         assert set(batch["vision_labels"][0].tolist()) == {IGN}
         assert (batch["labels"][0] != IGN).any() and (batch["vision_labels"][1] != IGN).any()
-        assert coll.ocr_stats == {"pages": 2, "no_words": 1} and not coll.skipped
+        assert coll.vision_stats == {"ocr_pages": 2, "no_words": 1} and not coll.skipped
     assert len(spy) == 2  # one run per page, the second collator reads the cache
 
 
@@ -215,10 +218,32 @@ def test_an_ocr_failure_costs_the_vision_labels_only(proc, caplog):
     with caplog.at_level(logging.WARNING, logger="dvsft_kernels.integrations.collator"):
         batch = coll([record(page(["alpha"]), id="x")])
     assert set(batch["vision_labels"][0].tolist()) == {IGN} and (batch["labels"][0] != IGN).any()
-    assert coll.ocr_stats == {"pages": 1, "failed": 1} and not coll.skipped
+    assert coll.vision_stats == {"ocr_pages": 1, "ocr_failed": 1} and not coll.skipped
     assert any("engine crashed" in r.getMessage() for r in caplog.records)
     with pytest.raises(ValueError, match=r"^sample 0 \(id 'x'\): OCR failed: engine crashed"):
         DVSFTCollator(proc, ocr=reader, strict=True)([record(page(["alpha"]), id="x")])
+
+
+@pytest.mark.parametrize(("words", "message"), [
+    ([OCRWord("alpha", (0, 0, 10))], r"words\[0\]\.box must be \(x0, y0, x1, y1\) or 4 \(x, y\) points"),
+    ([("alpha",)], r"words\[0\] must be an OCRWord"),
+    ([{"text": "alpha"}], r"words\[0\]: a dict word needs 'text' and 'box'"),
+    ([OCRWord(3, (0, 0, 10, 10))], r"words\[0\]\.text must be a str"),
+    ([OCRWord("alpha", (0, 0, 10, 10), "high")], r"words\[0\]\.score must be a number"),
+    ("alpha beta", r"words: expected a list of words, got str"),
+])
+def test_malformed_words_cost_that_images_vision_labels(proc, caplog, words, message):
+    good = record(page(["beta"]), words=[OCRWord("beta", (0, 0, 336, 112))])
+    coll = DVSFTCollator(proc)
+    with caplog.at_level(logging.WARNING, logger="dvsft_kernels.integrations.collator"):
+        batch = coll([good, record(page(["alpha"]), id="w", words=words)])
+    v = batch["vision_labels"]
+    assert set(v[1].tolist()) == {IGN} and (batch["labels"][1] != IGN).any()
+    assert set(v[0].tolist()) - {IGN} == _ids(proc, ["beta"])
+    assert coll.vision_stats == {"bad_words": 1} and not coll.skipped
+    assert any(re.search(message, r.getMessage()) for r in caplog.records)
+    with pytest.raises(ValueError, match=r"^sample 1 \(id 'w'\): " + message):
+        DVSFTCollator(proc, strict=True)([good, record(page(["alpha"]), id="w", words=words)])
 
 
 def test_bad_ocr_arguments(proc, monkeypatch):
