@@ -160,11 +160,22 @@ def _tokenizer(args, geometry: _Geometry):
                          f"(no tokenizer.json there?): {e}") from None
 
 
-def _pairs(args) -> tuple[list[tuple[Path, Path, str]], bool]:
-    """[(image, ocr file, stem)] and whether this is directory mode."""
-    img, ocr = Path(args.image), Path(args.ocr_file)
+def _pairs(args) -> tuple[list[tuple[Path, Path | None, str]], bool]:
+    """[(image, OCR file or None with --ocr, stem)] and whether this is directory mode."""
+    img = Path(args.image)
     if not img.exists():
         raise UsageError(f"IMAGE: {str(img)!r} does not exist")
+    if args.ocr is not None:  # OCR runs on the images: no OCR files
+        if args.ocr_file is not None:
+            raise UsageError(f"OCR_FILE: {args.ocr_file!r} given with --ocr {args.ocr}; OCR_FILE reads "
+                             "existing OCR output, --ocr runs OCR on the images: give one of them")
+        if img.is_file():
+            return [(img, None, img.stem)], False
+        return [(p, None, p.stem) for p in _list_images(img)], True
+    if args.ocr_file is None:
+        raise UsageError("OCR_FILE: required (an OCR file, or a directory of them named like the images), "
+                         "unless --ocr ENGINE runs OCR on the images")
+    ocr = Path(args.ocr_file)
     if not ocr.exists():
         raise UsageError(f"OCR_FILE: {str(ocr)!r} does not exist")
     if img.is_file():
@@ -173,12 +184,10 @@ def _pairs(args) -> tuple[list[tuple[Path, Path, str]], bool]:
         return [(img, ocr, img.stem)], False
     if not ocr.is_dir():
         raise UsageError(f"OCR_FILE: {str(ocr)!r} must be a directory when IMAGE is a directory")
-    images = sorted(p for p in img.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
-    if not images:
-        raise UsageError(f"IMAGE: directory {str(img)!r} holds no images ({', '.join(IMAGE_EXTS)})")
+    images = _list_images(img)
     by_stem: dict[str, list[Path]] = {}
     for p in ocr.iterdir():
-        if p.is_file() and p.suffix.lower() in OCR_EXTS:
+        if (p.is_file() or p.is_symlink()) and p.suffix.lower() in OCR_EXTS:
             by_stem.setdefault(p.stem, []).append(p)
     pairs, missing = [], []
     for p in images:
@@ -197,6 +206,15 @@ def _pairs(args) -> tuple[list[tuple[Path, Path, str]], bool]:
     if not pairs:
         raise UsageError(f"OCR_FILE: no OCR file in {str(ocr)!r} matches an image in {str(img)!r}")
     return pairs, True
+
+
+def _list_images(d: Path) -> list[Path]:
+    """The images of a directory, sorted; a dangling link is listed too (it fails as a missing file)."""
+    images = sorted(p for p in d.iterdir()
+                    if (p.is_file() or p.is_symlink()) and not p.is_dir() and p.suffix.lower() in IMAGE_EXTS)
+    if not images:
+        raise UsageError(f"IMAGE: directory {str(d)!r} holds no images ({', '.join(IMAGE_EXTS)})")
+    return images
 
 
 def _jsonable(x: Any) -> Any:
@@ -221,25 +239,81 @@ def _decode(tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id])
 
 
-def _label_one(image_path: Path, ocr_path: Path, geometry: _Geometry, tokenizer, args,
-               out_json: Path | None, out_png: Path | None) -> dict:
+def _open_image(image_path: Path, max_pixels: int | None):
+    """The decoded image (its own mode), or a UsageError naming the file: missing, not an image,
+    truncated or corrupt, or over the pixel limit (Pillow's decompression-bomb guard; its warning counts
+    as the limit too)."""
+    import warnings
+
     from PIL import Image
 
+    old = Image.MAX_IMAGE_PIXELS
+    if max_pixels is not None:
+        Image.MAX_IMAGE_PIXELS = max_pixels or None  # 0: no limit
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(image_path) as im:
+                im.load()
+                return im.copy()
+    except FileNotFoundError:
+        raise UsageError(f"IMAGE: {str(image_path)!r} does not exist") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise UsageError(f"IMAGE: {str(image_path)!r} is too large: {e} (--max-pixels N raises the limit, "
+                         "0 removes it)") from None
+    except Exception as e:  # noqa: BLE001 - PIL raises several types for unreadable files
+        raise UsageError(f"IMAGE: cannot open {str(image_path)!r} as an image: {e}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) to a temporary file next to ``path``, then rename it over ``path``: a run killed midway
+    leaves the old file or none, never a half-written one (at worst a hidden ``.NAME.*.tmp``)."""
+    import os
+    import uuid
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _run_ocr(raw, image_path: Path, args) -> list:
+    """--ocr ENGINE on the decoded image (transparency is the engine's business: run_ocr puts it on
+    white), cached in memory and, with --ocr-cache DIR, on disk."""
+    from dvsft_kernels.labeling.ocr import run_ocr
+
+    try:
+        return list(run_ocr(raw, engine=args.ocr, lang=args.ocr_lang, cache_dir=args.ocr_cache))
+    except Exception as e:  # noqa: BLE001 - the engine's own errors (a subprocess, a library), reported per image
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise UsageError(f"IMAGE: OCR ({args.ocr}) failed on {str(image_path)!r}: {msg}") from None
+
+
+def _label_one(image_path: Path, ocr_path: Path | None, geometry: _Geometry, tokenizer, args,
+               out_json: Path | None, out_png: Path | None) -> dict:
+    """Label one image (OCR from ``ocr_path``, or run by ``--ocr`` when it is None) and write its outputs
+    atomically. Bad input raises UsageError naming the file."""
     from dvsft_kernels.labeling import label_visual_tokens
     from dvsft_kernels.labeling.readers import read_ocr
 
-    try:
-        with Image.open(image_path) as im:
-            image = im.convert("RGB")
-    except Exception as e:  # noqa: BLE001 - PIL raises several types for unreadable files
-        raise UsageError(f"IMAGE: cannot open {str(image_path)!r} as an image: {e}") from None
+    raw = _open_image(image_path, getattr(args, "max_pixels", None))
+    image = raw if raw.mode == "RGB" else raw.convert("RGB")
     h, w = image.height, image.width
-    try:
-        # the score threshold is applied by the labeler so that the report counts those words
-        words = read_ocr(ocr_path, format=args.format, image_size=(h, w), page=args.page,
-                         split_lines=args.split_lines)
-    except (ValueError, FileNotFoundError) as e:
-        raise UsageError(f"OCR_FILE: {e}") from None
+    if ocr_path is None:
+        words = _run_ocr(raw, image_path, args)
+    else:
+        try:
+            # the score threshold is applied by the labeler so that the report counts those words
+            words = read_ocr(ocr_path, format=args.format, image_size=(h, w), page=args.page,
+                             split_lines=args.split_lines)
+        except (ValueError, FileNotFoundError) as e:
+            raise UsageError(f"OCR_FILE: {e}") from None
     try:
         grid = geometry.grid(image)
     except ValueError as e:
@@ -262,19 +336,23 @@ def _label_one(image_path: Path, ocr_path: Path, geometry: _Geometry, tokenizer,
                "words_used": report.words_used, "words_dropped": dict(report.dropped)}
     if report.words_valid > report.words_used:  # valid words that cover no cell enough
         summary["words_dropped"]["low_coverage"] = report.words_valid - report.words_used
-    record = {"image": str(image_path), "ocr_file": str(ocr_path), "mode": args.mode,
-              "min_coverage": args.min_coverage, "min_score": args.min_score,
-              "ignore_index": args.ignore_index, "grid": _grid_info(grid), "summary": summary,
-              "tokens": tokens, "labels": labels_l}
-    if out_json is not None:
-        out_json.parent.mkdir(parents=True, exist_ok=True)
-        out_json.write_text(json.dumps(record, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    record = {"image": str(image_path), "ocr_file": None if ocr_path is None else str(ocr_path)}
+    if ocr_path is None:
+        record["ocr"] = {"engine": args.ocr, "lang": args.ocr_lang}
+    record.update({"mode": args.mode, "min_coverage": args.min_coverage, "min_score": args.min_score,
+                   "ignore_index": args.ignore_index, "grid": _grid_info(grid), "summary": summary,
+                   "tokens": tokens, "labels": labels_l})
+    # the overlay first: an image counts as done (resume) when all its outputs exist, and the JSON
+    # is the last one renamed into place
     if out_png is not None:
         from dvsft_kernels.labeling.overlay import draw_overlay
 
-        out_png.parent.mkdir(parents=True, exist_ok=True)
-        draw_overlay(image, grid, labels, words=words, tokenizer=tokenizer, path=out_png,
-                     ignore_index=args.ignore_index, scale=args.overlay_scale)
+        pic = draw_overlay(image, grid, labels, words=words, tokenizer=tokenizer,
+                           ignore_index=args.ignore_index, scale=args.overlay_scale)
+        _write_atomic(out_png, lambda p: pic.save(p, format="PNG"))
+    if out_json is not None:
+        text = json.dumps(record, ensure_ascii=False, indent=1) + "\n"
+        _write_atomic(out_json, lambda p: p.write_text(text, encoding="utf-8"))
     return summary
 
 
@@ -288,9 +366,9 @@ def _format_summary(name: str, s: dict) -> str:
 
 def _add_label_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("image", metavar="IMAGE", help="image file, or a directory of images")
-    p.add_argument("ocr_file", metavar="OCR_FILE",
+    p.add_argument("ocr_file", metavar="OCR_FILE", nargs="?", default=None,
                    help="OCR output for IMAGE (Tesseract TSV, hOCR, PaddleOCR / docTR / words JSON), "
-                        "or a directory of them named like the images (same stem)")
+                        "or a directory of them named like the images (same stem); not with --ocr")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--family", help=f"model family, default geometry ({', '.join(_family_names())})")
     g.add_argument("--processor", metavar="DIR", help="local checkpoint dir for AutoProcessor (no hub)")
@@ -315,6 +393,104 @@ def _add_label_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-index", type=int, default=-100, help="label of unlabeled tokens (default -100)")
     p.add_argument("--skip-missing", action="store_true",
                    help="directory mode: skip images without an OCR file instead of failing")
+    p.add_argument("--ocr", metavar="ENGINE",
+                   help="run OCR on the images with ENGINE (tesseract) instead of reading OCR_FILE")
+    p.add_argument("--ocr-lang", default="eng", metavar="LANG",
+                   help="Tesseract language(s) for --ocr, e.g. deu+eng (default eng)")
+    p.add_argument("--ocr-cache", metavar="DIR",
+                   help="keep --ocr results on disk in DIR (keyed by the pixels): a rerun reuses them")
+    p.add_argument("--jobs", "-j", type=int, default=1, metavar="N",
+                   help="directory mode: label N images at a time in worker processes (default 1)")
+    p.add_argument("--force", action="store_true",
+                   help="directory mode: redo images whose outputs exist (default: skip them, so an "
+                        "interrupted run resumes)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (it is off anyway when stderr is not a terminal)")
+    p.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                   help="refuse images over N pixels (default: Pillow's decompression-bomb limit, "
+                        "about 89.5 million; 0: no limit)")
+
+
+# One worker process's geometry, tokenizer and options (--jobs N > 1), set by _init_worker.
+_WORKER: tuple[Any, Any, Any] | None = None
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One input of directory mode and where its outputs go."""
+
+    image: Path
+    ocr_file: Path | None
+    out_json: Path | None
+    out_png: Path | None
+
+    def done(self) -> bool:
+        """Its outputs all exist (a JSON one also parses): skipped on resume."""
+        outs = [p for p in (self.out_json, self.out_png) if p is not None]
+        if not outs or not all(p.is_file() for p in outs):
+            return False
+        if self.out_json is None:
+            return True
+        try:
+            return "labels" in json.loads(self.out_json.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+
+
+def _worker_options(args) -> argparse.Namespace:
+    """The picklable part of the parsed arguments (no parser, no functions)."""
+    return argparse.Namespace(**{k: v for k, v in vars(args).items() if not k.startswith("_")})
+
+
+def _init_worker(opts: argparse.Namespace) -> None:
+    import os
+
+    global _WORKER
+    # one thread per worker: the pool is the parallelism (Tesseract's OpenMP threads would oversubscribe)
+    os.environ.setdefault("OMP_THREAD_LIMIT", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    geometry = _geometry(opts)
+    _WORKER = (geometry, _tokenizer(opts, geometry), opts)
+
+
+def _label_job(job: _Job, geometry=None, tokenizer=None, args=None) -> tuple[str, Any]:
+    """("ok", summary) or ("failed", one-line reason); never raises for bad input."""
+    if geometry is None:
+        if _WORKER is None:
+            raise RuntimeError("worker not initialised")
+        geometry, tokenizer, args = _WORKER
+    try:
+        return "ok", _label_one(job.image, job.ocr_file, geometry, tokenizer, args, job.out_json, job.out_png)
+    except UsageError as e:
+        return "failed", " ".join(str(e).split())
+    except Exception as e:  # noqa: BLE001 - one bad input never stops the run; it is reported with its reason
+        return "failed", f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+def _check_ocr_engine(args) -> None:
+    """An unknown or missing engine, or (Tesseract) a language it lacks, is one usage error up front
+    rather than one failure per image."""
+    from PIL import Image
+
+    from dvsft_kernels.labeling.ocr import ENGINES, check_engine, run_ocr
+
+    if args.ocr not in ENGINES:
+        raise UsageError(f"--ocr must be one of {', '.join(ENGINES)}, got {args.ocr!r}")
+    try:
+        check_engine(args.ocr)
+    except ValueError as e:
+        raise UsageError(f"--ocr {args.ocr}: {str(e).removeprefix('engine: ')}") from None
+    if args.ocr_cache is not None and Path(args.ocr_cache).exists() and not Path(args.ocr_cache).is_dir():
+        raise UsageError(f"--ocr-cache: {args.ocr_cache!r} is not a directory")
+    if args.ocr == "tesseract":  # a blank 32 x 32 page: checks --ocr-lang (paddle / doctr would load models)
+        try:
+            run_ocr(Image.new("L", (32, 32), 255), engine="tesseract", lang=args.ocr_lang, cache=False)
+        except ValueError as e:
+            raise UsageError(f"--ocr-lang: {str(e).removeprefix('lang: ')}") from None
+        except Exception as e:  # noqa: BLE001 - the binary itself fails: say so once
+            raise UsageError(f"--ocr tesseract: the engine fails on a blank page: {e}") from None
 
 
 def _run_label(args) -> int:
@@ -330,7 +506,13 @@ def _run_label(args) -> int:
         raise UsageError(f"--overlay-scale must be in (0, 16], got {args.overlay_scale}")
     if args.page is not None and args.page < 0:
         raise UsageError(f"--page must be >= 0, got {args.page}")
+    if args.jobs < 1:
+        raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.max_pixels is not None and args.max_pixels < 0:
+        raise UsageError(f"--max-pixels must be >= 0 (0: no limit), got {args.max_pixels}")
     pairs, dir_mode = _pairs(args)
+    if args.ocr is not None:
+        _check_ocr_engine(args)
     out, ov = (Path(args.out) if args.out else None), (Path(args.overlay) if args.overlay else None)
     for flag, p in (("--out", out), ("--overlay", ov)):
         if p is not None and dir_mode and p.exists() and not p.is_dir():
@@ -348,23 +530,91 @@ def _run_label(args) -> int:
             if p is not None:
                 print(f"wrote {p}")
         return 0
+    return _run_label_dir(args, pairs, out, ov, geometry, tokenizer)
 
-    from tqdm import tqdm
+
+def _run_label_dir(args, pairs, out: Path | None, ov: Path | None, geometry, tokenizer) -> int:
+    """Directory mode: every image labeled (in --jobs worker processes), the ones whose outputs exist
+    skipped unless --force, each failure reported with its reason; status 1 if any failed."""
+    import time
+
+    jobs = [_Job(img, ocr, out / f"{stem}.json" if out else None, ov / f"{stem}.png" if ov else None)
+            for img, ocr, stem in pairs]
+    todo = jobs if args.force else [j for j in jobs if not j.done()]
+    n_skipped = len(jobs) - len(todo)
+    results: dict[int, tuple[str, Any]] = {}
+    bar = None
+    if not args.no_progress and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), desc="labeling", unit="image", file=sys.stderr)
+    t0 = time.perf_counter()
+    try:
+        if args.jobs == 1 or len(todo) <= 1:
+            for i, job in enumerate(todo):
+                results[i] = _label_job(job, geometry, tokenizer, args)
+                if bar is not None:
+                    bar.update()
+        else:
+            _run_pool(args, todo, results, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - t0
 
     total = {"visual_tokens": 0, "labeled_tokens": 0, "words": 0, "words_used": 0, "words_dropped": {}}
-    for img, ocr, stem in tqdm(pairs, desc="labeling", unit="image", file=sys.stderr):
-        s = _label_one(img, ocr, geometry, tokenizer, args,
-                       out / f"{stem}.json" if out else None, ov / f"{stem}.png" if ov else None)
+    failed = []
+    for i, job in enumerate(todo):
+        status, s = results[i]
+        if status != "ok":
+            failed.append((job.image, s))
+            continue
         for k in ("visual_tokens", "labeled_tokens", "words", "words_used"):
             total[k] += s[k]
         for r, n in s["words_dropped"].items():
             total["words_dropped"][r] = total["words_dropped"].get(r, 0) + n
+    n_ok = len(todo) - len(failed)
     total["labeled_fraction"] = total["labeled_tokens"] / max(total["visual_tokens"], 1)
-    print(_format_summary(f"{len(pairs)} images", total))
+    print(_format_summary(f"{n_ok} images", total))
+    if n_skipped:
+        print(f"skipped {n_skipped} of {len(jobs)} images: their outputs exist (--force redoes them)")
     for p in (out, ov):
         if p is not None:
-            print(f"wrote {len(pairs)} files to {p}")
+            print(f"wrote {n_ok} files to {p}")
+    if not args.no_progress:
+        rate = f" ({len(todo) / seconds:.2f} images/s)" if todo and seconds > 0 else ""
+        print(f"labeling: {len(todo)} images in {seconds:.1f} s{rate}, --jobs {args.jobs}", file=sys.stderr)
+    if failed:
+        print(f"{args._parser.prog}: {len(failed)} of {len(jobs)} images failed (their outputs are not "
+              "written; every other output is):", file=sys.stderr)
+        for img, why in failed:
+            print(f"  {img}: {why}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _run_pool(args, todo: list[_Job], results: dict, bar) -> None:
+    """Label ``todo`` in a pool of --jobs spawned processes (each loads the geometry and tokenizer once);
+    a worker that dies fails the images it had, with the reason."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    ex = ProcessPoolExecutor(max_workers=min(args.jobs, len(todo)),
+                             mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_init_worker, initargs=(_worker_options(args),))
+    try:
+        futures = {ex.submit(_label_job, job): i for i, job in enumerate(todo)}
+        for f in as_completed(futures):
+            try:
+                results[futures[f]] = f.result()
+            except Exception as e:  # noqa: BLE001 - a crashed worker (BrokenProcessPool), reported per image
+                results[futures[f]] = ("failed", f"worker process failed: {type(e).__name__}: {e}")
+            if bar is not None:
+                bar.update()
+    except BaseException:
+        ex.shutdown(wait=False, cancel_futures=True)
+        raise
+    ex.shutdown()
 
 
 # -------------------------------------------------------------------------------------------- main
