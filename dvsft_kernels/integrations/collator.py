@@ -246,6 +246,10 @@ class DVSFTCollator:
             self.vision_stats["ocr_failed"] += 1
             log.warning("DVSFTCollator: %s: OCR failed (%s); the image gets no vision labels", name, e)
             return []
+        if callable(self.ocr) and words:
+            words = self._given_words(words, name)  # a user's reader may return anything
+            if not words:
+                return []  # counted as bad_words
         if not words:
             self.vision_stats["no_words"] += 1
         return words

@@ -222,6 +222,11 @@ def test_an_ocr_failure_costs_the_vision_labels_only(proc, caplog):
     assert any("engine crashed" in r.getMessage() for r in caplog.records)
     with pytest.raises(ValueError, match=r"^sample 0 \(id 'x'\): OCR failed: engine crashed"):
         DVSFTCollator(proc, ocr=reader, strict=True)([record(page(["alpha"]), id="x")])
+    # a reader returning malformed words: checked like given words
+    coll = DVSFTCollator(proc, ocr=lambda image: [("alpha", (0, 0))])
+    batch = coll([record(page(["alpha"]))])
+    assert set(batch["vision_labels"][0].tolist()) == {IGN}
+    assert coll.vision_stats == {"ocr_pages": 1, "bad_words": 1}
 
 
 @pytest.mark.parametrize(("words", "message"), [
