@@ -138,7 +138,7 @@ class DVSFTCollator:
     def _check_ocr(ocr, ocr_kwargs):
         import inspect
 
-        from dvsft_kernels.labeling.ocr import _engine_options, check_engine, run_ocr
+        from dvsft_kernels.labeling.ocr import check_engine, engine_options, run_ocr
 
         kwargs = dict(ocr_kwargs or {})
         if ocr is None or callable(ocr):
@@ -158,7 +158,7 @@ class DVSFTCollator:
         if "engine" in kwargs:
             raise ValueError("ocr_kwargs: pass the engine as ocr=, not in ocr_kwargs")
         try:
-            _engine_options(ocr, kwargs)  # bad values fail now, not in the first batch
+            engine_options(ocr, kwargs)  # bad values fail now, not in the first batch
         except ValueError as e:
             raise ValueError(f"ocr_kwargs: {e}") from None
         return ocr, kwargs
@@ -201,17 +201,17 @@ class DVSFTCollator:
     def _given_words(self, words, name: str) -> list:
         """``words`` as a list when every word has a str text and a usable box, else [] (counted and
         logged; ``strict``: a ValueError naming the record)."""
-        from dvsft_kernels.labeling.assign import _fields, _one_box
+        from dvsft_kernels.labeling.assign import word_box, word_fields
 
         try:
             if isinstance(words, (str, bytes, Mapping)) or not hasattr(words, "__iter__"):
                 raise ValueError(f"words: expected a list of words, got {type(words).__name__}")
             words = list(words)
             for j, w in enumerate(words):
-                text, box, score = _fields(w, j)
+                text, box, score = word_fields(w, j)
                 if not isinstance(text, str):
                     raise ValueError(f"words[{j}].text must be a str, got {type(text).__name__}")
-                _one_box(box, j)
+                word_box(box, j)
                 if score is not None and (isinstance(score, bool) or not isinstance(score, numbers.Real)):
                     raise ValueError(f"words[{j}].score must be a number, got {score!r}")
         except (TypeError, ValueError) as e:

@@ -70,7 +70,8 @@ class LabelReport:
 
 # ------------------------------------------------------------------------------------------------
 # words
-def _fields(w, i):
+def word_fields(w, i):
+    """(text, box, score) of words[i], an OCRWord, a (text, box[, score]) tuple or a dict."""
     if isinstance(w, OCRWord):
         return w.text, w.box, w.score
     if isinstance(w, Mapping):
@@ -84,7 +85,8 @@ def _fields(w, i):
     )
 
 
-def _one_box(box, i) -> np.ndarray:
+def word_box(box, i) -> np.ndarray:
+    """words[i]'s box as float64 (x0, y0, x1, y1), checked (a ValueError naming words[i])."""
     try:
         b = np.asarray(box, dtype=np.float64)
     except (TypeError, ValueError):
@@ -114,7 +116,7 @@ def _boxes(raw_boxes) -> np.ndarray:
         if b.shape in ((n, 4, 2), (n, 8)):
             q = b.reshape(n, 4, 2)
             return np.concatenate([q.min(axis=1), q.max(axis=1)], axis=1)
-    return np.stack([_one_box(bx, i) for i, bx in enumerate(raw_boxes)])
+    return np.stack([word_box(bx, i) for i, bx in enumerate(raw_boxes)])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -356,7 +358,7 @@ def label_visual_tokens(
         raw_boxes = [w.box for w in words]
         scores = [w.score for w in words] if min_score is not None else None
     else:
-        fields = [_fields(w, i) for i, w in enumerate(words)]
+        fields = [word_fields(w, i) for i, w in enumerate(words)]
         texts = [f[0] for f in fields]
         raw_boxes = [f[1] for f in fields]
         scores = [f[2] for f in fields] if min_score is not None else None

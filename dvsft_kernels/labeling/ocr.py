@@ -141,7 +141,7 @@ def _digest(img) -> str:
 def ocr_cache_key(image: Any, engine: str = "tesseract", **options) -> str:
     """The cache key :func:`run_ocr` uses: sha256 of the pixels, size and mode, the engine and the
     options that change the engine's output."""
-    return _key(_digest(load_image(image)), engine, _engine_options(engine, options))
+    return _key(_digest(load_image(image)), engine, engine_options(engine, options))
 
 
 def _key(digest: str, engine: str, options: Mapping[str, Any]) -> str:
@@ -239,7 +239,7 @@ def _tesseract_langs(cmd: str) -> frozenset[str]:
     return _LANGS[cmd]
 
 
-def _engine_options(engine: str, options: Mapping[str, Any]) -> dict[str, Any]:
+def engine_options(engine: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """The options of ``engine`` that change its output (the cache key's part), validated."""
     lang = options.get("lang", "eng")
     if not isinstance(lang, str) or not lang:
@@ -372,7 +372,7 @@ def run_ocr(
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise ValueError(f"timeout: expected a positive number of seconds, got {timeout!r}")
     engine = check_engine(engine)
-    opts = _engine_options(engine, {"lang": lang, "psm": psm, "split_lines": split_lines})
+    opts = engine_options(engine, {"lang": lang, "psm": psm, "split_lines": split_lines})
     if cache_dir is not None:
         if not isinstance(cache_dir, (str, os.PathLike)):
             raise ValueError(f"cache_dir: expected a directory path, got {type(cache_dir).__name__}")
