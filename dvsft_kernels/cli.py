@@ -214,6 +214,13 @@ def _list_images(d: Path) -> list[Path]:
                     if (p.is_file() or p.is_symlink()) and not p.is_dir() and p.suffix.lower() in IMAGE_EXTS)
     if not images:
         raise UsageError(f"IMAGE: directory {str(d)!r} holds no images ({', '.join(IMAGE_EXTS)})")
+    by_stem: dict[str, list[str]] = {}
+    for p in images:
+        by_stem.setdefault(p.stem, []).append(p.name)
+    same = [names for names in by_stem.values() if len(names) > 1]
+    if same:  # their outputs (STEM.json, STEM.png) and OCR files would be one file
+        raise UsageError(f"IMAGE: images with the same stem in {str(d)!r} would share their outputs: "
+                         + "; ".join(", ".join(names) for names in same[:5]))
     return images
 
 
@@ -411,8 +418,10 @@ def _add_label_args(p: argparse.ArgumentParser) -> None:
                         "about 89.5 million; 0: no limit)")
 
 
-# One worker process's geometry, tokenizer and options (--jobs N > 1), set by _init_worker.
-_WORKER: tuple[Any, Any, Any] | None = None
+# One worker process's geometry, tokenizer and options (--jobs N > 1), set by _init_worker; or the
+# reason its set-up failed (reported for every image it gets, instead of breaking the pool).
+_WORKER: tuple[Any, Any, Any] | str | None = None
+_POOL_WINDOW = 4  # images in flight per worker (bounds the parent's memory for huge folders)
 
 
 @dataclass(frozen=True)
@@ -448,18 +457,21 @@ def _init_worker(opts: argparse.Namespace) -> None:
     global _WORKER
     # one thread per worker: the pool is the parallelism (Tesseract's OpenMP threads would oversubscribe)
     os.environ.setdefault("OMP_THREAD_LIMIT", "1")
-    import torch
+    try:
+        import torch
 
-    torch.set_num_threads(1)
-    geometry = _geometry(opts)
-    _WORKER = (geometry, _tokenizer(opts, geometry), opts)
+        torch.set_num_threads(1)
+        geometry = _geometry(opts)
+        _WORKER = (geometry, _tokenizer(opts, geometry), opts)
+    except Exception as e:  # noqa: BLE001 - reported per image by _label_job
+        _WORKER = f"worker set-up failed: {type(e).__name__}: {' '.join(str(e).split())}"
 
 
 def _label_job(job: _Job, geometry=None, tokenizer=None, args=None) -> tuple[str, Any]:
     """("ok", summary) or ("failed", one-line reason); never raises for bad input."""
     if geometry is None:
-        if _WORKER is None:
-            raise RuntimeError("worker not initialised")
+        if _WORKER is None or isinstance(_WORKER, str):
+            return "failed", _WORKER or "worker not initialised"
         geometry, tokenizer, args = _WORKER
     try:
         return "ok", _label_one(job.image, job.ocr_file, geometry, tokenizer, args, job.out_json, job.out_png)
@@ -593,28 +605,89 @@ def _run_label_dir(args, pairs, out: Path | None, ov: Path | None, geometry, tok
     return 0
 
 
-def _run_pool(args, todo: list[_Job], results: dict, bar) -> None:
-    """Label ``todo`` in a pool of --jobs spawned processes (each loads the geometry and tokenizer once);
-    a worker that dies fails the images it had, with the reason."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+def _run_pool(args, todo: list[_Job], results: dict, bar, fn: Callable[[_Job], tuple[str, Any]] | None = None
+              ) -> None:
+    """Label ``todo`` in a pool of --jobs spawned processes (each loads the geometry and tokenizer once),
+    at most _POOL_WINDOW images per worker in flight.
 
-    ex = ProcessPoolExecutor(max_workers=min(args.jobs, len(todo)),
-                             mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_init_worker, initargs=(_worker_options(args),))
-    try:
-        futures = {ex.submit(_label_job, job): i for i, job in enumerate(todo)}
-        for f in as_completed(futures):
-            try:
-                results[futures[f]] = f.result()
-            except Exception as e:  # noqa: BLE001 - a crashed worker (BrokenProcessPool), reported per image
-                results[futures[f]] = ("failed", f"worker process failed: {type(e).__name__}: {e}")
-            if bar is not None:
-                bar.update()
-    except BaseException:
-        ex.shutdown(wait=False, cancel_futures=True)
-        raise
-    ex.shutdown()
+    A worker that dies (killed, out of memory, a crash in native code) breaks the pool: the images in
+    flight become suspects and are retried one at a time in a fresh pool, so the one that kills its
+    worker again fails ("worker process died") and the others are labeled; the rest go on."""
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    fn = fn or _label_job
+    pending, suspects = deque(range(len(todo))), deque()
+    strikes: dict[int, int] = {}
+    fruitless = 0  # pools in a row that broke before labeling any image (workers dying at start-up?)
+    labeled = [0]
+    died = ("worker process died while labeling this image (killed, out of memory, or a crash in native "
+            "code)")
+
+    def finish(i: int, result: tuple[str, Any]) -> None:
+        results[i] = result
+        labeled[0] += result[0] == "ok"
+        if bar is not None:
+            bar.update()
+
+    def settle(f, i: int) -> bool:
+        """Record a finished future; True when it found the pool broken."""
+        try:
+            finish(i, f.result())
+        except BrokenProcessPool:
+            # in flight when a worker died: a suspect, retried alone; failed when it breaks a pool again
+            strikes[i] = strikes.get(i, 0) + 1
+            if strikes[i] >= 2:
+                finish(i, ("failed", died))
+            else:
+                suspects.append(i)
+            return True
+        except Exception as e:  # noqa: BLE001 - e.g. a job that cannot be pickled
+            finish(i, ("failed", f"{type(e).__name__}: {' '.join(str(e).split())}"))
+        return False
+
+    while pending or suspects:
+        if fruitless >= 3:
+            for i in (*suspects, *pending):
+                finish(i, ("failed", "not labeled: 3 worker pools in a row died before labeling any image"))
+            return
+        labeled_before = labeled[0]
+        ex = ProcessPoolExecutor(max_workers=min(args.jobs, len(pending) + len(suspects)),
+                                 mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_init_worker, initargs=(_worker_options(args),))
+        inflight: dict[Any, int] = {}
+        broken = False
+        try:
+            while (pending or suspects or inflight) and not broken:
+                while not broken:  # suspects run alone; the others fill the window
+                    if suspects:
+                        if inflight:
+                            break
+                        i = suspects.popleft()
+                    elif pending and len(inflight) < _POOL_WINDOW * args.jobs:
+                        i = pending.popleft()
+                    else:
+                        break
+                    try:
+                        inflight[ex.submit(fn, todo[i])] = i
+                    except BrokenProcessPool:
+                        (suspects if i in strikes else pending).appendleft(i)
+                        broken = True
+                if not inflight:
+                    break
+                done, _ = wait(inflight, return_when=FIRST_COMPLETED)
+                for f in done:
+                    broken |= settle(f, inflight.pop(f))
+            if broken:  # the pool sets every future still in flight to BrokenProcessPool
+                for f in wait(inflight).done:
+                    settle(f, inflight.pop(f))
+        except BaseException:
+            ex.shutdown(wait=False, cancel_futures=True)
+            raise
+        ex.shutdown(wait=not broken, cancel_futures=broken)
+        fruitless = fruitless + 1 if broken and labeled[0] == labeled_before else 0
 
 
 # -------------------------------------------------------------------------------------------- main

@@ -219,6 +219,14 @@ def test_usage_errors(tmp_path, tok_dir, capsys, extra, needle):
     assert err.splitlines()[1].startswith("dvsft-kernels label: error: ")
 
 
+def test_same_stem_is_a_usage_error(tmp_path, tok_dir, capsys):
+    imgs, ocrs = tmp_path / "imgs", tmp_path / "ocr"
+    page(imgs, ocrs, "a", [CAT])
+    Image.new("RGB", (W, H), "white").save(imgs / "a.jpg")
+    code, _, err = run(["label", imgs, ocrs, "--family", "qwen2_vl", "--tokenizer", tok_dir], capsys)
+    assert code == 2 and "IMAGE: images with the same stem" in err and "a.jpg, a.png" in err
+
+
 def test_ocr_engine_errors_are_per_image(tmp_path, tok_dir, capsys, monkeypatch):
     """--ocr: the words come from run_ocr (called with --ocr-lang / --ocr-cache); an engine failure on
     one image fails that image only."""
@@ -314,3 +322,47 @@ def test_tesseract_jobs_2_end_to_end(tmp_path, tok_dir, capsys):
     for stem in rendered:
         ra, rb = (json.loads((tmp_path / d / f"{stem}.json").read_text()) for d in ("a", "b"))
         assert ra["labels"] == rb["labels"]
+
+
+def crashy_job(job):
+    """A stand-in for _label_job that kills its worker process on one image (as the OOM killer would)."""
+    import time
+
+    if job.image.name == "boom.png":
+        os._exit(3)
+    time.sleep(0.05)
+    return "ok", job.image.name
+
+
+DIED = "worker process died while labeling this image (killed, out of memory, or a crash in native code)"
+
+
+@pytest.mark.slow
+def test_a_dying_worker_fails_only_its_image(tmp_path, tok_dir):
+    """The pool breaks; the images that were in flight are retried one at a time in a fresh pool, so
+    only the one that kills its worker again fails, with the reason, and the run goes on."""
+    args = cli.build_parser().parse_args(["label", str(tmp_path), "--ocr", "tesseract", "--family",
+                                          "qwen2_vl", "--tokenizer", str(tok_dir), "--jobs", "2"])
+    names = ["a.png", "b.png", "boom.png", "c.png", "d.png", "e.png", "f.png"]
+    todo = [cli._Job(tmp_path / n, None, None, None) for n in names]
+    results = {}
+    cli._run_pool(args, todo, results, None, fn=crashy_job)
+    assert sorted(results) == list(range(len(names)))
+    for i, n in enumerate(names):
+        if n == "boom.png":
+            assert results[i] == ("failed", DIED)
+        else:
+            assert results[i] == ("ok", n), n
+
+
+def test_worker_set_up_failure_is_reported_per_image(monkeypatch):
+    """A worker whose set-up fails labels nothing and says why for each image, without breaking the pool."""
+    monkeypatch.setattr(cli, "_WORKER", None)
+
+    def boom(opts, geometry=None):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(cli, "_geometry", boom)
+    cli._init_worker(cli.argparse.Namespace())
+    job = cli._Job(Path("x.png"), None, None, None)
+    assert cli._label_job(job) == ("failed", "worker set-up failed: OSError: disk gone")
