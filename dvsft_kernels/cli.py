@@ -401,7 +401,8 @@ def _add_label_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-missing", action="store_true",
                    help="directory mode: skip images without an OCR file instead of failing")
     p.add_argument("--ocr", metavar="ENGINE",
-                   help="run OCR on the images with ENGINE (tesseract) instead of reading OCR_FILE")
+                   help="run OCR on the images with ENGINE (tesseract, paddleocr, doctr) instead of "
+                        "reading OCR_FILE")
     p.add_argument("--ocr-lang", default="eng", metavar="LANG",
                    help="Tesseract language(s) for --ocr, e.g. deu+eng (default eng)")
     p.add_argument("--ocr-cache", metavar="DIR",
