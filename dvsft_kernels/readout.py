@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 __all__ = [
     "Readout", "ReadoutToken", "add_readout_args", "auto_scale", "cell_color", "default_prompt", "draw_readout",
-    "load_checkpoint", "load_processor", "readout", "run_readout",
+    "load_checkpoint", "load_processor", "pixtral_processor_class", "readout", "run_readout",
 ]
 
 # Family names accepted by --family / family=, with the processor class each checkpoint of the family
@@ -458,7 +458,7 @@ def _quiet_transformers():
             tf_logging.enable_progress_bar()
 
 
-def _pixtral_processor_class():
+def pixtral_processor_class():
     """PixtralProcessor. Its module imports the torchvision image processor's module for one size
     helper, so without torchvision transformers exports a placeholder that refuses to build; the
     module is imported here with that one module stood in by the PIL image processor's module, whose
@@ -491,7 +491,7 @@ def _processor_class(name: str):
     from transformers.processing_utils import ProcessorMixin
 
     if name == "PixtralProcessor":
-        return _pixtral_processor_class()
+        return pixtral_processor_class()
     cls = getattr(transformers, name, None)
     if not (isinstance(cls, type) and issubclass(cls, ProcessorMixin)):
         raise ValueError(f"transformers has no processor class {name!r} that loads here")

@@ -18,7 +18,6 @@ Offline limits of transformers 5.24 without torchvision / num2words (checked, no
 from __future__ import annotations
 
 import functools
-import sys
 import types
 
 import numpy as np
@@ -67,23 +66,11 @@ def novideo(cls):
     return NoVideo
 
 
-@functools.cache
 def pixtral_processor_class():
-    import transformers.models.pixtral.image_processing_pil_pixtral as pil
+    """PixtralProcessor without torchvision: the package's own loader (dvsft_kernels/readout.py)."""
+    from dvsft_kernels.readout import pixtral_processor_class as load
 
-    name = "transformers.models.pixtral.image_processing_pixtral"
-    saved = sys.modules.get(name)
-    stub = types.ModuleType(name)
-    stub.get_resize_output_image_size = pil.get_resize_output_image_size
-    sys.modules[name] = stub
-    try:
-        from transformers.models.pixtral.processing_pixtral import PixtralProcessor
-    finally:
-        if saved is None:
-            sys.modules.pop(name, None)
-        else:
-            sys.modules[name] = saved
-    return PixtralProcessor
+    return load()
 
 
 QWEN_SPECIALS = ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>")
