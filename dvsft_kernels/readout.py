@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import inspect
 import json
@@ -35,6 +36,7 @@ from PIL import Image, ImageDraw, ImageFont
 __all__ = [
     "Readout", "ReadoutToken", "add_readout_args", "auto_scale", "cell_color", "default_prompt", "draw_readout",
     "load_checkpoint", "load_processor", "pixtral_processor_class", "readout", "run_readout",
+    "savable_processor",
 ]
 
 # Family names accepted by --family / family=, with the processor class each checkpoint of the family
@@ -513,6 +515,25 @@ def _without_video(cls):
 
     NoVideo.__name__ = NoVideo.__qualname__ = cls.__name__
     return NoVideo
+
+
+def savable_processor(processor):
+    """`processor`, or, where its video processor is None (no torchvision: `load_processor` loads it
+    so) and save_pretrained cannot save that, a copy whose class leaves the attribute out of what it
+    saves (the class keeps its name, so the saved processor_config.json names the real class)."""
+    cls = type(processor)
+    if "video_processor" not in cls.get_attributes() or getattr(processor, "video_processor", None) is not None:
+        return processor
+
+    class Savable(cls):
+        @classmethod
+        def get_attributes(klass):
+            return [a for a in super().get_attributes() if a != "video_processor"]
+
+    Savable.__name__ = Savable.__qualname__ = cls.__name__
+    processor = copy.copy(processor)
+    processor.__class__ = Savable
+    return processor
 
 
 def _read_json(path: Path) -> dict:

@@ -32,7 +32,6 @@ the data position.
 from __future__ import annotations
 
 import argparse
-import copy
 import io
 import json
 import logging
@@ -291,27 +290,10 @@ def lora_targets(model, include_vision: bool) -> list[str]:
     return names
 
 
-def savable(processor):
-    """`processor`, or without torchvision, where a processor's video processor is None (load_processor
-    loads it so) and save_pretrained cannot save it, a copy of it whose class leaves that attribute out
-    of what it saves. Trainer saves it into every checkpoint and the output directory."""
-    cls = type(processor)
-    if "video_processor" not in cls.get_attributes() or processor.video_processor is not None:
-        return processor
-
-    class Savable(cls):
-        @classmethod
-        def get_attributes(klass):
-            return [a for a in super().get_attributes() if a != "video_processor"]
-
-    Savable.__name__ = Savable.__qualname__ = cls.__name__
-    processor = copy.copy(processor)
-    processor.__class__ = Savable
-    return processor
-
-
 def save_processor(processor, out_dir) -> None:
-    savable(processor).save_pretrained(out_dir)
+    from dvsft_kernels.readout import savable_processor
+
+    savable_processor(processor).save_pretrained(out_dir)
 
 
 # ---- run ---------------------------------------------------------------------------------------------------
@@ -325,7 +307,7 @@ def main(argv=None):
 
     from dvsft_kernels import DVLoss
     from dvsft_kernels.integrations import DVSFTCollator, DVSFTTrainer, patch_trainer
-    from dvsft_kernels.readout import load_checkpoint
+    from dvsft_kernels.readout import load_checkpoint, savable_processor
 
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO)
     warnings.filterwarnings("ignore", message=".*torchvision.*")
@@ -368,7 +350,7 @@ def main(argv=None):
     # (huggingface/transformers#43701; still so in 5.24.)
     weights_from = resume if resume and not args.lora else path
     model, processor = load_checkpoint(weights_from, device=device, dtype=args.dtype)
-    processor = savable(processor)
+    processor = savable_processor(processor)
     model.train()
     if args.freeze_vision:
         frozen = freeze_vision(model)

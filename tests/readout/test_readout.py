@@ -6,7 +6,6 @@ CLI's errors; and a short DV-SFT training of the example's tiny Qwen2-VL reads i
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import json
 import pathlib
@@ -25,7 +24,7 @@ from PIL import Image, ImageDraw
 from dvsft_kernels.cli import main
 from dvsft_kernels.integrations import get_handle
 from dvsft_kernels.labeling import OCRWord, VisualGrid, label_visual_tokens
-from dvsft_kernels.readout import CAPTION_H, default_prompt, readout
+from dvsft_kernels.readout import CAPTION_H, default_prompt, readout, savable_processor
 from tests.integrations import tiny_models as tm
 from tests.labeling._geometry_helpers import make_processor
 
@@ -136,18 +135,7 @@ def save_checkpoint(model, processor, d: pathlib.Path) -> None:
     OneVision, InternVL) holds None there, which save_pretrained cannot save: it is saved as the same
     class without that attribute (as examples/train_tiny_dvsft.py's processor does)."""
     model.save_pretrained(d)
-    cls = type(processor)
-    if "video_processor" in cls.get_attributes() and getattr(processor, "video_processor", None) is None:
-
-        class Savable(cls):
-            @classmethod
-            def get_attributes(klass):
-                return [a for a in super().get_attributes() if a != "video_processor"]
-
-        Savable.__name__ = Savable.__qualname__ = cls.__name__
-        processor = copy.copy(processor)
-        processor.__class__ = Savable
-    processor.save_pretrained(d)
+    savable_processor(processor).save_pretrained(d)
 
 
 PAGE = (112, 56)  # (W, H)
