@@ -33,22 +33,29 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from dvsft_kernels.labeling import registry
+
 __all__ = [
     "Readout", "ReadoutToken", "add_readout_args", "auto_scale", "cell_color", "default_prompt", "draw_readout",
-    "load_checkpoint", "load_processor", "pixtral_processor_class", "readout", "run_readout",
+    "load_checkpoint", "load_processor", "pixtral_processor_class", "processor_class_name", "readout", "run_readout",
     "savable_processor",
 ]
 
-# Family names accepted by --family / family=, with the processor class each checkpoint of the family
-# uses; the keys are also the `model_type`s of the models' configs.
-PROCESSOR_CLASSES = {
-    "qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor",
-    "llava": "LlavaProcessor", "llava_next": "LlavaNextProcessor", "llava_onevision": "LlavaOnevisionProcessor",
-    "internvl": "InternVLProcessor", "idefics3": "Idefics3Processor", "smolvlm": "SmolVLMProcessor",
-    "gemma3": "Gemma3Processor", "pixtral": "PixtralProcessor", "mistral3": "PixtralProcessor",
-}
-# names above -> the labeling family (detect_family's answer for their processors)
-_LABELING_FAMILY = {"qwen2_5_vl": "qwen2_vl", "qwen3_vl": "qwen2_vl", "smolvlm": "idefics3", "mistral3": "pixtral"}
+
+
+def processor_class_name(name: str) -> str | None:
+    """The processor class of the family name or alias `name` (also a config's `model_type`), from
+    the labeling registry: the family's processor class whose name matches `name`, else its first
+    (Mistral 3 checkpoints use PixtralProcessor). None for a name no family has."""
+    try:
+        fam = registry.get(name)
+    except ValueError:
+        return None
+    key = registry.normalize_name(name).replace("_", "")
+    for cls in fam.processors:
+        if cls.removesuffix("Processor").lower().replace("_", "") == key:
+            return cls
+    return fam.processors[0] if fam.processors else None
 
 _PLACEHOLDER = 0  # vision target at unlabeled visual tokens: any valid id makes the op predict there
 _IGNORE = -100
@@ -130,28 +137,13 @@ class Readout:
 
 # ------------------------------------------------------------------------------------------ readout
 
-def _detect_family(processor) -> str:
-    try:  # exported by the labeling package, or by its families package (the registry's look-up)
-        from dvsft_kernels.labeling import detect_family
-    except ImportError:
-        from dvsft_kernels.labeling.families import detect_family
-    return detect_family(processor)
-
-
-def _norm_family(name: str) -> str:
-    return name.strip().lower().replace("-", "_").replace(".", "_")
-
-
 def _check_family(processor, family: str | None) -> str:
     """The processor's labeling family; a given `family` must name the same one."""
-    detected = _detect_family(processor)  # TypeError for a processor the labeling does not know
-    if family is not None:
-        fam = _norm_family(family)
-        if fam not in PROCESSOR_CLASSES:
-            raise ValueError(f"family: unknown family {family!r}; known: {', '.join(PROCESSOR_CLASSES)}")
-        if _LABELING_FAMILY.get(fam, fam) != detected:
-            raise ValueError(f"family: {family!r} but the processor ({type(processor).__name__}) is of "
-                             f"family {detected!r}")
+    detected = registry.detect_family(processor)  # TypeError for a processor the labeling does not know
+    # registry.get raises "family: unknown family ..." first
+    if family is not None and registry.get(family).name != detected:
+        raise ValueError(f"family: {family!r} but the processor ({type(processor).__name__}) is of "
+                         f"family {detected!r}")
     return detected
 
 
@@ -569,9 +561,9 @@ def load_processor(path: str | os.PathLike, family: str | None = None):
         # ---- the fallback: image processor + tokenizer + settings, in the processor class
         settings = _read_json(d / "processor_config.json")
         model_type = _read_json(d / "config.json").get("model_type")
-        fam = _norm_family(family) if family else None
         name = (settings.get("processor_class") or _read_json(d / "tokenizer_config.json").get("processor_class")
-                or PROCESSOR_CLASSES.get(fam or "") or PROCESSOR_CLASSES.get(model_type or ""))
+                or (processor_class_name(family) if family else None)
+                or (processor_class_name(model_type) if isinstance(model_type, str) else None))
         if not name:
             raise ValueError(f"AutoProcessor cannot load it ({_short(auto_error)}) and nothing there names "
                              "the processor class; pass the family")
@@ -658,7 +650,7 @@ def add_readout_args(p: argparse.ArgumentParser) -> None:
                         "cell then gets its label and the page its vision-token accuracy")
     p.add_argument("--family", metavar="NAME",
                    help=f"model family, when the checkpoint does not name its processor class "
-                        f"({', '.join(PROCESSOR_CLASSES)}); checked against the processor")
+                        f"({', '.join(registry.names(aliases=True))}); checked against the processor")
     p.add_argument("--out", required=True, metavar="PNG", help="the picture: predicted text in each cell")
     p.add_argument("--json", metavar="FILE", help="also write the readout as JSON (every visual token)")
     p.add_argument("--prompt", metavar="TEXT",
@@ -699,8 +691,8 @@ def run_readout(args) -> int:
         raise UsageError(f"--min-coverage must be in (0, 1], got {args.min_coverage}")
     if args.scale is not None and not 0 < args.scale <= 16:
         raise UsageError(f"--scale must be in (0, 16], got {args.scale}")
-    if args.family is not None and _norm_family(args.family) not in PROCESSOR_CLASSES:
-        raise UsageError(f"--family: unknown family {args.family!r}; known: {', '.join(PROCESSOR_CLASSES)}")
+    if args.family is not None and processor_class_name(args.family) is None:
+        raise UsageError(f"--family: unknown family {args.family!r}; known: {', '.join(registry.names(aliases=True))}")
     model_dir = Path(args.model)
     if not model_dir.is_dir():
         raise UsageError(f"--model: {str(model_dir)!r} is not a directory")

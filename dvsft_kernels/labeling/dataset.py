@@ -72,7 +72,9 @@ class _Labeler:
     def __call__(self, batch: Mapping[str, list], indices: list[int]) -> dict[str, list]:
         import torch
 
-        from dvsft_kernels.labeling import VisualGrid, build_vision_labels_from_processor, label_visual_tokens
+        from dvsft_kernels.labeling.assign import label_visual_tokens
+        from dvsft_kernels.labeling.batch import build_vision_labels_from_processor
+        from dvsft_kernels.labeling.grid import VisualGrid
         from dvsft_kernels.labeling.ocr import load_image, run_ocr
 
         out: dict[str, list] = {self.label_column: []}
