@@ -8,6 +8,8 @@ __version__ = "0.1.0"
 
 from dvsft_kernels.integrations.attach import attach
 from dvsft_kernels.loss import DVLoss, DVLossOutput
+from dvsft_kernels.native import native_available, native_status
 from dvsft_kernels.ops import linear_cross_entropy
 
-__all__ = ["DVLoss", "DVLossOutput", "__version__", "attach", "linear_cross_entropy"]
+__all__ = ["DVLoss", "DVLossOutput", "__version__", "attach", "linear_cross_entropy", "native_available",
+           "native_status"]

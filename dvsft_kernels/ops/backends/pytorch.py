@@ -15,12 +15,19 @@ row factors then ride on the GEMMs' small operands instead of passing over the (
     db = E'^T a - sum_i c2_i
 
 which leaves four elementwise sweeps over the chunk (max, subtract, exp, sum) between the GEMMs.
+
+On CPU, when the native epilogue is built (dvsft_kernels/native.py; DVSFT_NATIVE=0 turns it off), one
+C++ pass per row replaces those sweeps: it reads the chunk once for the row statistics (max,
+sum-exp, target logit, first argmax, smoothing sum) and writes the full G over it (incl. the
+smoothing term and dy/dx under softcap), so the GEMMs take G as is: dh = G W, dW += G^T h,
+db += sum_rows G. No second buffer is needed under softcap.
 """
 
 from __future__ import annotations
 
 import torch
 
+from dvsft_kernels import native
 from dvsft_kernels.ops.backends.base import CompactBackend, Grads
 from dvsft_kernels.ops.backends.registry import register
 from dvsft_kernels.ops.gemm import (
@@ -52,6 +59,9 @@ def lce_torch(h, weight, bias, targets, scale, options: LCEOptions, grads: Grads
     loss, lse, pred, dh, dW, db = row_outputs(n, D, V, dev, grad_h, grad_w, grad_b)
     if n == 0:
         return loss, lse, pred, dh, dW, db
+    epilogue = native.epilogue() if dev.type == "cpu" else None
+    if epilogue is not None:
+        return _lce_native(epilogue, h, W, b, targets, scale, options, grads, (loss, lse, pred, dh, dW, db))
 
     m_max = options.chunk_rows or chunk_rows_for(n, V, dev)
     buf = chunk_buffer(0, m_max, V, dev)
@@ -139,6 +149,44 @@ def lce_torch(h, weight, bias, targets, scale, options: LCEOptions, grads: Grads
         dW.sub_(c2h_total[None, :])
     if grad_b and eps:
         db.sub_(c2_total)
+    return loss, lse, pred, dh, dW, db
+
+
+def _lce_native(epilogue, h, W, b, targets, scale, options: LCEOptions, grads: Grads, outputs):
+    """`lce_torch` with the native CPU epilogue between the same GEMMs: G is formed in full in
+    the logits buffer, so no fold and no second buffer."""
+    loss, lse, pred, dh, dW, db = outputs
+    n = h.shape[0]
+    V = W.shape[0]
+    grad_h, grad_w, grad_b = grads
+    any_grad = grad_h or grad_w or grad_b
+    eps, zl, softcap = options.label_smoothing, options.z_loss, options.softcap
+    m_max = options.chunk_rows or chunk_rows_for(n, V, h.device)
+    buf = chunk_buffer(0, m_max, V, h.device)
+    t_all = targets.long()
+    s_all = scale.float() if any_grad else None
+    for s0 in range(0, n, m_max):
+        s1 = min(n, s0 + m_max)
+        hc = h[s0:s1]
+        hc = hc if hc.dtype == W.dtype else hc.to(W.dtype)
+        x = buf[: s1 - s0]
+        if b is not None:
+            torch.addmm(b, hc, W.T, out=x)
+        else:
+            mm_f32(hc, W.T, out=x)
+        lc, lsec, pc = epilogue(x, t_all[s0:s1].contiguous(), None if s_all is None else s_all[s0:s1].contiguous(),
+                                eps, zl, softcap, any_grad, None, options.return_stats, native.FAULT["code"])
+        loss[s0:s1] = lc
+        lse[s0:s1] = lsec
+        pred[s0:s1] = pc
+        if not any_grad:
+            continue
+        if grad_h:
+            mm_f32(x, W, out=dh[s0:s1])
+        if grad_w:
+            accum_f32(dW, x.T, hc, first=s0 == 0)
+        if grad_b:
+            db.add_(x.sum(0))
     return loss, lse, pred, dh, dW, db
 
 

@@ -1,0 +1,274 @@
+// Native CPU epilogue of the "torch" implementation: cross-entropy over one chunk of float32
+// logits and its logit gradient, the contract of the Triton `ce_chunk` launcher
+// (dvsft_kernels/ops/kernels/ce_chunk.py) on CPU. Per row i of x (m, V), all math float32:
+//
+//     y    = softcap * tanh(x / softcap)                     (softcap given)   else y = x
+//     lse  = logsumexp_j y_j
+//     loss = (1 - eps) (lse - y_t) + eps (lse - mean_j y_j) + zl lse^2          (unscaled)
+//     G_ij = s_i [p_ij (1 + 2 zl lse) - (1 - eps) [j == t] - eps / V] dy/dx     (p = softmax(y))
+//     pred = first argmax_j y_j                                                 (-1 if not wanted)
+//
+// One row per task (at::parallel_for). Sweep 1 reads the row once from memory in blocks of
+// kBlock floats (L1-sized): block max, then the block's sum of exp(y - running max) and of y
+// (summed per block in float32 lanes, across blocks in double). Sweep 2 (gradient) re-reads the
+// row, now in L2, and writes G in place over x or into a bfloat16 / float16 buffer. Built on first
+// use by dvsft_kernels/native.py; csrc/README.md has the build and the figures.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <type_traits>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kW = Vec::size();
+constexpr int64_t kBlock = 1024;  // floats: 4 KB, a multiple of every vector width
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+struct Params {
+  float eps, zl, cap, inv_cap;
+  bool has_cap, has_eps;
+  int64_t fault;  // test-only planted faults (tests/ops/test_native.py): 0 none
+};
+
+inline float hmax(const Vec& v) {
+  alignas(64) float buf[kW];
+  v.store(buf);
+  float r = buf[0];
+  for (int64_t k = 1; k < kW; ++k) r = std::max(r, buf[k]);
+  return r;
+}
+
+inline float hsum(const Vec& v) {
+  alignas(64) float buf[kW];
+  v.store(buf);
+  float r = 0.f;
+  for (int64_t k = 0; k < kW; ++k) r += buf[k];
+  return r;
+}
+
+inline Vec ycap(const Vec& x, const Params& p) {
+  if (!p.has_cap) return x;
+  return (x * Vec(p.inv_cap)).tanh() * Vec(p.cap);
+}
+
+// dy/dx = 1 - tanh^2(u) = 4 e / (1 + e)^2 with e = exp(-2 |u|): relatively accurate where tanh^2
+// rounds to 1 (the formula of kernels/common.py softcap_tanh)
+inline Vec sech2(const Vec& x, const Params& p) {
+  Vec e = ((x * Vec(p.inv_cap)).abs() * Vec(-2.f)).exp();
+  Vec r = Vec(1.f) / (Vec(1.f) + e);
+  return Vec(4.f) * e * r * r;
+}
+
+inline float first(const Vec& v) {
+  alignas(64) float buf[kW];
+  v.store(buf);
+  return buf[0];
+}
+
+inline float scalar_y(float x, const Params& p) { return first(ycap(Vec(x), p)); }
+
+template <typename out_t>
+inline void store_g(out_t* dst, const Vec& g, int64_t n) {
+  if constexpr (std::is_same_v<out_t, float>) {
+    g.store(dst, n);
+  } else {
+    alignas(64) float buf[kW];
+    g.store(buf);
+    for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<out_t>(buf[k]);
+  }
+}
+
+template <typename out_t>
+void run_rows(float* x, int64_t sx, const int64_t* t, const float* s, out_t* g, int64_t sg, float* loss,
+              float* lse_out, int64_t* pred, int64_t m, int64_t V, const Params p, bool grad, bool argmax) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
+  at::parallel_for(0, m, grain, [&](int64_t r0, int64_t r1) {
+    alignas(64) float ybuf[kBlock];
+    for (int64_t r = r0; r < r1; ++r) {
+      float* xr = x + r * sx;
+      const int64_t tr = t[r];
+      const float x_t = xr[tr];
+      // sweep 1: running max M, S = sum exp(y - M) (double across blocks), sum y
+      float M = -kInf;
+      double S = 0.0, SY = 0.0;
+      int64_t arg_block = 0;
+      for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
+        const int64_t n = std::min(kBlock, V - b0);
+        const float* yb = xr + b0;
+        if (p.has_cap) {  // y once per block, reused by the sweeps below
+          for (int64_t j = 0; j < n; j += kW) {
+            const int64_t c = std::min(kW, n - j);
+            ycap(Vec::loadu(xr + b0 + j, c), p).store(ybuf + j, c);
+          }
+          yb = ybuf;
+        }
+        Vec vm(-kInf);
+        int64_t j = 0;
+        for (; j + kW <= n; j += kW) vm = at::vec::maximum(vm, Vec::loadu(yb + j));
+        if (j < n) vm = at::vec::maximum(vm, Vec::set(Vec(-kInf), Vec::loadu(yb + j, n - j), n - j));
+        const float bm = hmax(vm);
+        if (bm > M) {  // strict: the first block reaching the row max keeps it
+          if (M != -kInf) S *= std::exp(static_cast<double>(M) - bm);
+          M = bm;
+          arg_block = b0;
+        }
+        if (M == -kInf) continue;  // all -inf so far: nothing to add
+        const Vec vM(M);
+        Vec se(0.f), sy(0.f);
+        j = 0;
+        for (; j + kW <= n; j += kW) {
+          const Vec y = Vec::loadu(yb + j);
+          se += (y - vM).exp();
+          if (p.has_eps) sy += y;
+        }
+        if (j < n) {
+          const Vec y = Vec::set(Vec(-kInf), Vec::loadu(yb + j, n - j), n - j);
+          se += (y - vM).exp();
+          if (p.has_eps) sy += Vec::set(Vec(0.f), y, n - j);
+        }
+        S += hsum(se);
+        if (p.has_eps) SY += hsum(sy);
+      }
+      const float Sf = static_cast<float>(S);
+      const float logS = std::log(Sf);
+      const float lse = M + logS;
+      const float y_t = scalar_y(x_t, p);
+      float l = (M - y_t) + logS;
+      if (p.has_eps) l = (1.f - p.eps) * l + p.eps * ((M - static_cast<float>(SY / V)) + logS);
+      if (p.fault != 1) l += p.zl * lse * lse;
+      loss[r] = l;
+      lse_out[r] = lse;
+      if (argmax) {  // first index of M inside the first block that reached it
+        const int64_t n = std::min(kBlock, V - arg_block);
+        int64_t found = arg_block;
+        for (int64_t j = 0; j < n; ++j) {
+          if (scalar_y(xr[arg_block + j], p) == M) {
+            found = arg_block + j;
+            break;
+          }
+        }
+        pred[r] = found;
+      } else {
+        pred[r] = -1;
+      }
+      if (!grad) continue;
+      // sweep 2: G = a exp(y - M) - c (- d at the target), times dy/dx under softcap
+      const float sc = s ? s[r] : 1.f;
+      const float k = p.fault == 2 ? 1.f : 1.f + 2.f * p.zl * lse;
+      const float a = sc * k / Sf;
+      const float c = sc * p.eps / static_cast<float>(V);
+      const float d = sc * (1.f - p.eps);
+      const Vec va(a), vc(c), vM(M);
+      out_t* gr = g + r * sg;
+      for (int64_t j = 0; j < V; j += kW) {
+        const int64_t n = std::min(kW, V - j);
+        const Vec xv = n == kW ? Vec::loadu(xr + j) : Vec::loadu(xr + j, n);
+        Vec gv = va * (ycap(xv, p) - vM).exp() - vc;
+        if (p.has_cap) gv = gv * sech2(xv, p);
+        store_g(gr + j, gv, n);
+      }
+      {
+        const Vec xt(x_t);
+        Vec gt = va * (ycap(xt, p) - vM).exp() - vc - Vec(d);
+        if (p.has_cap) gt = gt * sech2(xt, p);
+        gr[tr] = static_cast<out_t>(first(gt));
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_chunk(at::Tensor x, const at::Tensor& t,
+                                                        const std::optional<at::Tensor>& s, double eps,
+                                                        double zl, std::optional<double> softcap,
+                                                        bool compute_grad, const std::optional<at::Tensor>& grad_out,
+                                                        bool want_argmax, int64_t fault) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kFloat,
+              "x: expected a 2-D float32 CPU tensor");
+  const int64_t m = x.size(0), V = x.size(1);
+  TORCH_CHECK(V >= 1, "x: empty vocabulary");
+  TORCH_CHECK(V == 1 || x.stride(1) == 1, "x: needs unit stride along V");
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 1 && t.size(0) == m && t.scalar_type() == at::kLong &&
+                  t.is_contiguous(),
+              "targets: expected a contiguous int64 CPU tensor of shape (m,)");
+  const float* sp = nullptr;
+  if (s.has_value() && compute_grad) {
+    TORCH_CHECK(s->device().is_cpu() && s->dim() == 1 && s->size(0) == m && s->scalar_type() == at::kFloat &&
+                    s->is_contiguous(),
+                "row_scale: expected a contiguous float32 CPU tensor of shape (m,)");
+    sp = s->data_ptr<float>();
+  }
+  const int64_t* tp = t.data_ptr<int64_t>();
+  for (int64_t r = 0; r < m; ++r) TORCH_CHECK(tp[r] >= 0 && tp[r] < V, "targets: value outside [0, V)");
+  Params p;
+  p.eps = static_cast<float>(eps);
+  p.zl = static_cast<float>(zl);
+  p.has_cap = softcap.has_value();
+  p.cap = p.has_cap ? static_cast<float>(*softcap) : 1.f;
+  p.inv_cap = 1.f / p.cap;
+  p.has_eps = eps > 0;
+  p.fault = fault;
+  auto fopt = x.options();
+  at::Tensor loss = at::empty({m}, fopt), lse = at::empty({m}, fopt);
+  at::Tensor pred = at::empty({m}, fopt.dtype(at::kLong));
+  if (m == 0) return {loss, lse, pred};
+  float* xp = x.data_ptr<float>();
+  if (!compute_grad || !grad_out.has_value()) {
+    run_rows<float>(xp, x.stride(0), tp, sp, xp, x.stride(0), loss.data_ptr<float>(), lse.data_ptr<float>(),
+                    pred.data_ptr<int64_t>(), m, V, p, compute_grad, want_argmax);
+    return {loss, lse, pred};
+  }
+  const at::Tensor& go = *grad_out;
+  TORCH_CHECK(go.device().is_cpu() && go.dim() == 2 && go.size(0) == m && go.size(1) == V &&
+                  (V == 1 || go.stride(1) == 1),
+              "grad_out: expected (m, V) with unit stride along V");
+  switch (go.scalar_type()) {
+    case at::kFloat:
+      run_rows<float>(xp, x.stride(0), tp, sp, go.data_ptr<float>(), go.stride(0), loss.data_ptr<float>(),
+                      lse.data_ptr<float>(), pred.data_ptr<int64_t>(), m, V, p, true, want_argmax);
+      break;
+    case at::kBFloat16:
+      run_rows<c10::BFloat16>(xp, x.stride(0), tp, sp, go.data_ptr<c10::BFloat16>(), go.stride(0),
+                              loss.data_ptr<float>(), lse.data_ptr<float>(), pred.data_ptr<int64_t>(), m, V, p,
+                              true, want_argmax);
+      break;
+    case at::kHalf:
+      run_rows<c10::Half>(xp, x.stride(0), tp, sp, go.data_ptr<c10::Half>(), go.stride(0), loss.data_ptr<float>(),
+                          lse.data_ptr<float>(), pred.data_ptr<int64_t>(), m, V, p, true, want_argmax);
+      break;
+    default:
+      TORCH_CHECK(false, "grad_out: expected float32, bfloat16 or float16");
+  }
+  return {loss, lse, pred};
+}
+
+// which vector unit this build uses, for native_status()
+std::string capability() {
+#if defined(CPU_CAPABILITY_AVX512)
+  return "AVX512";
+#elif defined(CPU_CAPABILITY_AVX2)
+  return "AVX2";
+#else
+  return "DEFAULT";
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(dvsft_native, lib) {
+  lib.def(
+      "ce_chunk(Tensor(a!) x, Tensor t, Tensor? s, float eps, float zl, float? softcap, bool compute_grad, "
+      "Tensor(b!)? grad_out, bool want_argmax, int fault) -> (Tensor, Tensor, Tensor)");
+  lib.def("capability() -> str");
+  lib.impl("ce_chunk", c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(ce_chunk));
+  lib.impl("capability", c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(capability));
+}

@@ -1,0 +1,179 @@
+"""The native CPU epilogue (dvsft_kernels/csrc/ce_epilogue.cpp): built on first use, never at import.
+
+`lce_torch` (ops/backends/pytorch.py) asks `epilogue()` for the op on its first CPU call; the first
+ask compiles the C++ source with `torch.utils.cpp_extension.load` (ninja and a C++ compiler needed;
+~6 s on 2 cores) into a cache directory, loads it and registers `torch.ops.dvsft_native.ce_chunk`.
+Later processes find the build there and only load it. Any failure (no compiler, no ninja, a
+compile error, a load error) is remembered, in the process and in the cache directory, and the
+PyTorch path runs as before. `native_available()` / `native_status()` say which happened.
+
+Cache directory: $DVSFT_NATIVE_DIR, else $TORCH_EXTENSIONS_DIR/dvsft_kernels, else
+~/.cache/dvsft_kernels/native; one subdirectory per (python, torch, source, compiler flags, CPU
+features), so a shared home directory serves several machines. Builds are serialised by an flock on
+a file beside them: parallel pytest-xdist workers wait for the one that compiles instead of racing,
+and a process killed mid-build leaves no lock behind (cpp_extension's own lock file, which a killed
+process would leave, is removed under the flock before building).
+
+Switches: DVSFT_NATIVE=0 turns the native path off (nothing is built); DVSFT_NATIVE_REBUILD=1
+ignores a remembered failure. Flags: `-O3 -march=native` with ATen's AVX-512 (or AVX2) vector code
+when the compiler's native target has it, else plain `-O3` with ATen's generic vectors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "ce_epilogue.cpp"
+
+_lock = threading.Lock()
+_state: dict = {"op": None, "status": "not built yet (builds at the first CPU call or native_available())",
+                "tried": False}
+# test-only planted faults passed to the C++ code (tests/ops/test_native.py): 1 drops the z-loss term of
+# the loss, 2 drops the z-loss factor of the gradient. 0 in normal use.
+FAULT = {"code": 0}
+
+
+def enabled() -> bool:
+    """False when DVSFT_NATIVE=0."""
+    return os.environ.get("DVSFT_NATIVE", "1") != "0"
+
+
+def cache_root() -> Path:
+    if os.environ.get("DVSFT_NATIVE_DIR"):
+        return Path(os.environ["DVSFT_NATIVE_DIR"])
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"]) / "dvsft_kernels"
+    return Path.home() / ".cache" / "dvsft_kernels" / "native"
+
+
+def _native_macros() -> str:
+    """The compiler's predefined macros for -march=native ('' if that fails)."""
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        r = subprocess.run([cxx, "-march=native", "-dM", "-E", "-x", "c++", os.devnull],
+                           check=False, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return r.stdout if r.returncode == 0 else ""
+
+
+def variants() -> tuple[list[tuple[str, list[str]]], str]:
+    """([(tag, extra_cflags)] to try in order: the native vector unit, then portable -O3; a hash of
+    the native target's macros, which names the build directory)."""
+    macros = _native_macros()
+    out = []
+    if "__AVX512F__" in macros and "__AVX512DQ__" in macros and "__AVX512BW__" in macros:
+        out.append(("avx512", ["-O3", "-march=native", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]))
+    elif "__AVX2__" in macros and "__FMA__" in macros:
+        out.append(("avx2", ["-O3", "-march=native", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]))
+    out.append(("default", ["-O3"]))
+    return out, hashlib.sha256(macros.encode()).hexdigest()[:10]
+
+
+def _build_dir(tag: str, flags: list[str], cpu: str) -> Path:
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
+    py = f"py{sys.version_info[0]}{sys.version_info[1]}"
+    return cache_root() / f"{py}-torch{torch.__version__}-{tag}-{cpu}-{key}"
+
+
+def _build(tag: str, flags: list[str], cpu: str):
+    """Compile (or find) and load one variant; returns torch.ops.dvsft_native.ce_chunk."""
+    import fcntl
+
+    from torch.utils.cpp_extension import load
+
+    d = _build_dir(tag, flags, cpu)
+    d.mkdir(parents=True, exist_ok=True)
+    failed = d / "FAILED"
+    with open(d.parent / f"{d.name}.flock", "w") as lf:
+        fcntl.flock(lf, fcntl.LOCK_EX)  # released by the OS if this process dies
+        try:
+            if failed.exists() and os.environ.get("DVSFT_NATIVE_REBUILD") != "1":
+                raise RuntimeError(f"an earlier build failed ({failed}; DVSFT_NATIVE_REBUILD=1 retries): "
+                                   + failed.read_text()[-2000:])
+            stale = d / "lock"  # cpp_extension's baton; nobody else can hold it while we hold the flock
+            if stale.exists():
+                stale.unlink()
+            try:
+                load(name=f"dvsft_native_{tag}", sources=[str(SOURCE)], extra_cflags=flags,
+                     build_directory=str(d), is_python_module=False, verbose=False)
+            except Exception as e:  # any failure means "no native path"
+                failed.write_text(f"{type(e).__name__}: {e}")
+                raise
+        finally:
+            fcntl.flock(lf, fcntl.LOCK_UN)
+    return torch.ops.dvsft_native.ce_chunk
+
+
+def _short(msg: str) -> str:
+    return msg if len(msg) <= 900 else f"{msg[:300]} ... {msg[-500:]}"
+
+
+def epilogue():
+    """torch.ops.dvsft_native.ce_chunk, building it on the first call; None when DVSFT_NATIVE=0 or
+    the build failed (native_status() says why)."""
+    if not enabled():
+        return None
+    if _state["tried"]:
+        return _state["op"]
+    with _lock:
+        if _state["tried"]:
+            return _state["op"]
+        errors = []
+        try:
+            vs, cpu = variants()
+            if not SOURCE.exists():
+                raise FileNotFoundError(f"{SOURCE}: the C++ source is missing from this install")
+            for tag, flags in vs:
+                try:
+                    op = _build(tag, flags, cpu)
+                except Exception as e:  # noqa: BLE001 - any failure means "try the next, else no native path"
+                    errors.append(f"{tag}: {type(e).__name__}: {_short(str(e))}")
+                    continue
+                _state.update(op=op, status=f"available ({torch.ops.dvsft_native.capability()}, "
+                                            f"{_build_dir(tag, flags, cpu)})")
+                break
+            else:
+                _state["status"] = "build failed: " + " | ".join(errors)
+        except Exception as e:  # noqa: BLE001 - never let the probe break the op
+            _state["status"] = f"build failed: {type(e).__name__}: {e}"
+        _state["tried"] = True
+        return _state["op"]
+
+
+def native_available() -> bool:
+    """True when the native CPU epilogue is built and switched on (builds it on the first call)."""
+    return epilogue() is not None
+
+
+def native_status() -> str:
+    """Why the native CPU epilogue is or is not in use (builds it on the first call)."""
+    if not enabled():
+        return "off (DVSFT_NATIVE=0)"
+    epilogue()
+    return _state["status"]
+
+
+def ce_chunk(x, targets, row_scale=None, *, label_smoothing=0.0, z_loss=0.0, softcap=None, compute_grad=True,
+             grad_out=None, want_argmax=True):
+    """The native epilogue with the `ce_chunk` launcher's contract (ops/kernels/ce_chunk.py) on CPU
+    float32 logits x (m, V): returns (loss, lse, predicted int64; -1 without `want_argmax`), G written
+    over x or into `grad_out` (float32 / bfloat16 / float16). Raises RuntimeError when unavailable."""
+    op = epilogue()
+    if op is None:
+        raise RuntimeError(f"native epilogue unavailable: {native_status()}")
+    if grad_out is not None and not compute_grad:
+        raise ValueError("grad_out: given with compute_grad=False")
+    if grad_out is not None and grad_out.data_ptr() == x.data_ptr() and grad_out.stride() == x.stride():
+        grad_out = None
+    s = row_scale.float().contiguous() if (row_scale is not None and compute_grad) else None
+    return op(x, targets.long().contiguous(), s, float(label_smoothing), float(z_loss),
+              None if softcap is None else float(softcap), bool(compute_grad), grad_out, bool(want_argmax),
+              FAULT["code"])

@@ -1,0 +1,228 @@
+"""The native CPU epilogue (dvsft_kernels/native.py, dvsft_kernels/csrc/ce_epilogue.cpp): `impl="torch"`
+on CPU with the extension on and off against the float64 spec under the error rule, the epilogue
+itself against a float64 reference, and the fallback when the build fails. The first test to run
+builds the extension (seconds; cached in ~/.cache/dvsft_kernels/native across runs); a failed build
+skips the "native" cases with native_status()'s reason."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zlib
+
+import pytest
+import torch
+
+import dvsft_kernels
+from dvsft_kernels import linear_cross_entropy, native
+
+from .cases import OPTION_SETS, check_against_spec, make_case
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _require_native():
+    if not native.native_available():
+        pytest.skip(f"native epilogue not built: {native.native_status()}")
+
+
+@pytest.fixture(params=["native", "plain"])
+def mode(request, monkeypatch):
+    """'native': the extension on, and a counter that shows the op ran; 'plain': DVSFT_NATIVE=0."""
+    if request.param == "plain":
+        monkeypatch.setenv("DVSFT_NATIVE", "0")
+        yield request.param
+        return
+    monkeypatch.setenv("DVSFT_NATIVE", "1")
+    _require_native()
+    real = native.epilogue()
+    calls = []
+
+    def counting(*a):
+        calls.append(1)
+        return real(*a)
+
+    monkeypatch.setitem(native._state, "op", counting)
+    yield request.param
+    assert calls, "the native epilogue was not used"
+
+
+def torch_impl(chunk_rows=None, stats=True):
+    def fn(*a, **k):
+        out = linear_cross_entropy(*a, **k, impl="torch", chunk_rows=chunk_rows, return_stats=stats)
+        return out.loss if stats else out
+    return fn
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", list(OPTION_SETS))
+def test_option_matrix_against_spec(mode, options, reduction, dtype):
+    case = make_case(options=OPTION_SETS[options], reduction=reduction,
+                     seed=zlib.crc32(f"native/{options}/{reduction}".encode()) % 1000)
+    check_against_spec(case, dtype, torch_impl(chunk_rows=16, stats=reduction != "sum"))
+
+
+@pytest.mark.parametrize(
+    "lead, D, V, chunk_rows",
+    [((1, 1), 3, 1, None), ((2, 5), 7, 2, 1), ((3, 11), 13, 15, 4), ((1, 29), 17, 17, 7),
+     ((2, 23), 33, 1023, None), ((1, 40), 9, 1025, 16), ((1, 9), 5, 2049, 2), ((4, 17), 31, 3001, None)],
+)
+@pytest.mark.parametrize("options", ["plain", "all"])
+def test_odd_shapes_against_spec(mode, lead, D, V, chunk_rows, options):
+    case = make_case(lead=lead, D=D, V=V, options=OPTION_SETS[options], ignore_frac=0.2,
+                     seed=zlib.crc32(f"{lead}/{D}/{V}".encode()) % 1000)
+    check_against_spec(case, torch.float32, torch_impl(chunk_rows))
+
+
+def test_stats_native_equal_plain(monkeypatch):
+    """predicted, correct and lse of the native path equal the PyTorch path's (argmax: first index)."""
+    _require_native()
+    case = make_case(lead=(2, 40), D=24, V=700, options={"softcap": 4.0, "bias": True})
+    h, w, b = case.hidden.float(), case.weight.float(), case.bias.float()
+    h[0, :5] = 0  # rows of all-equal logits (softcapped bias only): ties broken by the first index
+    outs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("DVSFT_NATIVE", flag)
+        outs[flag] = linear_cross_entropy(h, w, case.targets, b, impl="torch", return_stats=True)
+    assert torch.equal(outs["1"].predicted, outs["0"].predicted)
+    assert torch.equal(outs["1"].correct, outs["0"].correct)
+    torch.testing.assert_close(outs["1"].lse, outs["0"].lse)
+    torch.testing.assert_close(outs["1"].loss, outs["0"].loss)
+
+
+# ---------------------------------------------------------------- the epilogue itself
+def _reference(x, t, s, eps, zl, cap):
+    x = x.double().requires_grad_()
+    y = cap * torch.tanh(x / cap) if cap else x
+    lse = y.logsumexp(1)
+    loss = (1 - eps) * (lse - y.gather(1, t[:, None])[:, 0]) + eps * (lse - y.mean(1)) + zl * lse**2
+    (loss * (s.double() if s is not None else 1)).sum().backward()
+    return loss.detach(), lse.detach(), x.grad
+
+
+@pytest.mark.parametrize("V", [1, 7, 16, 1024, 1025, 3001])
+@pytest.mark.parametrize("opts", [(0.0, 0.0, None), (0.1, 1e-3, 4.0), (0.0, 1e-2, None), (0.2, 0.0, 2.0)])
+@pytest.mark.parametrize("grad_dtype", [None, torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_epilogue_against_float64(V, opts, grad_dtype):
+    _require_native()
+    eps, zl, cap = opts
+    g = torch.Generator().manual_seed(V)
+    m = 9
+    x = torch.randn(m, V, generator=g) * 3
+    t = torch.randint(0, V, (m,), generator=g)
+    s = torch.rand(m, generator=g) * 2
+    ref_loss, ref_lse, ref_g = _reference(x, t, s, eps, zl, cap)
+    xx = x.clone()
+    out = None if grad_dtype is None else torch.full((m, V), 7.0, dtype=grad_dtype)
+    loss, lse, pred = native.ce_chunk(xx, t, s, label_smoothing=eps, z_loss=zl, softcap=cap, grad_out=out)
+    y = cap * torch.tanh(x.double() / cap) if cap else x.double()
+    assert torch.equal(pred, y.argmax(1))
+    tol = {"rtol": 2e-6, "atol": 2e-6 * float(ref_loss.abs().max())}
+    torch.testing.assert_close(loss.double(), ref_loss, **tol)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=2e-6, atol=2e-6 * float(ref_lse.abs().max()))
+    if out is None:
+        got = xx
+    else:
+        assert torch.equal(xx, x), "x must be left as it was when grad_out is given"
+        got = out
+    atol = {None: 1e-6, torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-3}[grad_dtype]
+    # G's entries are differences of terms up to s (softmax and one-hot): the scale of their rounding
+    size = max(float(ref_g.abs().max()), float(s.max()))
+    torch.testing.assert_close(got.double(), ref_g, rtol=0, atol=atol * size)
+
+
+def test_epilogue_forward_only_and_ties():
+    _require_native()
+    V = 2100  # > 2 blocks of 1024
+    x = torch.zeros(5, V)
+    x[0, 5] = x[0, 1500] = 1.0  # tie across blocks: the first
+    x[1, 2000] = x[1, 2099] = 1.0  # tie inside the last, partial block
+    x[2, 1030] = x[2, 1031] = 2.0  # tie inside a later block
+    x[3, 0] = 1.0  # the very first element; row 4: all equal -> 0
+    t = torch.tensor([0, 1, 2, 3, 4])
+    before = x.clone()
+    loss, lse, pred = native.ce_chunk(x, t, compute_grad=False)
+    assert pred.tolist() == [5, 2000, 1030, 0, 0]
+    assert torch.equal(x, before), "forward only: x is only read"
+    ref_loss, ref_lse, _ = _reference(before, t, None, 0.0, 0.0, None)
+    torch.testing.assert_close(lse.double(), ref_lse)
+    torch.testing.assert_close(loss.double(), ref_loss)
+    _, _, pred = native.ce_chunk(x.clone(), t, compute_grad=False, want_argmax=False)
+    assert pred.tolist() == [-1] * 5
+    # softcap: the first argmax of the softcapped logits (tanh saturates: 30 and 31 tie at cap 1)
+    x = torch.zeros(1, 40)
+    x[0, 9], x[0, 30] = 30.0, 31.0
+    ycap = torch.tanh(x)
+    _, _, pred = native.ce_chunk(x, torch.tensor([0]), softcap=1.0, compute_grad=False)
+    assert pred.item() == int(ycap.argmax(1))
+
+
+# ---------------------------------------------------------------- planted faults bite
+@pytest.mark.parametrize("fault", [1, 2])
+def test_planted_faults_are_caught(monkeypatch, fault):
+    """The C++ code has two test-only faults (native.FAULT): 1 drops the z-loss term of the loss,
+    2 the z-loss factor (1 + 2 zl lse) of the gradient. The parity check must fail on each."""
+    _require_native()
+    monkeypatch.setitem(native.FAULT, "code", fault)
+    case = make_case(options={"z_loss": 1e-2}, reduction="sum", seed=3)
+    with pytest.raises(AssertionError, match="loss" if fault == 1 else "hidden|weight"):
+        check_against_spec(case, torch.float32, torch_impl(chunk_rows=16))
+
+
+# ---------------------------------------------------------------- fallback and build
+def test_failed_build_falls_back(monkeypatch):
+    """A remembered failed build: native_available() is False, the status says why, and the op runs
+    the PyTorch path with the same results under the error rule."""
+    monkeypatch.setenv("DVSFT_NATIVE", "1")
+    monkeypatch.setattr(native, "_state", {"op": None, "status": "build failed: simulated", "tried": True})
+    assert not dvsft_kernels.native_available()
+    assert dvsft_kernels.native_status() == "build failed: simulated"
+    case = make_case(options=OPTION_SETS["all"], reduction="none", seed=11)
+    check_against_spec(case, torch.float32, torch_impl(chunk_rows=16))
+    with pytest.raises(RuntimeError, match="unavailable"):
+        native.ce_chunk(torch.zeros(1, 3), torch.zeros(1, dtype=torch.long))
+
+
+def test_broken_source_is_remembered(monkeypatch, tmp_path):
+    """A source that does not compile: the build fails once, the failure is written beside the
+    build (FAILED) and later attempts (fresh processes: the state reset) do not compile again."""
+    src = tmp_path / "broken.cpp"
+    src.write_text("#error planted\n")
+    monkeypatch.setenv("DVSFT_NATIVE", "1")
+    monkeypatch.setenv("DVSFT_NATIVE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("DVSFT_NATIVE_REBUILD", raising=False)
+    monkeypatch.setattr(native, "SOURCE", src)
+    monkeypatch.setattr(native, "variants", lambda: ([("default", ["-O0"])], "x"))
+    monkeypatch.setattr(native, "_state", {"op": None, "status": "", "tried": False})
+    assert native.epilogue() is None
+    assert native.native_status().startswith("build failed")
+    assert list((tmp_path / "cache").glob("*/FAILED"))
+
+    import torch.utils.cpp_extension as cpp
+
+    def no_compile(*a, **k):
+        raise AssertionError("compiled again after a remembered failure")
+
+    monkeypatch.setattr(cpp, "load", no_compile)
+    monkeypatch.setattr(native, "_state", {"op": None, "status": "", "tried": False})
+    assert native.epilogue() is None
+    assert "an earlier build failed" in native.native_status()
+    case = make_case(options=OPTION_SETS["plain"], seed=12)
+    check_against_spec(case, torch.float32, torch_impl(chunk_rows=16))
+
+
+def test_switch_off(monkeypatch):
+    monkeypatch.setenv("DVSFT_NATIVE", "0")
+    assert native.epilogue() is None
+    assert not dvsft_kernels.native_available()
+    assert dvsft_kernels.native_status() == "off (DVSFT_NATIVE=0)"
+
+
+def test_import_does_not_build():
+    code = "import dvsft_kernels, dvsft_kernels.native as n; print(n._state['tried'])"
+    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
+
