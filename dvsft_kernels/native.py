@@ -15,8 +15,9 @@ and a process killed mid-build leaves no lock behind (cpp_extension's own lock f
 process would leave, is removed under the flock before building).
 
 Switches: DVSFT_NATIVE=0 turns the native path off (nothing is built); DVSFT_NATIVE_REBUILD=1
-ignores a remembered failure. Flags: `-O3 -march=native` with ATen's AVX-512 (or AVX2) vector code
-when the compiler's native target has it, else plain `-O3` with ATen's generic vectors.
+ignores a remembered failure. Flags: `-O3 -march=native -fopenmp` with ATen's AVX-512 (or AVX2)
+vector code when the compiler's native target has it, else `-O3 -fopenmp` with ATen's generic
+vectors, else `-O3` alone (one thread per chunk).
 """
 
 from __future__ import annotations
@@ -65,15 +66,18 @@ def _native_macros() -> str:
 
 
 def variants() -> tuple[list[tuple[str, list[str]]], str]:
-    """([(tag, extra_cflags)] to try in order: the native vector unit, then portable -O3; a hash of
-    the native target's macros, which names the build directory)."""
+    """([(tag, extra_cflags)] to try in order, and a hash of the native target's macros, which names
+    the build directory). ATen's parallel_for is OpenMP in a header: without -fopenmp the rows run on
+    one thread, so every variant but the last has it; the first also uses the native vector unit."""
     macros = _native_macros()
     out = []
+    omp = ["-fopenmp"]
     if "__AVX512F__" in macros and "__AVX512DQ__" in macros and "__AVX512BW__" in macros:
-        out.append(("avx512", ["-O3", "-march=native", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]))
+        out.append(("avx512", ["-O3", "-march=native", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", *omp]))
     elif "__AVX2__" in macros and "__FMA__" in macros:
-        out.append(("avx2", ["-O3", "-march=native", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]))
-    out.append(("default", ["-O3"]))
+        out.append(("avx2", ["-O3", "-march=native", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", *omp]))
+    out.append(("default", ["-O3", *omp]))
+    out.append(("serial", ["-O3"]))
     return out, hashlib.sha256(macros.encode()).hexdigest()[:10]
 
 
@@ -103,7 +107,8 @@ def _build(tag: str, flags: list[str], cpu: str):
                 stale.unlink()
             try:
                 load(name=f"dvsft_native_{tag}", sources=[str(SOURCE)], extra_cflags=flags,
-                     build_directory=str(d), is_python_module=False, verbose=False)
+                     extra_ldflags=[f for f in flags if f == "-fopenmp"], build_directory=str(d),
+                     is_python_module=False, verbose=False)
             except Exception as e:  # any failure means "no native path"
                 failed.write_text(f"{type(e).__name__}: {e}")
                 raise

@@ -26,6 +26,7 @@
 #include <limits>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 namespace {
 
@@ -92,8 +93,15 @@ template <typename out_t>
 void run_rows(float* x, int64_t sx, const int64_t* t, const float* s, out_t* g, int64_t sg, float* loss,
               float* lse_out, int64_t* pred, int64_t m, int64_t V, const Params p, bool grad, bool argmax) {
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
+  // in place without softcap: sweep 1 leaves e = exp(y - M_b) over x (M_b: the running max after
+  // block b) and sweep 2 only rescales it, one exp per element in all
+  bool inplace = false;
+  if constexpr (std::is_same_v<out_t, float>) inplace = grad && g == x && sg == sx;
+  const bool keep_e = inplace && !p.has_cap;
+  const int64_t nblocks = (V + kBlock - 1) / kBlock;
   at::parallel_for(0, m, grain, [&](int64_t r0, int64_t r1) {
     alignas(64) float ybuf[kBlock];
+    std::vector<float> block_max(keep_e ? nblocks : 0);
     for (int64_t r = r0; r < r1; ++r) {
       float* xr = x + r * sx;
       const int64_t tr = t[r];
@@ -101,10 +109,10 @@ void run_rows(float* x, int64_t sx, const int64_t* t, const float* s, out_t* g, 
       // sweep 1: running max M, S = sum exp(y - M) (double across blocks), sum y
       float M = -kInf;
       double S = 0.0, SY = 0.0;
-      int64_t arg_block = 0;
+      int64_t arg = 0;
       for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
         const int64_t n = std::min(kBlock, V - b0);
-        const float* yb = xr + b0;
+        float* yb = xr + b0;
         if (p.has_cap) {  // y once per block, reused by the sweeps below
           for (int64_t j = 0; j < n; j += kW) {
             const int64_t c = std::min(kW, n - j);
@@ -117,24 +125,37 @@ void run_rows(float* x, int64_t sx, const int64_t* t, const float* s, out_t* g, 
         for (; j + kW <= n; j += kW) vm = at::vec::maximum(vm, Vec::loadu(yb + j));
         if (j < n) vm = at::vec::maximum(vm, Vec::set(Vec(-kInf), Vec::loadu(yb + j, n - j), n - j));
         const float bm = hmax(vm);
-        if (bm > M) {  // strict: the first block reaching the row max keeps it
+        if (bm > M) {  // strict: the first block reaching the row max keeps the argmax
           if (M != -kInf) S *= std::exp(static_cast<double>(M) - bm);
           M = bm;
-          arg_block = b0;
+          if (argmax) {
+            arg = b0;
+            for (int64_t k = 0; k < n; ++k) {
+              if (yb[k] == bm) {
+                arg = b0 + k;
+                break;
+              }
+            }
+          }
         }
-        if (M == -kInf) continue;  // all -inf so far: nothing to add
+        if (keep_e) block_max[b0 / kBlock] = M;
+        if (M == -kInf) continue;  // all -inf so far: nothing to add (e = exp(-inf) = 0 below)
         const Vec vM(M);
         Vec se(0.f), sy(0.f);
         j = 0;
         for (; j + kW <= n; j += kW) {
           const Vec y = Vec::loadu(yb + j);
-          se += (y - vM).exp();
+          const Vec e = (y - vM).exp_u20();
+          se += e;
           if (p.has_eps) sy += y;
+          if (keep_e) e.store(yb + j);
         }
         if (j < n) {
           const Vec y = Vec::set(Vec(-kInf), Vec::loadu(yb + j, n - j), n - j);
-          se += (y - vM).exp();
+          const Vec e = (y - vM).exp();
+          se += e;
           if (p.has_eps) sy += Vec::set(Vec(0.f), y, n - j);
+          if (keep_e) e.store(yb + j, n - j);
         }
         S += hsum(se);
         if (p.has_eps) SY += hsum(sy);
@@ -148,19 +169,7 @@ void run_rows(float* x, int64_t sx, const int64_t* t, const float* s, out_t* g, 
       if (p.fault != 1) l += p.zl * lse * lse;
       loss[r] = l;
       lse_out[r] = lse;
-      if (argmax) {  // first index of M inside the first block that reached it
-        const int64_t n = std::min(kBlock, V - arg_block);
-        int64_t found = arg_block;
-        for (int64_t j = 0; j < n; ++j) {
-          if (scalar_y(xr[arg_block + j], p) == M) {
-            found = arg_block + j;
-            break;
-          }
-        }
-        pred[r] = found;
-      } else {
-        pred[r] = -1;
-      }
+      pred[r] = argmax ? arg : -1;
       if (!grad) continue;
       // sweep 2: G = a exp(y - M) - c (- d at the target), times dy/dx under softcap
       const float sc = s ? s[r] : 1.f;
@@ -168,8 +177,26 @@ void run_rows(float* x, int64_t sx, const int64_t* t, const float* s, out_t* g, 
       const float a = sc * k / Sf;
       const float c = sc * p.eps / static_cast<float>(V);
       const float d = sc * (1.f - p.eps);
-      const Vec va(a), vc(c), vM(M);
+      const Vec vc(c);
       out_t* gr = g + r * sg;
+      if (keep_e) {  // G = (a exp(M_b - M)) e - c over e
+        for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
+          const int64_t n = std::min(kBlock, V - b0);
+          const float mb = block_max[b0 / kBlock];
+          float* eb = xr + b0;
+          if (mb == -kInf) {  // a block of -inf logits before the first finite one: e was not written
+            std::fill(eb, eb + n, -c);
+            continue;
+          }
+          const Vec f(a * std::exp(mb - M));
+          int64_t j = 0;
+          for (; j + kW <= n; j += kW) (f * Vec::loadu(eb + j) - vc).store(eb + j);
+          if (j < n) (f * Vec::loadu(eb + j, n - j) - vc).store(eb + j, n - j);
+        }
+        xr[tr] -= d;
+        continue;
+      }
+      const Vec va(a), vM(M);
       for (int64_t j = 0; j < V; j += kW) {
         const int64_t n = std::min(kW, V - j);
         const Vec xv = n == kW ? Vec::loadu(xr + j) : Vec::loadu(xr + j, n);
@@ -254,11 +281,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_chunk(at::Tensor x, const at::
 // which vector unit this build uses, for native_status()
 std::string capability() {
 #if defined(CPU_CAPABILITY_AVX512)
-  return "AVX512";
+  std::string r = "AVX512";
 #elif defined(CPU_CAPABILITY_AVX2)
-  return "AVX2";
+  std::string r = "AVX2";
 #else
-  return "DEFAULT";
+  std::string r = "DEFAULT";
+#endif
+#if defined(_OPENMP)
+  return r + ", OpenMP";
+#else
+  return r + ", one thread";
 #endif
 }
 

@@ -150,6 +150,17 @@ def test_epilogue_forward_only_and_ties():
     torch.testing.assert_close(loss.double(), ref_loss)
     _, _, pred = native.ce_chunk(x.clone(), t, compute_grad=False, want_argmax=False)
     assert pred.tolist() == [-1] * 5
+    # -inf logits, in whole blocks before the first finite one and after it
+    x = torch.full((2, V), float("-inf"))
+    x[0, 1500], x[0, 1600], x[1, 5], x[1, 2000] = 1.0, 0.0, 2.0, 0.0
+    t = torch.tensor([1500, 2000])
+    ref = x.clone().requires_grad_()
+    (ref.logsumexp(1) - ref.gather(1, t[:, None])[:, 0]).sum().backward()
+    g = x.clone()
+    loss, _, pred = native.ce_chunk(g, t)
+    assert pred.tolist() == [1500, 5]
+    torch.testing.assert_close(loss, torch.logsumexp(x, 1) - x.gather(1, t[:, None])[:, 0])
+    torch.testing.assert_close(g, ref.grad)
     # softcap: the first argmax of the softcapped logits (tanh saturates: 30 and 31 tie at cap 1)
     x = torch.zeros(1, 40)
     x[0, 9], x[0, 30] = 30.0, 31.0
