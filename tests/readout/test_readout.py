@@ -387,7 +387,7 @@ def test_cli_help_and_registration(capsys):
 # ---- the example's tiny Qwen2-VL after a short DV-SFT training reads its page ------------------------------
 
 def test_trained_tiny_model_reads_its_page(tmp_path, capsys, monkeypatch):
-    """examples/train_tiny_dvsft.py, shortened (~25 s on 1 thread), saves model + processor; the readout
+    """examples/train_tiny_dvsft.py, shortened (~30 s on 1 thread), saves model + processor; the readout
     of held-out pages of its task (their OCR words from the renderer) is mostly right: green."""
     path = ROOT / "examples" / "train_tiny_dvsft.py"
     spec = importlib.util.spec_from_file_location("train_tiny_dvsft", path)
@@ -395,8 +395,10 @@ def test_trained_tiny_model_reads_its_page(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, spec.name, mod)
     spec.loader.exec_module(mod)
     out = tmp_path / "run"
-    # vision weight 4: the reading is learnt by step ~300 (at weight 1 it takes ~400 steps, ~45 s)
-    mod.main(["--steps", "300", "--vision-weight", "4", "--train-pages", "256", "--eval-pages", "8",
+    # vision weight 4: the reading is learnt by step ~300 (at weight 1 it takes ~400 steps, ~45 s). 350, not
+    # 300: at step 300 the accuracy is still on its rise, where rounding-level differences in the loss
+    # (the native CPU epilogue against the PyTorch one) moved it from 0.83 to 0.74; at 350 both are >= 0.83
+    mod.main(["--steps", "350", "--vision-weight", "4", "--train-pages", "256", "--eval-pages", "8",
               "--threads", "1", "--out", str(out)])
     capsys.readouterr()
     pages = mod.make_dataset(6, seed=123)
