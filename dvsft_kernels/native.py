@@ -74,7 +74,7 @@ def variants() -> tuple[list[tuple[str, list[str]]], str]:
     omp = ["-fopenmp"]
     if "__AVX512F__" in macros and "__AVX512DQ__" in macros and "__AVX512BW__" in macros:
         out.append(("avx512", ["-O3", "-march=native", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", *omp]))
-    elif "__AVX2__" in macros and "__FMA__" in macros:
+    elif "__AVX2__" in macros and "__FMA__" in macros and "__F16C__" in macros:  # ATen's AVX2 code needs all 3
         out.append(("avx2", ["-O3", "-march=native", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", *omp]))
     out.append(("default", ["-O3", *omp]))
     out.append(("serial", ["-O3"]))
