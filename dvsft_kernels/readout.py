@@ -38,7 +38,7 @@ from dvsft_kernels.labeling import registry
 __all__ = [
     "Readout", "ReadoutToken", "add_readout_args", "auto_scale", "cell_color", "default_prompt", "draw_readout",
     "load_checkpoint", "load_processor", "pixtral_processor_class", "processor_class_name", "readout", "run_readout",
-    "savable_processor",
+    "savable_processor", "video_free_class",
 ]
 
 
@@ -492,7 +492,7 @@ def _processor_class(name: str):
     return cls
 
 
-def _without_video(cls):
+def video_free_class(cls):
     """`cls` accepting video_processor=None: without torchvision there is no video processor, and the
     processor classes that have one refuse None in their type check. Images and text go through the
     class's own code; only the check is skipped, for a None video processor."""
@@ -568,7 +568,7 @@ def load_processor(path: str | os.PathLike, family: str | None = None):
             raise ValueError(f"AutoProcessor cannot load it ({_short(auto_error)}) and nothing there names "
                              "the processor class; pass the family")
         try:
-            cls = _without_video(_processor_class(str(name).removesuffix("Fast")))
+            cls = video_free_class(_processor_class(str(name).removesuffix("Fast")))
             image_processor = AutoImageProcessor.from_pretrained(str(d), local_files_only=True)
             tokenizer = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
             accepted = set(inspect.signature(cls.__init__).parameters) - set(cls.get_attributes())

@@ -54,16 +54,11 @@ def byte_bpe(specials: tuple[str, ...] = (), extra: tuple[tuple[str, str], ...] 
 
 
 def novideo(cls):
-    """``cls`` accepting ``video_processor=None`` without torchvision (see module docstring)."""
+    """``cls`` accepting ``video_processor=None`` without torchvision: the package's own
+    (dvsft_kernels/readout.py)."""
+    from dvsft_kernels.readout import video_free_class
 
-    class NoVideo(cls):
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument_name == "video_processor" and argument is None:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    NoVideo.__name__ = NoVideo.__qualname__ = cls.__name__
-    return NoVideo
+    return video_free_class(cls)
 
 
 def pixtral_processor_class():
