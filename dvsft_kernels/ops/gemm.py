@@ -104,6 +104,18 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) ->
     return r
 
 
+def chunk_logits(h: torch.Tensor, s0: int, s1: int, W: torch.Tensor, b: torch.Tensor | None,
+                 out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hc, x): rows [s0, s1) of h in W's dtype, and their float32 logits hc @ W.T (+ b) written
+    into `out` (a (s1 - s0, V) float32 view)."""
+    hc = h[s0:s1]
+    hc = hc if hc.dtype == W.dtype else hc.to(W.dtype)
+    x = mm_f32(hc, W.T, out=out)
+    if b is not None:
+        x.add_(b)
+    return hc, x
+
+
 def compute_weight(weight: torch.Tensor) -> torch.Tensor:
     """The weight the GEMMs read: itself on CUDA or in float32; a float32 copy for half
     precision on CPU, where half GEMMs would round the logits to the input dtype."""

@@ -12,7 +12,14 @@ import torch
 
 from dvsft_kernels.ops.backends.base import CompactBackend, Grads
 from dvsft_kernels.ops.backends.registry import register
-from dvsft_kernels.ops.gemm import accum_f32, chunk_rows_for, compute_weight, mm_f32, row_outputs
+from dvsft_kernels.ops.gemm import (
+    accum_f32,
+    chunk_logits,
+    chunk_rows_for,
+    compute_weight,
+    mm_f32,
+    row_outputs,
+)
 from dvsft_kernels.ops.options import LCEOptions
 
 
@@ -47,11 +54,7 @@ def lce_chunked(h, weight, bias, targets, scale, options: LCEOptions, grads: Gra
     for s0 in range(0, n, m_max):
         s1 = min(n, s0 + m_max)
         m = s1 - s0
-        hc = h[s0:s1]
-        hc = hc if hc.dtype == W.dtype else hc.to(W.dtype)
-        x = mm_f32(hc, W.T, out=xbuf[:m])
-        if b is not None:
-            x.add_(b)
+        hc, x = chunk_logits(h, s0, s1, W, b, out=xbuf[:m])
         g = gbuf[:m]
         l_c, lse_c, pred_c = ce_chunk(
             x, targets[s0:s1], scale[s0:s1] if any_grad else None,

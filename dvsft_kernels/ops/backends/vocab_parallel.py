@@ -23,7 +23,13 @@ import torch
 import torch.distributed as dist
 
 from dvsft_kernels.ops.backends.base import CompactBackend, Grads, Inputs
-from dvsft_kernels.ops.gemm import chunk_rows_for, compute_weight, explicit_grad_gemms, mm_f32, row_outputs
+from dvsft_kernels.ops.gemm import (
+    chunk_logits,
+    chunk_rows_for,
+    compute_weight,
+    explicit_grad_gemms,
+    row_outputs,
+)
 from dvsft_kernels.ops.options import FLOAT_DTYPES, LCEOptions
 
 
@@ -201,11 +207,7 @@ def lce_torch_vocab_parallel(h, weight, bias, targets, scale, options: LCEOption
     for s0 in range(0, n, m_max):
         s1 = min(n, s0 + m_max)
         m = s1 - s0
-        hc = h[s0:s1]
-        hc = hc if hc.dtype == W.dtype else hc.to(W.dtype)
-        x = mm_f32(hc, W.T, out=buf[:m])
-        if b is not None:
-            x.add_(b)
+        hc, x = chunk_logits(h, s0, s1, W, b, out=buf[:m])
         if softcap is not None:
             x.div_(softcap).tanh_()
             y = torch.mul(x, softcap, out=buf2[:m])
