@@ -43,7 +43,7 @@ def _option_schema() -> str:
     return ", ".join(args)
 
 
-_HEAD = "Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor? token_weights"
+_HEAD = "Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor? token_weights, Tensor? target_probs"
 _SWITCHES = "bool grad_hidden, bool grad_weight, bool grad_bias, str backend"
 _LIB.define(f"{_FWD}({_HEAD}, Tensor? num_items, {_SWITCHES}, {_option_schema()}) -> "
             "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
@@ -51,32 +51,33 @@ _LIB.define(f"{_BWD}({_HEAD}, Tensor g, Tensor a0, Tensor a1, Tensor a2, Tensor 
             f"{_option_schema()}) -> (Tensor, Tensor, Tensor)")
 
 
-def _forward_impl(hidden, weight, bias, targets, token_weights, num_items, gh, gw, gb, backend, *opts):
-    x = Inputs(hidden, weight, bias, targets, token_weights, num_items)
+def _forward_impl(hidden, weight, bias, targets, token_weights, target_probs, num_items, gh, gw, gb, backend, *opts):
+    x = Inputs(hidden, weight, bias, targets, token_weights, num_items, target_probs)
     fwd, aux = get_backend(backend).op_forward(x, LCEOptions(*opts), Grads(gh, gw, gb))
     return (*fwd, *aux)
 
 
-def _forward_fake(hidden, weight, bias, targets, token_weights, num_items, gh, gw, gb, backend, *opts):
+def _forward_fake(hidden, weight, bias, targets, token_weights, target_probs, num_items, gh, gw, gb, backend, *opts):
     options = LCEOptions(*opts)
-    shape = targets.shape
+    x = Inputs(hidden, weight, bias, targets, token_weights, num_items, target_probs)
+    shape = x.row_shape()
     f32 = torch.float32
     out = hidden.new_empty(shape if options.reduction == "none" else (), dtype=f32)
     stats = (hidden.new_empty(shape, dtype=f32), hidden.new_empty(shape, dtype=f32),
              hidden.new_empty(shape, dtype=torch.int64))
-    x = Inputs(hidden, weight, bias, targets, token_weights, num_items)
     return (out, *stats, *get_backend(backend).fake_aux(x, options, Grads(gh, gw, gb)))
 
 
-def _backward_impl(hidden, weight, bias, targets, token_weights, g, a0, a1, a2, a3, gh, gw, gb, backend, *opts):
+def _backward_impl(hidden, weight, bias, targets, token_weights, target_probs, g, a0, a1, a2, a3, gh, gw, gb,
+                   backend, *opts):
     """Gradients of hidden, weight, bias (empty where not requested), for backends whose autograd
     formula cannot use the auxiliary outputs directly."""
-    x = Inputs(hidden, weight, bias, targets, token_weights, None)
+    x = Inputs(hidden, weight, bias, targets, token_weights, None, target_probs)
     d = get_backend(backend).op_backward(x, (a0, a1, a2, a3), g, LCEOptions(*opts), Grads(gh, gw, gb))
     return tuple(v if v is not None else empty_aux(hidden) for v in d)
 
 
-def _backward_fake(hidden, weight, bias, targets, token_weights, g, a0, a1, a2, a3, gh, gw, gb, backend, *opts):
+def _backward_fake(hidden, weight, bias, targets, token_weights, target_probs, g, a0, a1, a2, a3, gh, gw, gb, backend, *opts):
     return (torch.empty_like(hidden) if gh else empty_aux(hidden),
             torch.empty_like(weight) if gw else empty_aux(hidden),
             torch.empty_like(bias) if gb else empty_aux(hidden))
@@ -87,24 +88,24 @@ _LIB.impl(_BWD, _backward_impl, "CompositeExplicitAutograd")
 torch.library.register_fake(f"dvsft_kernels::{_FWD}", _forward_fake, lib=_LIB)
 torch.library.register_fake(f"dvsft_kernels::{_BWD}", _backward_fake, lib=_LIB)
 
-_N_INPUTS = 6  # hidden, weight, bias, targets, token_weights, num_items
+_N_INPUTS = 7  # hidden, weight, bias, targets, token_weights, target_probs, num_items
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, token_weights, _ = inputs[:_N_INPUTS]
+    hidden, weight, bias, targets, token_weights, target_probs, _ = inputs[:_N_INPUTS]
     ctx.rest = inputs[_N_INPUTS:]  # switches, backend, options
     ctx.meta = Meta(hidden.shape, hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-    ctx.save_for_backward(hidden, weight, bias, targets, token_weights, *output[4:])
+    ctx.save_for_backward(hidden, weight, bias, targets, token_weights, target_probs, *output[4:])
 
 
 def _backward(ctx, g, *_unused):
-    hidden, weight, bias, targets, token_weights, *aux = ctx.saved_tensors
+    hidden, weight, bias, targets, token_weights, target_probs, *aux = ctx.saved_tensors
     gh, gw, gb, backend, *opts = ctx.rest
     grads, options = Grads(gh, gw, gb), LCEOptions(*opts)
     d = get_backend(backend).op_formula(tuple(aux), g, options, grads, ctx.meta)
     if d is None:
         d = torch.ops.dvsft_kernels.linear_cross_entropy_backward(
-            hidden, weight, bias, targets, token_weights, g, *aux, *ctx.rest)
+            hidden, weight, bias, targets, token_weights, target_probs, g, *aux, *ctx.rest)
         d = tuple(v if need else None for v, need in zip(d, grads))
     return (*d,) + (None,) * (len(ctx.rest) + _N_INPUTS - 3)
 
@@ -121,7 +122,7 @@ def lce_custom_op(x: Inputs, options: LCEOptions, backend: str) -> Forward:
     if num_items is not None and not isinstance(num_items, torch.Tensor):
         num_items = torch.tensor(num_items, dtype=torch.int64)
     out = torch.ops.dvsft_kernels.linear_cross_entropy(
-        x.hidden, x.weight, x.bias, x.targets, x.token_weights, num_items, *grads, backend,
+        x.hidden, x.weight, x.bias, x.targets, x.token_weights, x.target_probs, num_items, *grads, backend,
         *dataclasses.astuple(options))
     loss, row_loss, lse, predicted = out[:4]
     return Forward(loss, row_loss.detach(), lse.detach(), predicted)

@@ -16,15 +16,17 @@ import torch
 from dvsft_kernels.ops.backends import Backend, Grads, Inputs, Meta, select_backend
 from dvsft_kernels.ops.backends.vocab_parallel import refusing_on_error
 from dvsft_kernels.ops.custom_op import lce_custom_op
-from dvsft_kernels.ops.options import FLOAT_DTYPES, LCEOptions, check_num_items
+from dvsft_kernels.ops.options import FLOAT_DTYPES, LCEOptions, check_num_items, no_host_sync_allowed, safe_reciprocal
 
 
 @dataclass
 class LCEStats:
     """`linear_cross_entropy(..., return_stats=True)`. `loss` is differentiable; the rest are
-    detached per-position statistics shaped like `targets`: `row_loss` (ce + z_loss * lse**2,
-    before token weights), `lse`, `predicted` (the argmax token id of the logits, first index on
-    ties) and `correct` (predicted == target); 0 / -1 / False at ignored positions."""
+    detached per-position statistics shaped like the positions (`targets`, or its leading shape
+    with soft targets): `row_loss` (ce + z_loss * lse**2, before token weights; with soft targets
+    the weighted sum over the targets), `lse`, `predicted` (the argmax token id of the logits,
+    first index on ties) and `correct` (predicted == target, or == the highest-weight target);
+    0 / -1 / False at ignored positions."""
 
     loss: torch.Tensor
     row_loss: torch.Tensor
@@ -33,7 +35,7 @@ class LCEStats:
     predicted: torch.Tensor
 
 
-def _check_tensors(hidden, weight, targets, bias, token_weights) -> None:
+def _check_tensors(hidden, weight, targets, bias, token_weights, target_weights=None) -> None:
     if not isinstance(hidden, torch.Tensor) or hidden.dim() < 1:
         raise ValueError("hidden: expected a tensor of shape (..., D)")
     if hidden.dtype not in FLOAT_DTYPES:
@@ -52,8 +54,11 @@ def _check_tensors(hidden, weight, targets, bias, token_weights) -> None:
         raise ValueError("targets: expected a tensor")
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise ValueError(f"targets: expected an integer dtype, got {targets.dtype}")
-    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"targets: shape {tuple(targets.shape)} != hidden's leading shape {tuple(hidden.shape[:-1])}")
+    lead = tuple(hidden.shape[:-1])
+    if target_weights is None and tuple(targets.shape) != lead:
+        raise ValueError(f"targets: shape {tuple(targets.shape)} != hidden's leading shape {lead}")
+    if target_weights is not None:
+        _check_soft_targets(targets, target_weights, lead, hidden.device)
     if targets.device != hidden.device:
         raise ValueError(f"targets: on {targets.device}, hidden on {hidden.device}")
     if bias is not None:
@@ -64,21 +69,59 @@ def _check_tensors(hidden, weight, targets, bias, token_weights) -> None:
         if not bias.dtype.is_floating_point:
             raise ValueError(f"bias: expected a floating dtype, got {bias.dtype}")
     if token_weights is not None:
-        if not isinstance(token_weights, torch.Tensor) or tuple(token_weights.shape) != tuple(targets.shape):
-            raise ValueError(f"token_weights: expected a tensor of shape {tuple(targets.shape)}")
+        if not isinstance(token_weights, torch.Tensor) or tuple(token_weights.shape) != lead:
+            raise ValueError(f"token_weights: expected a tensor of shape {lead}")
         if not token_weights.dtype.is_floating_point:
             raise ValueError(f"token_weights: expected a floating dtype, got {token_weights.dtype}")
         if token_weights.device != hidden.device:
             raise ValueError(f"token_weights: on {token_weights.device}, hidden on {hidden.device}")
 
 
+def _check_soft_targets(targets, target_weights, lead: tuple, device) -> None:
+    if not isinstance(target_weights, torch.Tensor):
+        raise ValueError("target_weights: expected a tensor of shape (..., K) or None")
+    if target_weights.dim() != len(lead) + 1 or tuple(target_weights.shape[:-1]) != lead:
+        raise ValueError(f"target_weights: shape {tuple(target_weights.shape)} is not (*{lead}, K) "
+                         "(hidden's leading shape, then K targets per position)")
+    if target_weights.shape[-1] < 1:
+        raise ValueError("target_weights: K (the last dimension) must be >= 1")
+    if tuple(targets.shape) != tuple(target_weights.shape):
+        raise ValueError(f"targets: shape {tuple(targets.shape)} != target_weights' {tuple(target_weights.shape)} "
+                         "(with target_weights, targets holds K ids per position)")
+    if not target_weights.dtype.is_floating_point:
+        raise ValueError(f"target_weights: expected a floating dtype, got {target_weights.dtype}")
+    if target_weights.device != device:
+        raise ValueError(f"target_weights: on {target_weights.device}, hidden on {device}")
+    # one host sync, skipped where none is allowed (CUDA graph capture, torch.compile tracing)
+    if not no_host_sync_allowed() and target_weights.numel():
+        tw = target_weights.detach()
+        if not bool(torch.isfinite(tw).all()) or bool((tw < 0).any()):
+            raise ValueError("target_weights: expected finite values >= 0")
+
+
+def soft_targets(targets: torch.Tensor, target_weights: torch.Tensor, ignore_index: int):
+    """What the backends take for soft targets: (targets (..., K) ordered by weight, highest first,
+    with unused slots holding the row's top target; target_probs (..., K) float32, the weights
+    over their row sum (0 for unused slots and for rows of total 0); total (...) float32, that sum).
+    A position whose slots are all ignore_index keeps ignore_index in every slot, so slot 0 alone
+    says whether a row is labeled, and predicted == slot 0 whether it is correct. The row loss is
+    total * (the loss for target_probs), so total joins the token weights."""
+    used = targets != ignore_index
+    w = torch.where(used, target_weights.detach().float(), 0.0)
+    order = torch.where(used, w, -1.0).argsort(dim=-1, descending=True, stable=True)
+    t, w, used = targets.gather(-1, order), w.gather(-1, order), used.gather(-1, order)
+    t = torch.where(used, t, t[..., :1]).long()
+    total = w.sum(-1)
+    return t, w * safe_reciprocal(total)[..., None], total
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, token_weights, num_items, options: LCEOptions,
+    def forward(ctx, hidden, weight, bias, targets, token_weights, num_items, target_probs, options: LCEOptions,
                 backend: Backend):
         need = ctx.needs_input_grad
         grads = Grads(bool(need[0]), bool(need[1]), bool(bias is not None and need[2]))
-        x = Inputs(hidden, weight, bias, targets, token_weights, num_items)
+        x = Inputs(hidden, weight, bias, targets, token_weights, num_items, target_probs)
         fwd, saved = backend.forward(x, options, grads)
         ctx.backend, ctx.options, ctx.grads, ctx.meta = backend, options, grads, Meta.of(x)
         ctx.saved_type = type(saved)
@@ -97,7 +140,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             ctx.consumed = True
         saved = ctx.saved_type(*ctx.saved_tensors)
         d_hidden, d_weight, d_bias = ctx.backend.backward(saved, g, ctx.options, ctx.grads, ctx.meta)
-        return d_hidden, d_weight, d_bias, None, None, None, None, None
+        return d_hidden, d_weight, d_bias, None, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -119,6 +162,7 @@ def linear_cross_entropy(
     grad_filter: bool = False,
     return_stats: bool = False,
     process_group=None,
+    target_weights: torch.Tensor | None = None,
 ) -> torch.Tensor | LCEStats:
     """Cross-entropy of `hidden @ weight.T + bias` against `targets`, computed only at labeled
     positions and without materialising the logits. See docs/linear_cross_entropy.md.
@@ -135,11 +179,17 @@ def linear_cross_entropy(
     `process_group`: vocabulary-parallel LM head (ops/backends/vocab_parallel.py): each rank passes
     the same hidden, targets and options and its own contiguous slice of the head's rows; targets
     are global ids. A weight that is a DTensor sharded on dim 0 implies its mesh's group.
+
+    `target_weights` (soft targets): shape (..., K) float >= 0 with `targets` (..., K) ids; slots
+    equal to `ignore_index` are unused and a position with no used slot is ignored. The row loss is
+    sum_k w_k * (ce(t_k) + z_loss * lse**2): one lse per row, K = 1 with weight 1 is the hard op;
+    "mean" divides by the number of labeled positions (or `num_items`). Outputs and statistics are
+    shaped like the positions, and `correct` compares with the highest-weight target.
     """
     weight, bias, process_group = _unwrap_vocab_sharded(weight, bias, process_group)
     # with a process group, the other ranks wait in the agreement check: a refusal here reaches them
     with refusing_on_error(process_group, hidden):
-        _check_tensors(hidden, weight, targets, bias, token_weights)
+        _check_tensors(hidden, weight, targets, bias, token_weights, target_weights)
         options = LCEOptions(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                              z_loss=z_loss, softcap=softcap, impl=impl, chunk_rows=chunk_rows,
                              deterministic=deterministic, grad_filter=grad_filter, return_stats=return_stats)
@@ -149,7 +199,11 @@ def linear_cross_entropy(
         token_weights = token_weights.detach()
     if isinstance(num_items, torch.Tensor):
         num_items = num_items.detach()
-    x = Inputs(hidden, weight, bias, targets, token_weights, num_items)
+    target_probs = total = None
+    if target_weights is not None:
+        targets, target_probs, total = soft_targets(targets, target_weights, ignore_index)
+        token_weights = total if token_weights is None else token_weights.float() * total
+    x = Inputs(hidden, weight, bias, targets, token_weights, num_items, target_probs)
     backend.prepare(x, options)
     if torch.compiler.is_compiling():
         fwd = lce_custom_op(x, options, backend.name)
@@ -159,11 +213,14 @@ def linear_cross_entropy(
             # (and the fused path would refuse or check) gradients nobody asked for
             hidden, weight = hidden.detach(), weight.detach()
             bias = bias.detach() if bias is not None else None
-        fwd = LinearCrossEntropyFunction.apply(hidden, weight, bias, targets, token_weights, num_items, options,
-                                               backend)
+        fwd = LinearCrossEntropyFunction.apply(hidden, weight, bias, targets, token_weights, num_items,
+                                               target_probs, options, backend)
     loss, row_loss, lse, predicted = fwd
     if not return_stats:
         return loss
+    if target_probs is not None:
+        row_loss = row_loss * total  # the backends' row loss is that of target_probs (sum 1)
+        targets = targets[..., 0]  # the highest-weight target; ignore_index where the row is unused
     correct = (predicted == targets) & (targets != ignore_index)
     return LCEStats(loss, row_loss, lse, correct, predicted)
 

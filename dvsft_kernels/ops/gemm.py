@@ -124,12 +124,16 @@ def compute_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight.float()
 
 
-def explicit_grad_gemms(e, a, rows, t, c1, c2, tanh, W, hc, dh_c, dW, db, first):
+def explicit_grad_gemms(e, a, rows, t, c1, c2, tanh, W, hc, dh_c, dW, db, first, q=None):
     """G = (a E - c1 onehot(t) - c2) * (1 - tanh^2), formed in place over E (and tanh), then
     dh_c = G W, dW (+)= G^T hc (`first`: dW is written, not accumulated), db += sum_rows G.
-    c2 None: no smoothing term; tanh None: no softcap; dh_c / dW / db None: not wanted."""
+    c2 None: no smoothing term; tanh None: no softcap; dh_c / dW / db None: not wanted. Soft
+    targets: t (m, K) and q (m, K), the one-hot term is c1 * sum_k q_k onehot(t_k)."""
     g = e.mul_(a[:, None])
-    g.index_put_((rows, t), -c1, accumulate=True)
+    if q is None:
+        g.index_put_((rows, t), -c1, accumulate=True)
+    else:
+        g.scatter_add_(1, t, q * -c1[:, None])
     if c2 is not None:
         g.sub_(c2[:, None])
     if tanh is not None:

@@ -9,6 +9,15 @@ For every position i with target t != ignore_index:
     lse  = logsumexp(z)
     ce   = (1 - eps) * (lse - z[t]) + eps * (lse - mean(z))
     l_i  = w_i * (ce + z_loss * lse**2)
+
+Soft targets (`target_weights`, shape (..., K) like `targets`): each position has K targets t_k
+with weights c_k >= 0; slots equal to ignore_index are unused, and a position whose slots are all
+unused is ignored. The row loss is the weighted sum of the hard row losses:
+
+    l_i  = w_i * sum_k c_k * (ce(t_k) + z_loss * lse**2)
+
+so K = 1 with c = 1 is the hard op, and "mean" divides by the number of labeled positions.
+`correct` compares the argmax with the highest-weight target (first slot on ties).
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ def naive_linear_cross_entropy(
     num_items: int | torch.Tensor | None = None,
     upcast_dtype: torch.dtype = torch.float64,
     return_stats: bool = False,
+    target_weights: torch.Tensor | None = None,
 ):
     """Reference loss. The projection runs in the inputs' dtype and every later step in
     `upcast_dtype`: float64 inputs give the exact spec; bf16 inputs with upcast_dtype=float32 give
@@ -38,28 +48,35 @@ def naive_linear_cross_entropy(
     error rule in tests/ops/errors.py.
 
     With `return_stats=True` also returns (lse, correct) per position (0 / False where ignored).
+    With `target_weights`, `targets` and `target_weights` are (..., K) (module docstring).
     """
     d = hidden.shape[-1]
     h = hidden.reshape(-1, d)
-    t = targets.reshape(-1)
+    K = 1 if target_weights is None else targets.shape[-1]
+    t = targets.reshape(-1, K)
     z = h @ weight.T
     if bias is not None:
         z = z + bias
     z = z.to(upcast_dtype)
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
-    valid = t != ignore_index
-    safe_t = torch.where(valid, t, torch.zeros_like(t))
+    slot_valid = t != ignore_index
+    c = torch.ones_like(t, dtype=upcast_dtype) if target_weights is None else \
+        target_weights.reshape(-1, K).to(upcast_dtype)
+    c = torch.where(slot_valid, c, torch.zeros_like(c))
+    valid = slot_valid.any(dim=1)
+    safe_t = torch.where(slot_valid, t, torch.zeros_like(t))
     lse = torch.logsumexp(z, dim=-1)
-    z_t = z.gather(1, safe_t[:, None]).squeeze(1)
+    z_t = z.gather(1, safe_t)  # (rows, K)
     eps = label_smoothing
-    ce = (1 - eps) * (lse - z_t) + eps * (lse - z.mean(dim=-1))
-    loss = ce + z_loss * lse**2
+    ce = (1 - eps) * (lse[:, None] - z_t) + eps * (lse - z.mean(dim=-1))[:, None]
+    loss = (c * (ce + z_loss * lse[:, None] ** 2)).sum(dim=1)
     if token_weights is not None:
         loss = loss * token_weights.reshape(-1).to(loss.dtype)
     loss = torch.where(valid, loss, torch.zeros_like(loss))
+    row_shape = targets.shape if target_weights is None else targets.shape[:-1]
     if reduction == "none":
-        out = loss.reshape(targets.shape)
+        out = loss.reshape(row_shape)
     elif reduction == "sum":
         out = loss.sum()
     elif reduction == "mean":
@@ -70,6 +87,8 @@ def naive_linear_cross_entropy(
         raise ValueError(f"reduction: unknown {reduction!r}")
     if not return_stats:
         return out
-    correct = (z.argmax(dim=-1) == t) & valid
+    # the highest-weight target of each row (first slot on ties; unused slots never win)
+    top = torch.where(slot_valid, c, torch.full_like(c, -1.0)).argmax(dim=1, keepdim=True)
+    correct = (z.argmax(dim=-1) == t.gather(1, top).squeeze(1)) & valid
     lse = torch.where(valid, lse, torch.zeros_like(lse))
-    return out, lse.reshape(targets.shape), correct.reshape(targets.shape)
+    return out, lse.reshape(row_shape), correct.reshape(row_shape)

@@ -159,7 +159,7 @@ def test_custom_op_matches_function(impl, reduction):
     bias = case.bias.float().requires_grad_()
     options = LCEOptions(reduction=reduction, label_smoothing=0.1, z_loss=1e-3, softcap=4.0, impl=impl,
                          deterministic=True)
-    args = (h, w, bias, case.targets, case.token_weights.float(), torch.tensor(50), True, True, True, impl,
+    args = (h, w, bias, case.targets, case.token_weights.float(), None, torch.tensor(50), True, True, True, impl,
             *dataclasses.astuple(options))
     torch.library.opcheck(torch.ops.dvsft_kernels.linear_cross_entropy.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

@@ -25,12 +25,30 @@ from dvsft_kernels.ops.options import LCEOptions, mean_denominator, safe_recipro
 
 
 class Inputs(NamedTuple):
+    """The op's tensors. Hard targets: `targets` is shaped like the positions. Soft targets:
+    `targets` (*positions, K) int64 and `target_probs` (*positions, K) float32, as
+    `function.soft_targets` prepares them: ordered by weight, unused slots repeating slot 0 with
+    probability 0, every slot ignore_index where the row is unlabeled, and probabilities summing to
+    1 per labeled row (or 0: the row's total weight is 0 and rides on `token_weights`). A backend
+    computes the hard formula with z_t and onehot(t) replaced by sum_k p_k z_{t_k} and
+    sum_k p_k onehot(t_k)."""
+
     hidden: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor | None
     targets: torch.Tensor
     token_weights: torch.Tensor | None
     num_items: int | torch.Tensor | None
+    target_probs: torch.Tensor | None = None
+
+    def row_shape(self) -> torch.Size:
+        """The shape of the positions (and of per-position outputs)."""
+        return self.targets.shape if self.target_probs is None else self.targets.shape[:-1]
+
+    def row_targets(self) -> torch.Tensor:
+        """One target per position, flat: slot 0 for soft targets (labeled iff != ignore_index)."""
+        t = self.targets if self.target_probs is None else self.targets[..., 0]
+        return t.reshape(-1)
 
 
 class Grads(NamedTuple):
@@ -126,21 +144,28 @@ class CompactRows(NamedTuple):
     w: torch.Tensor | None
     weight: torch.Tensor
     bias: torch.Tensor | None
+    q: torch.Tensor | None = None  # soft targets: (n, K) probabilities of t (n, K)
 
 
 def compact_rows(x: Inputs, ignore_index: int, V: int):
-    """(idx, t, h, w): positions of the labeled targets (a host sync sizes them), their targets
-    (int64, range-checked), hidden rows and float32 token weights (or None)."""
+    """(idx, t, h, w, q): positions of the labeled targets (a host sync sizes them), their targets
+    (int64, range-checked; (n,) or, soft, (n, K)), hidden rows, float32 token weights (or None)
+    and, soft, the (n, K) float32 target probabilities (else None)."""
     D = x.hidden.shape[-1]
-    flat_t = x.targets.reshape(-1)
-    idx = (flat_t != ignore_index).nonzero().squeeze(1)
-    t = flat_t.index_select(0, idx).long()
+    idx = (x.row_targets() != ignore_index).nonzero().squeeze(1)
+    q = None
+    if x.target_probs is None:
+        t = x.targets.reshape(-1).index_select(0, idx).long()
+    else:
+        K = x.targets.shape[-1]
+        t = x.targets.reshape(-1, K).index_select(0, idx).long()
+        q = x.target_probs.reshape(-1, K).index_select(0, idx).float()
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= V):
         raise ValueError(f"targets: values must lie in [0, {V}) or equal ignore_index={ignore_index}")
     h = x.hidden.reshape(-1, D).index_select(0, idx)
     tw = x.token_weights
     w = tw.reshape(-1).index_select(0, idx).float() if tw is not None else None
-    return idx, t, h, w
+    return idx, t, h, w, q
 
 
 def scale_output(x: torch.Tensor, g: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -169,10 +194,11 @@ class PrecomputedLayout:
 class CompactBackend(PrecomputedLayout, Backend):
     """Compacts the labeled rows, then runs `rows` on them (the backend's own product)."""
 
-    def rows(self, h, weight, bias, t, scale, options: LCEOptions, grads: Grads):
+    def rows(self, h, weight, bias, t, scale, options: LCEOptions, grads: Grads, q=None):
         """(loss, lse, predicted, dh, dW, db) of the compacted rows: h (n, D), t (n,) int64 in
         [0, V), scale (n,) float32 (each row's loss gradient; needed only for gradients). loss is per
-        row and unscaled; dh (n, D), dW (V, D), db (V,) float32 or None where not asked."""
+        row and unscaled; dh (n, D), dW (V, D), db (V,) float32 or None where not asked. Soft
+        targets: t (n, K) and q (n, K) float32 probabilities (`Inputs`)."""
         raise NotImplementedError
 
     def vocab_size(self, weight: torch.Tensor) -> int:
@@ -182,11 +208,11 @@ class CompactBackend(PrecomputedLayout, Backend):
         return options.reduction != "none"
 
     def forward(self, x: Inputs, options: LCEOptions, grads: Grads) -> tuple[Forward, tuple]:
-        hidden, targets = x.hidden, x.targets
+        hidden, shape = x.hidden, x.row_shape()
         reduction = options.reduction
-        idx, t, h, w = compact_rows(x, options.ignore_index, self.vocab_size(x.weight))
-        n = t.numel()
-        N = targets.numel()
+        idx, t, h, w, q = compact_rows(x, options.ignore_index, self.vocab_size(x.weight))
+        n = t.shape[0]
+        N = math.prod(shape)
         if reduction == "mean":
             inv = safe_reciprocal(mean_denominator(n, x.num_items, hidden.device))
             scale = inv.expand(n) if w is None else w * inv
@@ -196,11 +222,11 @@ class CompactBackend(PrecomputedLayout, Backend):
         pre = reduction != "none" and any(grads)
         row_loss, lse, pred, dh, dW, db = self.rows(
             h, x.weight, x.bias, t, scale, options,
-            Grads(grads.hidden and pre, grads.weight and pre, grads.bias and pre))
+            Grads(grads.hidden and pre, grads.weight and pre, grads.bias and pre), q=q)
 
         def scatter(v, dtype, fill=0):
             out = torch.full((N,), fill, dtype=dtype, device=hidden.device)
-            return out.index_copy_(0, idx, v.to(dtype)).reshape(targets.shape)
+            return out.index_copy_(0, idx, v.to(dtype)).reshape(shape)
 
         if reduction == "none":
             out = scatter(row_loss * w if w is not None else row_loss, torch.float32)
@@ -208,14 +234,15 @@ class CompactBackend(PrecomputedLayout, Backend):
             out = (row_loss * scale).sum()
         fwd = Forward(out, scatter(row_loss, torch.float32), scatter(lse, torch.float32),
                       scatter(pred, torch.int64, -1))
-        saved = CompactRows(idx, h, t, w, x.weight, x.bias) if reduction == "none" else CompactGrads(idx, dh, dW, db)
+        saved = CompactRows(idx, h, t, w, x.weight, x.bias, q) if reduction == "none" else CompactGrads(idx, dh, dW, db)
         return fwd, saved
 
     def backward(self, saved, g, options: LCEOptions, grads: Grads, meta: Meta):
         if isinstance(saved, CompactRows):
             gs = g.reshape(-1).index_select(0, saved.idx).float()
             scale = gs * saved.w if saved.w is not None else gs
-            _, _, _, dh, dW, db = self.rows(saved.h, saved.weight, saved.bias, saved.t, scale, options, grads)
+            _, _, _, dh, dW, db = self.rows(saved.h, saved.weight, saved.bias, saved.t, scale, options, grads,
+                                            q=saved.q)
             g = None
         else:
             dh, dW, db = saved.dh, saved.dW, saved.db
@@ -244,13 +271,13 @@ class CompactBackend(PrecomputedLayout, Backend):
             return fwd, tuple(empty_aux(ref) for _ in range(4))
         dh = saved.dh
         if dh is not None:
-            full = torch.zeros(x.targets.numel(), ref.shape[-1], dtype=torch.float32, device=ref.device)
+            full = torch.zeros(math.prod(x.row_shape()), ref.shape[-1], dtype=torch.float32, device=ref.device)
             dh = full.index_copy_(0, saved.idx, dh).reshape(ref.shape)
         return fwd, precomputed_aux(ref, dh, saved.dW, saved.db)
 
     def op_backward(self, x: Inputs, aux, g, options: LCEOptions, grads: Grads):
-        idx, t, h, w = compact_rows(x, options.ignore_index, self.vocab_size(x.weight))
-        return self.backward(CompactRows(idx, h, t, w, x.weight, x.bias), g, options, grads, Meta.of(x))
+        idx, t, h, w, q = compact_rows(x, options.ignore_index, self.vocab_size(x.weight))
+        return self.backward(CompactRows(idx, h, t, w, x.weight, x.bias, q), g, options, grads, Meta.of(x))
 
 
 # The "precomputed" auxiliary layout (compacting backends and the run-time "auto" of the custom op):

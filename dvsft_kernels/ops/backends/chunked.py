@@ -81,5 +81,7 @@ def lce_chunked(h, weight, bias, targets, scale, options: LCEOptions, grads: Gra
 class ChunkedBackend(CompactBackend):
     name = "chunked"
 
-    def rows(self, h, weight, bias, t, scale, options: LCEOptions, grads: Grads):
+    def rows(self, h, weight, bias, t, scale, options: LCEOptions, grads: Grads, q=None):
+        if q is not None:
+            raise ValueError(f"target_weights: soft targets are not supported by {self.name!r} yet")
         return lce_chunked(h, weight, bias, t, scale, options, grads)

@@ -86,7 +86,9 @@ def fused_forward_core(x: Inputs, options: LCEOptions, grads: Grads) -> tuple[Fo
     from dvsft_kernels.ops.kernels import fused_config
     from dvsft_kernels.ops.kernels.lce_fused_fwd import fused_forward
 
-    hidden, weight, bias, targets, token_weights, num_items = x
+    if x.target_probs is not None:
+        raise ValueError("target_weights: soft targets are not supported by 'fused' yet")
+    hidden, weight, bias, targets, token_weights, num_items, _ = x
     D = hidden.shape[-1]
     h2 = hidden.reshape(-1, D)
     flat_t = targets.reshape(-1).contiguous()

@@ -42,9 +42,10 @@ from dvsft_kernels.ops.gemm import (
 from dvsft_kernels.ops.options import LCEOptions
 
 
-def lce_torch(h, weight, bias, targets, scale, options: LCEOptions, grads: Grads):
+def lce_torch(h, weight, bias, targets, scale, options: LCEOptions, grads: Grads, q=None):
     """The "torch" rows: `CompactBackend.rows` in PyTorch ops, chunk by chunk. Without
-    `options.return_stats` the argmax is not computed (predicted is -1)."""
+    `options.return_stats` the argmax is not computed (predicted is -1). Soft targets: targets
+    (n, K) with probabilities q (n, K)."""
     n, D = h.shape
     V = weight.shape[0]
     dev = h.device
@@ -60,7 +61,7 @@ def lce_torch(h, weight, bias, targets, scale, options: LCEOptions, grads: Grads
     if n == 0:
         return loss, lse, pred, dh, dW, db
     epilogue = native.epilogue() if dev.type == "cpu" else None
-    if epilogue is not None:
+    if epilogue is not None and q is None:
         return _lce_native(epilogue, h, W, b, targets, scale, options, grads, (loss, lse, pred, dh, dW, db))
 
     m_max = options.chunk_rows or chunk_rows_for(n, V, dev)
@@ -78,6 +79,7 @@ def lce_torch(h, weight, bias, targets, scale, options: LCEOptions, grads: Grads
         hc = h[s0:s1]
         hc = hc if hc.dtype == W.dtype else hc.to(W.dtype)
         tc = targets[s0:s1]
+        qc = q[s0:s1] if q is not None else None
         x = buf[:m]
         if b is not None:
             if x.dtype == W.dtype:
@@ -93,7 +95,8 @@ def lce_torch(h, weight, bias, targets, scale, options: LCEOptions, grads: Grads
             y = torch.mul(x, softcap, out=buf2[:m])
         else:
             y = x
-        y_t = y.gather(1, tc[:, None]).squeeze(1)
+        # the target logit; soft: sum_k q_k y[t_k]
+        y_t = y.gather(1, tc[:, None]).squeeze(1) if qc is None else (y.gather(1, tc) * qc).sum(1)
         y_mean = y.sum(1).div_(V) if eps else None
         if options.return_stats:
             mx, amax = y.max(1)
@@ -124,11 +127,14 @@ def lce_torch(h, weight, bias, targets, scale, options: LCEOptions, grads: Grads
         if not fold:
             # explicit G: softcap, or a z-loss factor k <= 0
             explicit_grad_gemms(e, a, rows, tc, c1, c2 if eps else None, x if softcap is not None else None,
-                                W, hc, dh[s0:s1] if grad_h else None, dW, db, first=s0 == 0)
+                                W, hc, dh[s0:s1] if grad_h else None, dW, db, first=s0 == 0, q=qc)
             continue
 
         ratio = (1 - eps) * ssum if k is None else (1 - eps) * ssum / k
-        e.index_put_((rows, tc), -ratio, accumulate=True)
+        if qc is None:
+            e.index_put_((rows, tc), -ratio, accumulate=True)
+        else:  # K targets per row, each with its share of the one-hot term
+            e.scatter_add_(1, tc, qc * -ratio[:, None])
         eW = e if e.dtype == W.dtype else e.to(W.dtype)
         if grad_h:
             dhc = mm_f32(eW, W, out=dh[s0:s1])
@@ -194,5 +200,5 @@ def _lce_native(epilogue, h, W, b, targets, scale, options: LCEOptions, grads: G
 class TorchBackend(CompactBackend):
     name = "torch"
 
-    def rows(self, h, weight, bias, t, scale, options: LCEOptions, grads: Grads):
-        return lce_torch(h, weight, bias, t, scale, options, grads)
+    def rows(self, h, weight, bias, t, scale, options: LCEOptions, grads: Grads, q=None):
+        return lce_torch(h, weight, bias, t, scale, options, grads, q=q)

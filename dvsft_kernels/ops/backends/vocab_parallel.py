@@ -267,6 +267,8 @@ class VocabParallelBackend(CompactBackend):
     def vocab_size(self, weight: torch.Tensor) -> int:
         return self.vocab_total
 
-    def rows(self, h, weight, bias, t, scale, options: LCEOptions, grads: Grads):
+    def rows(self, h, weight, bias, t, scale, options: LCEOptions, grads: Grads, q=None):
+        if q is not None:
+            raise ValueError(f"target_weights: soft targets are not supported by {self.name!r} yet")
         return lce_torch_vocab_parallel(h, weight, bias, t, scale, options, grads, coll=self.coll,
                                         vocab_start=self.vocab_start, vocab_total=self.vocab_total)
