@@ -6,6 +6,11 @@ and each row carries its stream's weight / normalizer as a token weight, so
     loss = text_weight * sum(text CE) / n_text + vision_weight * sum(vision CE) / n_vision
 
 is the op's "sum" reduction. The per-stream figures come from the same pass's per-row statistics.
+
+Soft vision labels (`vision_labels` (B, T, K) with `vision_label_weights` (B, T, K), e.g. from
+`label_visual_tokens(..., soft=K)`) make the merged targets (B, T, K): a text row holds its label in
+slot 0 with weight 1 (the hard op exactly), a vision row its K weighted ids. The vision row loss is
+then sum_k w_k CE(t_k), and a vision row counts as correct when the argmax is its highest-weight id.
 """
 
 from __future__ import annotations
@@ -63,7 +68,8 @@ class DVLoss(nn.Module):
     """The DV-SFT loss: `text_weight * text_loss + vision_weight * vision_loss` in one op call.
 
     `labels` (answer tokens) and `vision_labels` (the word in each visual token's patch) are (B, T),
-    aligned with `input_ids`. With `shift=True` (the HF convention) hidden[:, t-1] predicts
+    aligned with `input_ids`; soft vision labels are `vision_labels` (B, T, K) with
+    `vision_label_weights` (B, T, K) floats >= 0 (-100 pads unused slots). With `shift=True` (the HF convention) hidden[:, t-1] predicts
     labels[:, t]. `vision_shift=False` (default): hidden[:, t] predicts vision_labels[:, t], each
     visual token's own output; True shifts the vision stream like the text; None follows `shift`.
 
@@ -104,13 +110,13 @@ class DVLoss(nn.Module):
                 f"vision_shift={self.vision_shift}, impl={self.impl!r}")
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor | None = None,
-                vision_labels: torch.Tensor | None = None, *, bias: torch.Tensor | None = None,
-                num_text_items=None, num_vision_items=None) -> DVLossOutput:
+                vision_labels: torch.Tensor | None = None, *, vision_label_weights: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None, num_text_items=None, num_vision_items=None) -> DVLossOutput:
         ign = self.ignore_index
         # with a process group, the other ranks wait in the op's agreement check: a refusal reaches them
         with refusing_on_error(self.process_group, hidden):
-            targets, text_mask, vis_mask, both, sync_free = self._merge_streams(hidden, weight, labels,
-                                                                                vision_labels)
+            targets, target_weights, text_mask, vis_mask, both, sync_free = self._merge_streams(
+                hidden, weight, labels, vision_labels, vision_label_weights)
             n_text = text_mask.sum()
             n_vis = vis_mask.sum()
             d_text = self._denominator("num_text_items", num_text_items, n_text)
@@ -122,7 +128,7 @@ class DVLoss(nn.Module):
             hidden, weight, targets, bias, ignore_index=ign, reduction="sum", token_weights=token_weights,
             label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap, impl=self.impl,
             chunk_rows=self.chunk_rows, deterministic=self.deterministic, grad_filter=self.grad_filter,
-            return_stats=True, process_group=self.process_group,
+            return_stats=True, process_group=self.process_group, target_weights=target_weights,
         )
         loss = torch.where(both, float("nan"), out.loss) if sync_free else out.loss
         rows = out.row_loss
@@ -152,8 +158,10 @@ class DVLoss(nn.Module):
         prob = torch.where(has, torch.exp(z - out.lse), torch.zeros_like(z))
         return {"predicted": pred, "probability": prob}
 
-    def _merge_streams(self, hidden, weight, labels, vision_labels):
-        """Checks the streams; returns (targets, text_mask, vis_mask, both, sync_free) aligned with hidden."""
+    def _merge_streams(self, hidden, weight, labels, vision_labels, vision_label_weights=None):
+        """Checks the streams; returns (targets, target_weights, text_mask, vis_mask, both, sync_free)
+        aligned with hidden: targets (B, T) and target_weights None, or both (B, T, K) for soft
+        vision labels."""
         if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
             raise ValueError("hidden: expected a (B, T, D) tensor")
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -162,6 +170,7 @@ class DVLoss(nn.Module):
             raise ValueError("labels: at least one of labels / vision_labels is required")
         ign = self.ignore_index
         B, T = hidden.shape[:2]
+        soft = self._check_soft(vision_labels, vision_label_weights, hidden, B, T)
         # Value checks read the labels on the host. Under CUDA-graph capture or torch.compile they
         # cannot: an id outside [0, V) then gives its row a NaN loss (the fused op's contract; the
         # compacting impls still raise, inside the op) and a position in both streams a NaN loss.
@@ -171,9 +180,10 @@ class DVLoss(nn.Module):
             if lab is None:
                 streams.append(None)
                 continue
-            if not isinstance(lab, torch.Tensor) or tuple(lab.shape) != (B, T):
+            want = (B, T, lab.shape[-1]) if (soft and name == "vision_labels") else (B, T)
+            if not isinstance(lab, torch.Tensor) or tuple(lab.shape) != want:
                 got = tuple(lab.shape) if isinstance(lab, torch.Tensor) else type(lab).__name__
-                raise ValueError(f"{name}: expected shape ({B}, {T}) aligned with hidden, got {got}")
+                raise ValueError(f"{name}: expected shape {want} aligned with hidden, got {got}")
             if lab.dtype.is_floating_point or lab.dtype == torch.bool:
                 raise ValueError(f"{name}: expected an integer dtype, got {lab.dtype}")
             if lab.device != hidden.device:
@@ -186,17 +196,56 @@ class DVLoss(nn.Module):
                     raise ValueError(f"{name}: ids must lie in [0, {weight.shape[0]}) or equal ignore_index={ign}")
             streams.append(_shifted(lab, shift, ign))
         tt, vt = streams
-        text_mask = tt != ign if tt is not None else torch.zeros(B, T, dtype=torch.bool, device=hidden.device)
-        vis_mask = vt != ign if vt is not None else torch.zeros(B, T, dtype=torch.bool, device=hidden.device)
+        dev = hidden.device
+        no_rows = torch.zeros(B, T, dtype=torch.bool, device=dev)
+        text_mask = tt != ign if tt is not None else no_rows
+        vis_mask = (vt != ign if not soft else (vt != ign).any(-1)) if vt is not None else no_rows
         both = (text_mask & vis_mask).any()
         if not sync_free and bool(both):
             raise ValueError("vision_labels: a position is a target in both the text and the vision stream")
-        targets = torch.full((B, T), ign, dtype=torch.long, device=hidden.device)
+        if not soft:
+            targets = torch.full((B, T), ign, dtype=torch.long, device=dev)
+            if tt is not None:
+                targets = torch.where(text_mask, tt, targets)
+            if vt is not None:
+                targets = torch.where(vis_mask, vt, targets)
+            return targets, None, text_mask, vis_mask, both, sync_free
+        # soft: a text row is its label in slot 0 with weight 1 (exactly the hard row)
+        K = vt.shape[-1]
+        vw = _shifted(vision_label_weights.float(), self.vision_shift, 0)
+        targets = torch.where(vis_mask[..., None], vt, torch.full_like(vt, ign))
+        weights = torch.where(vis_mask[..., None], vw, torch.zeros_like(vw))
         if tt is not None:
-            targets = torch.where(text_mask, tt, targets)
-        if vt is not None:
-            targets = torch.where(vis_mask, vt, targets)
-        return targets, text_mask, vis_mask, both, sync_free
+            slot0 = text_mask[..., None] & (torch.arange(K, device=dev) == 0)
+            targets = torch.where(slot0, tt[..., None], targets)
+            weights = torch.where(slot0, 1.0, weights)
+        return targets, weights, text_mask, vis_mask, both, sync_free
+
+    @staticmethod
+    def _check_soft(vision_labels, vision_label_weights, hidden, B, T) -> bool:
+        """Whether the vision stream is soft; checks that labels and weights come together."""
+        soft3d = isinstance(vision_labels, torch.Tensor) and vision_labels.dim() == 3
+        if vision_label_weights is None:
+            if soft3d:
+                raise ValueError("vision_label_weights: required with (B, T, K) vision_labels")
+            return False
+        if not soft3d:
+            raise ValueError("vision_label_weights: given, but vision_labels is not a (B, T, K) tensor")
+        if tuple(vision_labels.shape[:2]) != (B, T):
+            raise ValueError(f"vision_labels: expected shape ({B}, {T}, K) aligned with hidden, got "
+                             f"{tuple(vision_labels.shape)}")
+        w = vision_label_weights
+        if not isinstance(w, torch.Tensor) or tuple(w.shape) != (B, T, vision_labels.shape[-1]):
+            got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+            raise ValueError(f"vision_label_weights: expected shape {(B, T, vision_labels.shape[-1])} like "
+                             f"vision_labels, got {got}")
+        if not w.dtype.is_floating_point:
+            raise ValueError(f"vision_label_weights: expected a floating dtype, got {w.dtype}")
+        if w.device != hidden.device:
+            raise ValueError(f"vision_label_weights: on {w.device}, hidden on {hidden.device}")
+        if vision_labels.shape[-1] < 1:
+            raise ValueError("vision_labels: K (the last dimension) must be >= 1")
+        return True
 
     @staticmethod
     def _denominator(name, given, count):

@@ -38,7 +38,7 @@ from torch import nn
 
 from dvsft_kernels.loss import METRIC_NAMES, DVLoss, DVLossOutput
 
-_OUR_KEYS = ("labels", "vision_labels", "num_items_in_batch", "num_vision_items_in_batch")
+_OUR_KEYS = ("labels", "vision_labels", "vision_label_weights", "num_items_in_batch", "num_vision_items_in_batch")
 
 # model -> handle, so a model is never attached twice; weak, so attach() keeps nothing alive
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, AttachHandle] = weakref.WeakKeyDictionary()
@@ -298,6 +298,7 @@ class AttachHandle:
             labels = args[self._labels_pos]
             args = args[: self._labels_pos] + (None,) + args[self._labels_pos + 1 :]
         vision_labels = kwargs.pop("vision_labels", None)
+        vision_label_weights = kwargs.pop("vision_label_weights", None)
         n_text = kwargs.pop("num_items_in_batch", None)
         n_vis = kwargs.pop("num_vision_items_in_batch", None)
         if labels is None and vision_labels is None:
@@ -312,6 +313,7 @@ class AttachHandle:
         state: dict[str, Any] = {
             "labels": labels,
             "vision_labels": vision_labels,
+            "vision_label_weights": vision_label_weights,
             "n_text": n_text,
             "n_vis": n_vis,
             "hidden": None,
@@ -370,6 +372,7 @@ class AttachHandle:
                 weight,
                 state["labels"],
                 state["vision_labels"],
+                vision_label_weights=state["vision_label_weights"],
                 bias=bias,
                 num_text_items=state["n_text"],
                 num_vision_items=state["n_vis"],
@@ -402,9 +405,12 @@ class AttachHandle:
         for name, lab in (("labels", labels), ("vision_labels", vision_labels)):
             if lab is None:
                 continue
-            if not isinstance(lab, torch.Tensor) or lab.dim() != 2:
-                raise ValueError(f"{name}: expected a (B, T) integer tensor aligned with input_ids")
-            if ref is not None and tuple(lab.shape) != tuple(ref.shape[:2]):
+            # soft vision labels are (B, T, K) (with vision_label_weights; DVLoss checks the pair)
+            dims = (2, 3) if name == "vision_labels" else (2,)
+            if not isinstance(lab, torch.Tensor) or lab.dim() not in dims:
+                want = "(B, T) or (B, T, K)" if name == "vision_labels" else "(B, T)"
+                raise ValueError(f"{name}: expected a {want} integer tensor aligned with input_ids")
+            if ref is not None and tuple(lab.shape[:2]) != tuple(ref.shape[:2]):
                 raise ValueError(
                     f"{name}: shape {tuple(lab.shape)} does not match input_ids {tuple(ref.shape[:2])}"
                 )

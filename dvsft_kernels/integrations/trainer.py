@@ -30,7 +30,7 @@ import transformers
 from dvsft_kernels.integrations.attach import attach, get_handle
 from dvsft_kernels.loss import METRIC_NAMES, DVLoss
 
-_EXTRA_COLUMNS = ("vision_labels", "num_vision_items_in_batch")
+_EXTRA_COLUMNS = ("vision_labels", "vision_label_weights", "num_vision_items_in_batch")
 # window sums: text_loss, vision_loss, text_tokens, vision_tokens, text_correct, vision_correct
 _N_ACC = 6
 
@@ -117,8 +117,10 @@ class DVSFTTrainerMixin:
             for b in batches:
                 lab = b.get(key) if hasattr(b, "get") else None
                 if isinstance(lab, torch.Tensor):
-                    lab = lab[..., 1:] if shift else lab
-                    n = n + (lab != ign).sum().to(device)
+                    lab = lab[:, 1:] if shift else lab
+                    has = lab != ign
+                    # soft vision labels (B, T, K): a position counts once if any slot is used
+                    n = n + (has.any(-1) if has.dim() == 3 else has).sum().to(device)
             return n
 
         counts = torch.stack([count("labels", loss.shift), count("vision_labels", loss.vision_shift)])
