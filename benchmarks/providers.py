@@ -198,6 +198,41 @@ class DvsftChunk(Dvsft):
         return Runner(fn, inputs["hidden"], inputs["weight"], inputs["targets"])
 
 
+class DvsftSoft(Dvsft):
+    """Soft targets: K weighted targets per labeled position (`target_weights`), for the cost of K
+    over hard targets: `run.py --providers dvsft_torch,dvsft_torch+k1,dvsft_torch+k16`. Slot 0 is
+    the shape's target with weight 1/2; slots 1..K-1 are fixed-seed random ids sharing the other
+    half; unlabeled positions stay unlabeled in every slot."""
+
+    kind = "sweep"
+    hidden = True
+
+    def __init__(self, impl: str, K: int):
+        super().__init__(impl)
+        self.K = K
+        self.name = f"dvsft_{impl}+k{K}"
+        self.label = f"dvsft-kernels impl={impl}, soft targets K={K}"
+        self.note = f"impl='{impl}' with {K} weighted targets per position"
+
+    def prepare(self, inputs, shape, device):
+        import torch
+
+        op, impl, K = self._op(), self.impl, self.K
+        t = inputs["targets"]
+        V = inputs["weight"].shape[0]
+        g = torch.Generator().manual_seed(0)
+        soft = torch.randint(0, V, (*t.shape, K), generator=g).to(t.device)
+        soft[..., 0] = t
+        soft[t == IGNORE_INDEX] = IGNORE_INDEX
+        tw = torch.full((*t.shape, K), 0.5 / max(K - 1, 1), device=t.device)
+        tw[..., 0] = 0.5 if K > 1 else 1.0
+
+        def fn(h, w, _t):
+            return op(h, w, soft, ignore_index=IGNORE_INDEX, reduction="mean", impl=impl, target_weights=tw)
+
+        return Runner(fn, inputs["hidden"], inputs["weight"], t)
+
+
 # ---------------------------------------------------------------------------------------------
 # Peers
 
@@ -505,12 +540,15 @@ def default_names() -> list[str]:
 
 def get(name: str) -> Provider:
     """A provider by name, including parametric ones: 'dvsft_torch@8MB', 'dvsft_chunked@2048MB'
-    (chunk sweeps)."""
+    (chunk sweeps), 'dvsft_torch+k16' (16 soft targets per position)."""
     if name in PROVIDERS:
         return PROVIDERS[name]
     m = re.fullmatch(r"dvsft_(torch|chunked)@([0-9.]+)MB", name)
     if m:
         return PROVIDERS.setdefault(name, DvsftChunk(float(m.group(2)), m.group(1)))
+    m = re.fullmatch(r"dvsft_(torch|chunked|fused)\+k([0-9]+)", name)
+    if m and int(m.group(2)) >= 1:
+        return PROVIDERS.setdefault(name, DvsftSoft(m.group(1), int(m.group(2))))
     raise KeyError(name)
 
 

@@ -448,3 +448,28 @@ def test_failing_e2e_cell_is_a_failed_row(monkeypatch):
     assert row["status"] == "failed"
     err = row["error"]
     assert err.startswith("RuntimeError: deliberate e2e failure\n") and "in boom" in err  # the traceback's tail
+
+
+@pytest.mark.skipif(not _op_importable(), reason="dvsft_kernels op not importable")
+def test_soft_provider_passes_k_targets_and_weights(monkeypatch):
+    import dvsft_kernels
+
+    seen = []
+    real = dvsft_kernels.linear_cross_entropy
+
+    def spy(h, w, t, *a, **k):
+        seen.append((tuple(t.shape), k.get("target_weights")))
+        return real(h, w, t, *a, **k)
+
+    monkeypatch.setattr(dvsft_kernels, "linear_cross_entropy", spy)
+    p = providers.get("dvsft_torch+k4")
+    assert p is providers.get("dvsft_torch+k4") and p.K == 4 and p.kind == "sweep"
+    rows = runner.run(plan(runner.op_cells([TINY], [p])), progress=False)
+    assert all(r["status"] == "ok" for r in rows), rows[0]["error"]
+    measured = [(shape, tw) for shape, tw in seen if tw is not None]
+    assert measured and all(shape[-1] == 4 for shape, _ in measured)
+    tw = measured[0][1]
+    # slot 0 (the shape's target) carries half the weight, the other three share the rest
+    assert torch.allclose(tw[..., 0], torch.tensor(0.5)) and torch.allclose(tw.sum(-1), torch.tensor(1.0))
+    with pytest.raises(KeyError):
+        providers.get("dvsft_torch+k0")
