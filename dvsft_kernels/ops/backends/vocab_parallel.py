@@ -11,6 +11,10 @@ and each rank then forms its own columns of the gradient, G_r = a exp(y - m_r) -
 a = scale * k * exp(m_r - M) / S. dh is a sum over ranks (one all-reduce after all chunks); dW and
 db stay local to the slice. Works on any device through PyTorch ops; the Triton impls are not
 used here because their fused pass needs the whole row (see the README's "Scaling out").
+
+Soft targets (K ids per row with probabilities q): each rank adds q_k y[t_k] over the slots whose id
+lies in its slice to the target logit (summed by the same all-reduce) and puts the one-hot term
+q_k onehot(t_k) only into its own columns; slots elsewhere contribute 0 here.
 """
 
 from __future__ import annotations
@@ -60,8 +64,9 @@ class Collectives:
 _RANK_LOCAL_OPTIONS = ("impl", "deterministic", "return_stats")
 _OPTIONS = tuple(f.name for f in dataclasses.fields(LCEOptions) if f.name not in _RANK_LOCAL_OPTIONS)
 _EXACT = ("ok", "V_local", "rows", "D", "dtype", "grad_hidden", "grad_weight", "bias", "grad_bias",
-          "token_weights", "num_items", "targets", *_OPTIONS)
-_FLOAT = ("hidden", "hidden_scale", "token_weights_sum", "token_weights_scale")
+          "token_weights", "target_weights", "K", "num_items", "targets", *_OPTIONS)
+_FLOAT = ("hidden", "hidden_scale", "token_weights_sum", "token_weights_scale", "target_probs_sum",
+          "target_probs_scale")
 _RTOL = 1e-6
 
 
@@ -118,33 +123,49 @@ def refusing_on_error(group, hidden):
 
 def vocab_layout(group, x: Inputs, options: LCEOptions) -> tuple[int, int]:
     """(vocab_start, V_total) of this rank's slice. Checks on every rank that all ranks agree on the
-    labeled rows (targets, and a checksum of their hidden states and token weights), the hidden
-    size, the options and which gradients are computed, so a mismatch is a ValueError everywhere
-    rather than a hang in a later collective or a silently wrong loss."""
-    hidden, weight, bias, targets, token_weights, num_items = x
+    labeled rows (targets, and a checksum of their hidden states, token weights and target
+    probabilities), hard or soft targets and K, the hidden size, the options and which gradients
+    are computed, so a mismatch is a ValueError everywhere rather than a hang in a later collective
+    or a silently wrong loss."""
+    hidden, weight, bias, token_weights, num_items = x.hidden, x.weight, x.bias, x.token_weights, x.num_items
+    q = x.target_probs
     ignore_index = options.ignore_index
     dev = hidden.device
     D = hidden.shape[-1]
-    flat_t = targets.reshape(-1).to(torch.int64)
-    labeled = flat_t != ignore_index
+    # (positions, K): K = 1 for hard targets; slot 0 says whether a position is labeled
+    K = 1 if q is None else x.targets.shape[-1]
+    flat_t = x.targets.reshape(-1, K).to(torch.int64)
+    labeled = flat_t[:, 0] != ignore_index
     n = int(labeled.sum())
-    pos = torch.arange(1, flat_t.numel() + 1, device=dev, dtype=torch.int64)
-    # position-weighted: catches permuted targets or rows too
-    t_check = torch.where(labeled, flat_t * pos, 0).sum()
-    # bounded distinct weights in [1, 2) for the float sums, so the tolerance (relative to the sum of
-    # magnitudes) stays proportionate to one row's size at any row count
-    posf = 1 + ((pos * 40503) % 65536).double() / 65536
+    slot_pos = torch.arange(1, flat_t.numel() + 1, device=dev, dtype=torch.int64).view(-1, K)
+    pos = torch.arange(1, flat_t.shape[0] + 1, device=dev, dtype=torch.int64)
+    # position-weighted over every slot: catches permuted targets, rows or slots too
+    t_check = torch.where(labeled[:, None], flat_t * slot_pos, 0).sum()
+
+    def mix(p):
+        # bounded distinct weights in [1, 2) for the float sums, so the tolerance (relative to the sum
+        # of magnitudes) stays proportionate to one row's size at any row count
+        return 1 + ((p * 40503) % 65536).double() / 65536
+
+    posf = mix(pos)
     # one matvec over the hidden rows (no copy of them); column weights make it see columns too
     cols = torch.linspace(1.0, 2.0, D, device=dev, dtype=hidden.dtype)
     r = (hidden.reshape(-1, D) @ cols).double()
     h_sum = torch.where(labeled, r * posf, 0).sum()
     h_scale = torch.where(labeled, r.abs() * posf, 0).sum()
+    zero = torch.zeros((), dtype=torch.float64, device=dev)
     if token_weights is not None:
         tw = token_weights.reshape(-1).double()
         tw_sum = torch.where(labeled, tw * posf, 0).sum()
         tw_scale = torch.where(labeled, tw.abs() * posf, 0).sum()
     else:
-        tw_sum = tw_scale = torch.zeros((), dtype=torch.float64, device=dev)
+        tw_sum = tw_scale = zero
+    if q is not None:  # the probabilities: same ids and totals can still split differently
+        qd, qf = q.reshape(-1, K).double(), mix(slot_pos)
+        q_sum = torch.where(labeled[:, None], qd * qf, 0).sum()
+        q_scale = torch.where(labeled[:, None], qd.abs() * qf, 0).sum()
+    else:
+        q_sum = q_scale = zero
     grad_on = torch.is_grad_enabled()
     if num_items is None:
         n_items = torch.tensor(-1, dtype=torch.int64, device=dev)
@@ -152,11 +173,12 @@ def vocab_layout(group, x: Inputs, options: LCEOptions) -> tuple[int, int]:
         n_items = torch.as_tensor(num_items, device=dev).double().reshape(()).view(torch.int64)
     head = [1, weight.shape[0], n, D, FLOAT_DTYPES.index(hidden.dtype),
             int(grad_on and hidden.requires_grad), int(grad_on and weight.requires_grad), int(bias is not None),
-            int(bias is not None and grad_on and bias.requires_grad), int(token_weights is not None)]
+            int(bias is not None and grad_on and bias.requires_grad), int(token_weights is not None),
+            int(q is not None), K]
     codes = [_option_code(getattr(options, name)) for name in _OPTIONS]
     exact = torch.cat([torch.tensor(head, dtype=torch.int64, device=dev), n_items.reshape(1),
                        t_check.reshape(1), torch.tensor(codes, dtype=torch.int64, device=dev)])
-    floats = torch.stack([h_sum, h_scale, tw_sum, tw_scale])
+    floats = torch.stack([h_sum, h_scale, tw_sum, tw_scale, q_sum, q_scale])
     ex, fl = _gather(group, exact, floats)
 
     bad = (ex[:, 0] == 0).nonzero().flatten().tolist()
@@ -164,7 +186,7 @@ def vocab_layout(group, x: Inputs, options: LCEOptions) -> tuple[int, int]:
         raise ValueError(f"process_group: rank(s) {bad} refused their inputs with a ValueError (see the error "
                          "there); every rank must pass valid, identical hidden rows, targets and options")
     differ = [name for i, name in enumerate(_EXACT) if name != "V_local" and (ex[:, i] != ex[0, i]).any()]
-    for name, c, s in (("hidden", 0, 1), ("token_weights", 2, 3)):
+    for name, c, s in (("hidden", 0, 1), ("token_weights", 2, 3), ("target_probs", 4, 5)):
         a, b = fl[:, c], fl[0, c]
         same = (a == b) | ((a - b).abs() <= _RTOL * fl[:, s].abs().max()) | (a.isnan() & b.isnan())
         if not bool(same.all()):
@@ -182,11 +204,19 @@ def vocab_layout(group, x: Inputs, options: LCEOptions) -> tuple[int, int]:
     return int(starts[rank]), int(sizes.sum())
 
 
+def slice_targets(t: torch.Tensor, vocab_start: int, V: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(local ids, mine) of global ids t (any shape) on the slice [vocab_start, +V): mine says
+    which ids lie in it; elsewhere the local id is 0, a valid column whose term the caller zeroes."""
+    tl = t - vocab_start
+    mine = (tl >= 0) & (tl < V)
+    return torch.where(mine, tl, torch.zeros_like(tl)), mine
+
+
 def lce_torch_vocab_parallel(h, weight, bias, targets, scale, options: LCEOptions, grads: Grads, *,
-                             coll: Collectives, vocab_start: int, vocab_total: int):
+                             coll: Collectives, vocab_start: int, vocab_total: int, q=None):
     """`CompactBackend.rows` on this rank's slice [vocab_start, +V_local) of a vocabulary of
-    vocab_total; targets are global ids. dh is already summed over ranks; the argmax is computed
-    always (free in this pass)."""
+    vocab_total; targets are global ids ((n,), or (n, K) with probabilities q (n, K) for soft
+    targets). dh is already summed over ranks; the argmax is computed always (free in this pass)."""
     eps, zl, softcap = options.label_smoothing, options.z_loss, options.softcap
     grad_h, grad_w, grad_b = grads
     n, D = h.shape
@@ -213,10 +243,14 @@ def lce_torch_vocab_parallel(h, weight, bias, targets, scale, options: LCEOption
             y = torch.mul(x, softcap, out=buf2[:m])
         else:
             y = x
-        tl = targets[s0:s1] - vocab_start
-        mine = (tl >= 0) & (tl < V)
-        tl = torch.where(mine, tl, torch.zeros_like(tl))
-        y_t = torch.where(mine, y.gather(1, tl[:, None]).squeeze(1), torch.zeros((), device=dev))
+        tl, mine = slice_targets(targets[s0:s1], vocab_start, V)
+        zero = torch.zeros((), device=dev)
+        if q is None:
+            y_t = torch.where(mine, y.gather(1, tl[:, None]).squeeze(1), zero)
+            qm = None
+        else:  # this slice's part of sum_k q_k y[t_k]: the all-reduce below adds the other slices'
+            qm = torch.where(mine, q[s0:s1], zero)
+            y_t = (torch.where(mine, y.gather(1, tl), zero) * qm).sum(1)
         y_sum = y.sum(1) if eps else torch.zeros(m, device=dev)
         mx, amax = y.max(1)
 
@@ -241,11 +275,12 @@ def lce_torch_vocab_parallel(h, weight, bias, targets, scale, options: LCEOption
         sc = scale[s0:s1].float()
         k = 1 + 2 * zl * lse_c if zl else torch.ones_like(lse_c)
         a = sc * k * torch.exp(mx - big_m) / ssum
-        # explicit G on this slice: the one-hot term only where the target is in the slice
-        c1 = torch.where(mine, sc * (1 - eps), torch.zeros((), device=dev))
+        # explicit G on this slice: the one-hot term only where the target is in the slice (soft:
+        # qm is 0 for slots elsewhere)
+        c1 = sc * (1 - eps) if q is not None else torch.where(mine, sc * (1 - eps), zero)
         explicit_grad_gemms(e, a, torch.arange(m, device=dev), tl, c1, sc * (eps / vocab_total) if eps else None,
                             x if softcap is not None else None, W, hc, dh[s0:s1] if grad_h else None, dW, db,
-                            first=s0 == 0)
+                            first=s0 == 0, q=qm)
     if grad_h:
         coll.sum_(dh)
     return loss, lse, pred, dh, dW, db
@@ -268,7 +303,5 @@ class VocabParallelBackend(CompactBackend):
         return self.vocab_total
 
     def rows(self, h, weight, bias, t, scale, options: LCEOptions, grads: Grads, q=None):
-        if q is not None:
-            raise ValueError(f"target_weights: soft targets are not supported by {self.name!r} yet")
         return lce_torch_vocab_parallel(h, weight, bias, t, scale, options, grads, coll=self.coll,
-                                        vocab_start=self.vocab_start, vocab_total=self.vocab_total)
+                                        vocab_start=self.vocab_start, vocab_total=self.vocab_total, q=q)
