@@ -20,9 +20,9 @@ from dvsft_kernels.labeling.grid import GridView, VisualGrid
 from dvsft_kernels.labeling.ocr import OCREngineMissing, OCRFailed, clear_ocr_cache, run_ocr
 from dvsft_kernels.labeling.overlay import draw_overlay
 from dvsft_kernels.labeling.readers import read_ocr
-from dvsft_kernels.labeling.types import OCRWord
+from dvsft_kernels.labeling.types import OCRWord, SoftLabels
 
-__all__ = ["GridView", "OCRWord", "VisualGrid"]
+__all__ = ["GridView", "OCRWord", "SoftLabels", "VisualGrid"]
 __all__ += [
     "DROP_REASONS", "LabelReport", "build_vision_labels", "build_vision_labels_from_processor",
     "clear_token_cache", "label_visual_tokens", "placeholder_runs", "scatter_vision_labels",

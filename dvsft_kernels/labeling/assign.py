@@ -11,6 +11,11 @@ symbols such as ``\u0060`` and ``\u00b4``) is not its content: ``\u2018Total:`` 
 ``Total`` (``first``: every cell gets ``Total``'s first token; ``aligned``: a cell over a stripped
 character gets the nearest content token). A word that is only punctuation keeps its own tokens.
 
+Soft labels (``soft=K``): the same tokens are labeled, each with up to K (id, weight) targets: every
+word passing ``min_coverage`` in the cell contributes its coverage, split over its sub-tokens in
+``aligned`` mode by the part of the word box each one spans; ``spread`` adds each word to the 8
+neighbours of its cells; the K largest are kept and renormalised (docs/labeling.md, "Soft labels").
+
 Speed: cells of a view form a separable grid (column x-spans times row y-spans), so each word's
 touched columns / rows come from two ``searchsorted`` calls and only (word, touched cell) pairs are
 scored; all words of a page are tokenised in one batched call.
@@ -32,7 +37,7 @@ import numpy as np
 import torch
 
 from dvsft_kernels.labeling.grid import VisualGrid
-from dvsft_kernels.labeling.types import OCRWord
+from dvsft_kernels.labeling.types import OCRWord, SoftLabels
 
 DROP_REASONS = (
     "empty_text",
@@ -52,7 +57,7 @@ class LabelReport:
 
     num_words: int  # words given
     words_valid: int  # passed every check and tokenised to >= 1 token
-    words_used: int  # labeled at least one token
+    words_used: int  # labeled at least one token (soft labels: is among some token's kept targets)
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> count (reasons in DROP_REASONS)
     labeled_tokens: int = 0
     num_cells: int = 0  # labelable positions (cells of the grid)
@@ -290,6 +295,24 @@ def _geometry(grid: VisualGrid):
     return cached
 
 
+def _touched_cells(a0, b0, a1, b1, X0, X1, Y0, Y1):
+    """(word, row, col) of every cell of one view that each box (a0, b0, a1, b1) touches, from two
+    ``searchsorted`` calls per axis (column / row spans are sorted); None when there is none."""
+    c_lo = np.searchsorted(X1, a0, side="right")
+    c_hi = np.searchsorted(X0, a1, side="left")
+    r_lo = np.searchsorted(Y1, b0, side="right")
+    r_hi = np.searchsorted(Y0, b1, side="left")
+    nc = np.maximum(c_hi - c_lo, 0)
+    cnt = nc * np.maximum(r_hi - r_lo, 0)
+    total = int(cnt.sum())
+    if total == 0:
+        return None
+    wi = np.repeat(np.arange(a0.size), cnt)
+    k = np.arange(total) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+    ncw = nc[wi]
+    return wi, r_lo[wi] + k // ncw, c_lo[wi] + k % ncw
+
+
 def label_visual_tokens(
     words,
     grid: VisualGrid,
@@ -302,6 +325,8 @@ def label_visual_tokens(
     min_score: float | None = None,
     return_report: bool = False,
     token_cache: bool = True,
+    soft: int | None = None,
+    spread: float = 0.0,
 ):
     """Label every visual token of one image with the id of the word it shows.
 
@@ -324,9 +349,16 @@ def label_visual_tokens(
             None: :func:`default_add_prefix_space` (True for byte-level BPE and Gemma).
         return_report: also return a :class:`LabelReport`.
         token_cache: reuse word tokenisations across calls (per tokenizer; see ``clear_token_cache``).
+        soft: None (default): one id per token, as above. An int K >= 1: up to K ids per token,
+            weighted by how much of the cell each (word, sub-token) covers (docs/labeling.md, "Soft
+            labels"); the tokens labeled are the same as with ``soft=None``.
+        spread: in [0, 1), only with ``soft``: the 8 neighbouring cells of each cell a word labels
+            also get that word with weight ``spread`` x a full cell's coverage (vision smoothing).
 
     Returns:
-        LongTensor (grid.num_tokens,), or ``(labels, report)``.
+        LongTensor (grid.num_tokens,), or with ``soft=K`` a :class:`SoftLabels` of ``ids`` (int64)
+        and ``weights`` (float32), each (grid.num_tokens, K); ``(labels, report)`` with
+        ``return_report``.
     """
     if not isinstance(grid, VisualGrid):
         raise TypeError(f"grid must be a VisualGrid, got {type(grid).__name__}")
@@ -346,6 +378,8 @@ def label_visual_tokens(
         raise ValueError(f"min_score must be a number or None, got {min_score!r}")
     if add_prefix_space is not None and not isinstance(add_prefix_space, bool):
         raise ValueError(f"add_prefix_space must be True, False or None, got {add_prefix_space!r}")
+    check_soft_options(soft, spread)
+    soft = None if soft is None else int(soft)
     if isinstance(words, (str, bytes)) or not hasattr(words, "__iter__"):
         raise TypeError(f"words must be a sequence of OCRWord, got {type(words).__name__}")
     if tokenizer is None:
@@ -364,7 +398,13 @@ def label_visual_tokens(
         scores = [f[2] for f in fields] if min_score is not None else None
     labels = np.full(grid.num_tokens, int(ignore_index), dtype=np.int64)
     report = LabelReport(n, 0, 0, {}, 0, grid.num_cells, grid.num_tokens)
+    if soft is not None:
+        soft_ids = np.full((grid.num_tokens, soft), int(ignore_index), dtype=np.int64)
+        soft_w = np.zeros((grid.num_tokens, soft), dtype=np.float32)
     if n == 0:
+        if soft is not None:
+            out = SoftLabels(torch.from_numpy(soft_ids), torch.from_numpy(soft_w))
+            return (out, report) if return_report else out
         return (torch.from_numpy(labels), report) if return_report else torch.from_numpy(labels)
 
     if set(map(type, texts)) != {str}:
@@ -414,26 +454,28 @@ def label_visual_tokens(
     per_reason = np.bincount(reason[reason >= 0], minlength=len(DROP_REASONS))
     report.dropped = {DROP_REASONS[k]: int(c) for k, c in enumerate(per_reason) if c}
 
-    if wids.size:
+    if wids.size and soft is not None:
+        kept = np.flatnonzero(keep)
+        tok, slot, tid, wt, used = _soft_assign(
+            grid, clip[wids], box[wids], toks, keep, mode, min_coverage, spread, soft,
+            nchar=np.array([len(contents[k]) for k in kept], np.int64).reshape(-1),
+            full=np.array([len(texts[i]) for i in wids], np.int64).reshape(-1),
+            lead=np.array([spans[k][0] for k in kept], np.int64).reshape(-1),
+        )
+        soft_ids[tok, slot] = tid
+        soft_w[tok, slot] = wt
+        report.labeled_tokens = int(np.unique(tok).size)
+        report.words_used = used
+    elif wids.size:
         a0, b0, a1, b1 = (clip[wids, k] for k in range(4))
         warea = (a1 - a0) * (b1 - b0)
         tok_l, cov_l, w_l, xc_l = [], [], [], []
         for offset, stride, xb, yb in _geometry(grid):
             X0, X1, Y0, Y1 = xb[:, 0], xb[:, 1], yb[:, 0], yb[:, 1]
-            c_lo = np.searchsorted(X1, a0, side="right")
-            c_hi = np.searchsorted(X0, a1, side="left")
-            r_lo = np.searchsorted(Y1, b0, side="right")
-            r_hi = np.searchsorted(Y0, b1, side="left")
-            nc = np.maximum(c_hi - c_lo, 0)
-            cnt = nc * np.maximum(r_hi - r_lo, 0)
-            total = int(cnt.sum())
-            if total == 0:
+            touched = _touched_cells(a0, b0, a1, b1, X0, X1, Y0, Y1)
+            if touched is None:
                 continue
-            wi = np.repeat(np.arange(wids.size), cnt)
-            k = np.arange(total) - np.repeat(np.cumsum(cnt) - cnt, cnt)
-            ncw = nc[wi]
-            r = r_lo[wi] + k // ncw
-            c = c_lo[wi] + k % ncw
+            wi, r, c = touched
             cx0, cx1, cy0, cy1 = X0[c], X1[c], Y0[r], Y1[r]
             ox = np.minimum(cx1, a1[wi]) - np.maximum(cx0, a0[wi])
             oy = np.minimum(cy1, b1[wi]) - np.maximum(cy0, b0[wi])
@@ -465,8 +507,155 @@ def label_visual_tokens(
             labels[tok[best]] = toks.ids[pos]
             report.labeled_tokens = int(best.size)
             report.words_used = int(np.count_nonzero(np.bincount(bw)))
+    if soft is not None:
+        out = SoftLabels(torch.from_numpy(soft_ids), torch.from_numpy(soft_w))
+        return (out, report) if return_report else out
     out = torch.from_numpy(labels)
     return (out, report) if return_report else out
+
+
+def check_soft_options(soft, spread) -> None:
+    """ValueError naming the argument unless ``soft`` is None or an int >= 1 and ``spread`` a number
+    in [0, 1), nonzero only with ``soft``."""
+    if soft is not None and (isinstance(soft, bool) or not isinstance(soft, (int, np.integer)) or soft < 1):
+        raise ValueError(f"soft must be an int >= 1 (targets per token) or None, got {soft!r}")
+    if isinstance(spread, bool) or not isinstance(spread, (int, float)) or not 0 <= spread < 1:
+        raise ValueError(f"spread must be a number in [0, 1), got {spread!r}")
+    if spread and soft is None:
+        raise ValueError(f"spread={spread!r} needs soft labels (soft=K): hard labels have one id per token")
+
+
+def _piece_intervals(rbox, toks: _Tokens, keep, mode, *, nchar, full, lead):
+    """Each word's pieces and the x-interval of the word box each one spans, in original pixels.
+
+    Returns (piece index in its word, left, right, first entry of each word, entries per word), the
+    entries of a word consecutive.
+    ``first``: one piece per word spanning everything. ``aligned``: the box is spread over the
+    characters of the whole text, as for hard labels, and a piece spans from its first character to
+    the next piece's; the first piece extends left and the last right without bound, so stripped
+    punctuation and cells beyond the box go to the nearest piece, as the hard rule does. Pieces
+    sharing a start character (one character split over bytes) give it to the first of them."""
+    nw = nchar.size
+    if mode == "first":
+        pw = np.arange(nw)
+        local = np.zeros(nw, np.int64)
+        left, right = np.full(nw, -np.inf), np.full(nw, np.inf)
+    else:
+        start, count = toks.start[keep], toks.count[keep]
+        wpiece = np.repeat(np.arange(nw), count)
+        local = np.arange(wpiece.size) - start[wpiece]
+        cs = toks.char_start
+        o = np.lexsort((local, cs, wpiece))
+        wpiece, cs, local = wpiece[o], cs[o], local[o]
+        first = np.concatenate(([True], (wpiece[1:] != wpiece[:-1]) | (cs[1:] != cs[:-1])))
+        pw, cs, local = wpiece[first], cs[first], local[first]
+        x0, x1 = rbox[pw, 0], rbox[pw, 2]
+        left = x0 + (lead[pw] + cs) / full[pw] * (x1 - x0)
+        new_word = np.concatenate(([True], pw[1:] != pw[:-1]))
+        left[new_word] = -np.inf
+        right = np.concatenate((left[1:], [np.inf]))
+        right[np.concatenate((new_word[1:], [True]))] = np.inf
+    return local, left, right, np.searchsorted(pw, np.arange(nw)), np.bincount(pw, minlength=nw)
+
+
+_NEIGHBOURS = np.array([(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if dr or dc], np.int64)
+
+
+def _soft_assign(grid, cbox, rbox, toks: _Tokens, keep, mode, min_coverage, spread, K, *, nchar, full, lead):
+    """Soft labels: (token, slot, id, weight, words used) of every kept target.
+
+    A (cell, word) pair whose coverage passes ``min_coverage`` (the hard rule's test) puts the
+    coverage on the word's pieces, each getting the part of the cell ∩ box that lies in its
+    x-interval; with ``spread``, each such cell's 8 neighbours that some word labels get the word
+    with ``spread`` x the pieces' shares of the neighbour's width (a full cell's coverage, 1).
+    Equal ids of a cell are merged (summed); the K largest are kept (ties: smaller word box, earlier
+    word, earlier piece) and divided by their sum."""
+    a0, b0, a1, b1 = (cbox[:, k] for k in range(4))
+    warea = (a1 - a0) * (b1 - b0)
+    plocal, pleft, pright, pstart, pcount = _piece_intervals(
+        rbox, toks, keep, mode, nchar=nchar, full=full, lead=lead
+    )
+    tok_l, wi_l, lo_l, hi_l, scale_l = [], [], [], [], []
+    for offset, stride, xb, yb in _geometry(grid):
+        X0, X1, Y0, Y1 = xb[:, 0], xb[:, 1], yb[:, 0], yb[:, 1]
+        touched = _touched_cells(a0, b0, a1, b1, X0, X1, Y0, Y1)
+        if touched is None:
+            continue
+        wi, r, c = touched
+        cx0, cx1, cy0, cy1 = X0[c], X1[c], Y0[r], Y1[r]
+        ox = np.minimum(cx1, a1[wi]) - np.maximum(cx0, a0[wi])
+        oy = np.minimum(cy1, b1[wi]) - np.maximum(cy0, b0[wi])
+        area = (cx1 - cx0) * (cy1 - cy0)
+        cov = np.where(area > 0, ox * oy / np.where(area > 0, area, 1.0), 0.0)
+        sel = cov >= min_coverage - _COVERAGE_SLACK
+        if not sel.any():
+            continue
+        wi, r, c = wi[sel], r[sel], c[sel]
+        # a piece's share is scale * (its x-overlap with [lo, hi]); summed over pieces: the coverage
+        tok_l.append(offset + r * stride + c)
+        wi_l.append(wi)
+        lo_l.append(np.maximum(cx0[sel], a0[wi]))
+        hi_l.append(np.minimum(cx1[sel], a1[wi]))
+        scale_l.append(oy[sel] / area[sel])
+        if spread:
+            rows, cols = Y0.size, X0.size
+            cell = r * cols + c
+            labeled = np.zeros(rows * cols, bool)
+            labeled[cell] = True
+            nr = (r[:, None] + _NEIGHBOURS[None, :, 0]).ravel()
+            nc = (c[:, None] + _NEIGHBOURS[None, :, 1]).ravel()
+            nwi = np.repeat(wi, len(_NEIGHBOURS))
+            inside = (nr >= 0) & (nr < rows) & (nc >= 0) & (nc < cols)
+            ncell = nr[inside] * cols + nc[inside]
+            pair = nwi[inside] * (rows * cols) + ncell
+            pair = np.unique(pair[labeled[ncell]])
+            # a word's own cells keep their coverage: spread only reaches cells it does not label
+            pair = pair[~np.isin(pair, wi * (rows * cols) + cell)]
+            if pair.size:
+                swi, scell = pair // (rows * cols), pair % (rows * cols)
+                sr, sc = scell // cols, scell % cols
+                tok_l.append(offset + sr * stride + sc)
+                wi_l.append(swi)
+                lo_l.append(X0[sc])
+                hi_l.append(X1[sc])
+                scale_l.append(spread / (X1[sc] - X0[sc]))
+    empty = np.zeros(0, np.int64)
+    if not tok_l:
+        return empty, empty, empty, np.zeros(0, np.float32), 0
+    tok, wi = np.concatenate(tok_l), np.concatenate(wi_l)
+    lo, hi, scale = np.concatenate(lo_l), np.concatenate(hi_l), np.concatenate(scale_l)
+    # one entry per (pair, piece of its word)
+    npc = pcount[wi]
+    e = np.repeat(np.arange(tok.size), npc)
+    j = pstart[wi][e] + (np.arange(e.size) - np.repeat(np.cumsum(npc) - npc, npc))
+    mass = scale[e] * np.maximum(np.minimum(hi[e], pright[j]) - np.maximum(lo[e], pleft[j]), 0.0)
+    pos = mass > 0
+    e, j, mass = e[pos], j[pos], mass[pos]
+    tok, wi, piece = tok[e], wi[e], plocal[j]
+    tid = toks.ids[toks.start[keep][wi] + piece]
+    # merge equal ids of a cell; the group's first entry (after sorting) carries the tie keys
+    o = np.lexsort((piece, wi, warea[wi], tid, tok))
+    tok, wi, piece, tid, mass = tok[o], wi[o], piece[o], tid[o], mass[o]
+    head = np.concatenate(([True], (tok[1:] != tok[:-1]) | (tid[1:] != tid[:-1])))
+    g_start = np.flatnonzero(head)
+    g_mass = np.add.reduceat(mass, g_start)
+    g_tok, g_tid, g_wi, g_piece = tok[g_start], tid[g_start], wi[g_start], piece[g_start]
+    # rank the targets of each cell; masses rounded so float noise does not break exact ties
+    o2 = np.lexsort((g_piece, g_wi, warea[g_wi], -np.round(g_mass, 12), g_tok))
+    st = g_tok[o2]
+    cell_head = np.concatenate(([True], st[1:] != st[:-1]))
+    first_of_cell = np.maximum.accumulate(np.where(cell_head, np.arange(st.size), 0))
+    rank = np.arange(st.size) - first_of_cell
+    kept_sorted = rank < K
+    kg = o2[kept_sorted]
+    k_tok, k_rank, k_mass = g_tok[kg], rank[kept_sorted], g_mass[kg]
+    k_head = np.concatenate(([True], k_tok[1:] != k_tok[:-1]))
+    cell_total = np.add.reduceat(k_mass, np.flatnonzero(k_head))
+    weight = (k_mass / cell_total[np.cumsum(k_head) - 1]).astype(np.float32)
+    group_kept = np.zeros(g_start.size, bool)
+    group_kept[kg] = True
+    used = int(np.unique(wi[group_kept[np.cumsum(head) - 1]]).size)
+    return k_tok, k_rank, g_tid[kg], weight, used
 
 
 def _aligned_piece(xc, bw, raw_box, toks: _Tokens, keep, *, nchar, full, lead) -> np.ndarray:

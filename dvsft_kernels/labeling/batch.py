@@ -13,6 +13,10 @@ Each image's placeholder positions are found by scanning ``input_ids`` for ``ima
 
 Any count mismatch (truncated prompt, wrong grid, missing or extra image) raises ValueError; labels
 are never shifted silently.
+
+Soft labels (``soft=K``; per image a :class:`SoftLabels` of (num_tokens, K)) are placed the same way
+and come back as a :class:`SoftLabels` of (B, T, K): ``ids`` ``ignore_index`` and ``weights`` 0 at
+every position that is not a labeled image token.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from dvsft_kernels.labeling.assign import label_visual_tokens
+from dvsft_kernels.labeling.assign import check_soft_options, label_visual_tokens
 from dvsft_kernels.labeling.grid import VisualGrid
+from dvsft_kernels.labeling.types import SoftLabels
 
 
 def placeholder_runs(ids: np.ndarray, image_token_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -62,7 +67,8 @@ def _flatten(grids, name: str) -> tuple[list, list[int] | None]:
     """Flat list and, for a nested (per-sample) input, the number of items per sample."""
     if isinstance(grids, (VisualGrid, torch.Tensor)) or not isinstance(grids, Sequence):
         raise TypeError(f"{name} must be a list (flat, in batch order) or a list of per-sample lists")
-    if len(grids) and all(isinstance(g, (list, tuple)) for g in grids):
+    # a SoftLabels is a (named) tuple, but one image's labels, not a sample's list
+    if len(grids) and all(isinstance(g, (list, tuple)) and not isinstance(g, SoftLabels) for g in grids):
         return [g for sample in grids for g in sample], [len(sample) for sample in grids]
     return list(grids), None
 
@@ -128,11 +134,13 @@ def _segment_plan(ids: np.ndarray, grids: list[VisualGrid], per_sample: list[int
 
 def scatter_vision_labels(
     input_ids, grids, image_labels, *, image_token_id: int, ignore_index: int = -100
-) -> torch.Tensor:
+) -> torch.Tensor | SoftLabels:
     """Place per-image labels (each a (grid.num_tokens,) tensor) at their placeholder positions.
 
     ``grids`` / ``image_labels``: flat lists in batch order, or per-sample lists. Returns a LongTensor
-    shaped like ``input_ids`` (on its device), ``ignore_index`` everywhere else."""
+    shaped like ``input_ids`` (on its device), ``ignore_index`` everywhere else. When every image's
+    labels are a :class:`SoftLabels` (all with the same K), returns a :class:`SoftLabels` of
+    ``input_ids.shape + (K,)``, ids ``ignore_index`` and weights 0 everywhere else."""
     if isinstance(image_token_id, bool) or not isinstance(image_token_id, (int, np.integer)):
         raise ValueError(f"image_token_id must be an int, got {image_token_id!r}")
     ids, squeeze, device = _as_ids(input_ids)
@@ -142,12 +150,24 @@ def scatter_vision_labels(
         per_sample is not None and per_sample_l is not None and per_sample != per_sample_l
     ):
         raise ValueError(f"image_labels has {len(labs)} images, grids {len(flat)}")
+    is_soft = [isinstance(lab, SoftLabels) for lab in labs]
+    if any(is_soft) and not all(is_soft):
+        raise ValueError("image_labels: mixes soft (SoftLabels) and hard labels; label every image alike")
+    K = int(labs[0].ids.shape[-1]) if labs and is_soft[0] and labs[0].ids.dim() == 2 else None
     for i, (g, lab) in enumerate(zip(flat, labs)):
         if not isinstance(g, VisualGrid):
             raise TypeError(f"grids[{i}] must be a VisualGrid, got {type(g).__name__}")
-        if tuple(lab.shape) != (g.num_tokens,):
+        if is_soft[i]:
+            if tuple(lab.ids.shape) != (g.num_tokens, K) or tuple(lab.weights.shape) != (g.num_tokens, K):
+                raise ValueError(
+                    f"image_labels[{i}]: soft ids {tuple(lab.ids.shape)} / weights {tuple(lab.weights.shape)}, "
+                    f"expected ({g.num_tokens}, K) with the same K = {K} for every image"
+                )
+        elif tuple(lab.shape) != (g.num_tokens,):
             raise ValueError(f"image_labels[{i}] has shape {tuple(lab.shape)}, expected ({g.num_tokens},)")
     plan = _segment_plan(ids, flat, per_sample, int(image_token_id))
+    if labs and is_soft[0]:
+        return _scatter_soft(ids, plan, labs, K, int(ignore_index), squeeze, device)
     out = np.full(ids.shape, int(ignore_index), dtype=np.int64)
     lab_np = [
         lab.detach().cpu().numpy() if isinstance(lab, torch.Tensor) else np.asarray(lab) for lab in labs
@@ -155,6 +175,18 @@ def scatter_vision_labels(
     for b, gi, s, ln, pos in plan:
         out[b, pos : pos + ln] = lab_np[gi][s : s + ln]
     res = torch.from_numpy(out[0] if squeeze else out)
+    return res.to(device) if device is not None else res
+
+
+def _scatter_soft(ids, plan, labs, K, ignore_index, squeeze, device) -> SoftLabels:
+    out_ids = np.full(ids.shape + (K,), ignore_index, dtype=np.int64)
+    out_w = np.zeros(ids.shape + (K,), dtype=np.float32)
+    src = [(lab.ids.detach().cpu().numpy(), lab.weights.detach().cpu().float().numpy()) for lab in labs]
+    for b, gi, s, ln, pos in plan:
+        out_ids[b, pos : pos + ln] = src[gi][0][s : s + ln]
+        out_w[b, pos : pos + ln] = src[gi][1][s : s + ln]
+    res = SoftLabels(torch.from_numpy(out_ids[0] if squeeze else out_ids),
+                     torch.from_numpy(out_w[0] if squeeze else out_w))
     return res.to(device) if device is not None else res
 
 
@@ -166,13 +198,20 @@ def build_vision_labels(
     *,
     image_token_id: int,
     ignore_index: int = -100,
+    soft: int | None = None,
+    spread: float = 0.0,
     **label_kwargs,
-) -> torch.Tensor:
+) -> torch.Tensor | SoftLabels:
     """Label every image of a batch and place the labels: (B, T) LongTensor aligned with input_ids.
 
     ``grids`` and ``words_per_image`` are flat lists in batch order (or per-sample lists) of
     VisualGrid and word lists; ``label_kwargs`` go to :func:`label_visual_tokens` (mode,
-    min_coverage, add_prefix_space, min_score, ...)."""
+    min_coverage, add_prefix_space, min_score, ...).
+
+    ``soft=K`` (and ``spread``): soft labels (:func:`label_visual_tokens`); returns a
+    :class:`SoftLabels` of (B, T, K) ``ids`` / ``weights`` — a model's ``vision_labels`` and
+    ``vision_label_weights`` — padded with ``ignore_index`` / 0."""
+    check_soft_options(soft, spread)
     flat, per_sample = _flatten(grids, "grids")
     if isinstance(words_per_image, (str, bytes)) or not isinstance(words_per_image, Sequence):
         raise TypeError("words_per_image must be a list with one word list per image")
@@ -191,14 +230,20 @@ def build_vision_labels(
         raise ValueError(f"words_per_image has {len(words)} images but grids has {len(flat)}")
     if label_kwargs.get("return_report"):
         raise ValueError("return_report is not available here; call label_visual_tokens per image")
+    if soft is not None:
+        label_kwargs.update(soft=soft, spread=spread)
     labs = [
         label_visual_tokens(w, g, tokenizer, ignore_index=ignore_index, **label_kwargs)
         for w, g in zip(words, flat)
     ]
     nested_labs = labs if per_sample is None else _renest(labs, per_sample)
-    return scatter_vision_labels(
+    out = scatter_vision_labels(
         input_ids, grids, nested_labs, image_token_id=image_token_id, ignore_index=ignore_index
     )
+    if soft is not None and not labs:  # no image: nothing told scatter the labels are soft
+        ids = out.unsqueeze(-1).expand(*out.shape, soft).contiguous()
+        return SoftLabels(ids, torch.zeros(ids.shape, dtype=torch.float32, device=ids.device))
+    return out
 
 
 def _is_size(x) -> bool:
@@ -231,15 +276,18 @@ def build_vision_labels_from_processor(
     image_token_id: int | None = None,
     images_kwargs=None,
     ignore_index: int = -100,
+    soft: int | None = None,
+    spread: float = 0.0,
     **label_kwargs,
-) -> torch.Tensor:
-    """The same from a processor call: ``images`` are the images given to the processor (flat in
+) -> torch.Tensor | SoftLabels:
+    """The same from a processor call (``soft=K``: a :class:`SoftLabels` of (B, T, K)): ``images`` are the images given to the processor (flat in
     batch order, or per-sample lists; (H, W) pairs also do), ``outputs`` its BatchFeature (with
     ``input_ids``), ``words_per_image`` one word list per image in the same structure. Grids come
     from :meth:`VisualGrid.from_processor`; the tokenizer and image token id from the processor
     unless given (Gemma 3: its ``<image_soft_token>``)."""
     from dvsft_kernels.labeling import families
 
+    check_soft_options(soft, spread)
     if outputs is None or "input_ids" not in outputs:
         raise ValueError("outputs must be the processor's output with 'input_ids' (call it with text)")
     flat_images, per_sample = _flatten_images(images)
@@ -258,5 +306,7 @@ def build_vision_labels_from_processor(
         tok,
         image_token_id=tid,
         ignore_index=ignore_index,
+        soft=soft,
+        spread=spread,
         **label_kwargs,
     )

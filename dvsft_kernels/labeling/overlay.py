@@ -1,5 +1,6 @@
 """Overlay picture of a labeling: the visual-token grid drawn on the image, labeled cells filled with
-the colour of their word, word boxes outlined, optionally each labeled cell's decoded token text.
+the colour of their word, word boxes outlined, optionally each labeled cell's decoded token text
+(with soft labels, its top targets and their weights).
 
 Meant for eyeballing a labeling (does each token land on its word?), not for training.
 """
@@ -17,9 +18,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from dvsft_kernels.labeling.grid import VisualGrid
-from dvsft_kernels.labeling.types import OCRWord
+from dvsft_kernels.labeling.types import OCRWord, SoftLabels
 
-__all__ = ["draw_overlay", "word_color"]
+__all__ = ["describe_targets", "draw_overlay", "word_color"]
 
 _FONT_PATHS = ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "DejaVuSans.ttf")
 _GRID_RGBA = (90, 90, 90, 110)  # thin cell outlines, visible on white and on dark scans
@@ -69,7 +70,7 @@ _MIN_TEXT_CELL = 18  # cells narrower than this (px) get no token text: it would
 def draw_overlay(image: Image.Image | str | os.PathLike, grid: VisualGrid, labels: Any,
                  words: Sequence[OCRWord] | None = None, tokenizer: Any = None,
                  path: str | os.PathLike | None = None, *, ignore_index: int = -100,
-                 views: Sequence[int] | None = None, scale: float = 1.0) -> Image.Image:
+                 views: Sequence[int] | None = None, scale: float = 1.0, top: int = 2) -> Image.Image:
     """Draw ``grid`` and ``labels`` on ``image`` and return the picture (RGB); save it as PNG at
     ``path`` when given.
 
@@ -84,6 +85,10 @@ def draw_overlay(image: Image.Image | str | os.PathLike, grid: VisualGrid, label
 
     ``scale``: draw on the image resized by this factor (e.g. 2 to make token text readable on a
     small page); cells and boxes are scaled with it.
+
+    ``labels`` may be a :class:`SoftLabels` (``label_visual_tokens(..., soft=K)``): a cell is labeled
+    when its first target is; with ``tokenizer`` it shows its ``top`` targets with the largest weights,
+    one per line, as ``token weight`` (the token text shortened to fit, the weight kept).
     """
     if isinstance(image, (str, os.PathLike)):
         if not Path(image).is_file():
@@ -97,6 +102,12 @@ def draw_overlay(image: Image.Image | str | os.PathLike, grid: VisualGrid, label
     if image.size != (w, h):
         raise ValueError(f"image is {image.size[0]}x{image.size[1]} (W x H) but grid.image_size is "
                          f"(H, W) = {grid.image_size}: the grid was built for another image")
+    targets = None
+    if isinstance(labels, SoftLabels):
+        if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+            raise ValueError(f"top must be an int >= 1, got {top!r}")
+        targets = soft_targets(labels, grid.num_tokens, ignore_index=ignore_index, top=top)
+        labels = labels.ids[:, 0]
     labels = torch.as_tensor(labels)
     if labels.dim() != 1 or labels.numel() != grid.num_tokens or labels.dtype.is_floating_point:
         raise ValueError(f"labels must be an integer tensor of shape ({grid.num_tokens},) "
@@ -120,7 +131,7 @@ def draw_overlay(image: Image.Image | str | os.PathLike, grid: VisualGrid, label
         base = base.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS)
         boxes = [[v * scale for v in b] for b in boxes]
     w, h = base.size
-    args = (base, grid, boxes, labels_l, list(words or []), tokenizer, ignore_index, scale)
+    args = (base, grid, boxes, labels_l, list(words or []), tokenizer, ignore_index, scale, targets)
     if views is not None or len(grid.views) <= 1:
         out = _panel(*args, views if views is not None else range(len(grid.views)))
     else:
@@ -139,7 +150,39 @@ def draw_overlay(image: Image.Image | str | os.PathLike, grid: VisualGrid, label
     return out
 
 
-def _panel(base, grid, boxes, labels_l, words, tokenizer, ignore_index, scale, views) -> Image.Image:
+def soft_targets(labels: SoftLabels, num_tokens: int, *, ignore_index: int = -100,
+                 top: int = 2) -> list[list[tuple[int, float]]]:
+    """Per position, up to ``top`` (id, weight) targets of ``labels``, largest weight first (slots
+    holding ``ignore_index`` or weight 0 left out); checks the shapes."""
+    ids, w = torch.as_tensor(labels.ids), torch.as_tensor(labels.weights)
+    if (ids.dim() != 2 or ids.shape[0] != num_tokens or ids.dtype.is_floating_point
+            or tuple(w.shape) != tuple(ids.shape)):
+        raise ValueError(f"labels: soft ids / weights must both be ({num_tokens}, K) (grid.num_tokens), ids "
+                         f"integer, got {tuple(ids.shape)} {ids.dtype} / {tuple(w.shape)} {w.dtype}")
+    out = []
+    for row_i, row_w in zip(ids.tolist(), w.tolist()):
+        pairs = [(t, x) for t, x in zip(row_i, row_w) if t != ignore_index and x > 0]
+        pairs.sort(key=lambda p: -p[1])  # stable: equal weights keep the labeler's order
+        out.append(pairs[:top])
+    return out
+
+
+def describe_targets(labels: SoftLabels, index: int, tokenizer: Any = None, *, top: int = 2,
+                     ignore_index: int = -100) -> str:
+    """A position's top targets as text, e.g. ``·word 0.7 / ·other 0.3`` (decoded with ``tokenizer``,
+    spaces as ``·``; ids without one); ``""`` when it has none."""
+    n = int(torch.as_tensor(labels.ids).shape[0])
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
+        raise ValueError(f"index must be a position in [0, {n}), got {index!r}")
+    pairs = soft_targets(labels, n, ignore_index=ignore_index, top=top)[index]
+    return " / ".join(f"{_decode(tokenizer, t) if tokenizer is not None else t} {_weight(x)}" for t, x in pairs)
+
+
+def _weight(x: float) -> str:
+    return format(x, ".2g")
+
+
+def _panel(base, grid, boxes, labels_l, words, tokenizer, ignore_index, scale, targets, views) -> Image.Image:
     word_boxes = [tuple(v * scale for v in _aabb(wd.box)) for wd in words]
     view_tokens = _view_token_ranges(grid)
     layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
@@ -156,7 +199,7 @@ def _panel(base, grid, boxes, labels_l, words, tokenizer, ignore_index, scale, v
                 rgb = word_color(k) if k is not None else _label_color(int(t))
                 draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=rgb + (_FILL_ALPHA,))
                 if tokenizer is not None and x1 - x0 >= _MIN_TEXT_CELL:
-                    texts.append((x0, y0, x1, y1, int(t)))
+                    texts.append((x0, y0, x1, y1, int(t) if targets is None else targets[i]))
             draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=_GRID_RGBA, width=1)
     out = Image.alpha_composite(base, layer)
     draw = ImageDraw.Draw(out)
@@ -170,17 +213,26 @@ def _panel(base, grid, boxes, labels_l, words, tokenizer, ignore_index, scale, v
             draw.rectangle([x0, y0, x1, y1], outline=rgb + (255,), width=2)
     if texts:
         cell_h = min(y1 - y0 for _, y0, _, y1, _ in texts)
-        size = max(8, min(18, int(cell_h * 0.5)))
+        # soft labels: one line per target, so the lines share the cell's height
+        lines = 1 if targets is None else max(1, max(len(t) for *_, t in texts))
+        size = max(8, min(18, int(cell_h * (0.5 if lines == 1 else 0.9 / lines))))
         font = _font(size)
         halo = 1 if size >= 11 else 0  # a white halo keeps text legible, but swamps tiny glyphs
         decoded: dict[int, str] = {}
         for x0, y0, x1, y1, t in texts:
-            if t not in decoded:
-                decoded[t] = _decode(tokenizer, t)
-            s = _fit(decoded[t], font, x1 - x0 - 2)
-            if s:
-                draw.text((x0 + 1 + halo, y0), s, font=font, fill=(0, 0, 0, 255), stroke_width=halo,
-                          stroke_fill=(255, 255, 255, 255))
+            pairs = [(t, None)] if targets is None else t
+            for k, (tid, wt) in enumerate(pairs):
+                if tid not in decoded:
+                    decoded[tid] = _decode(tokenizer, tid)
+                if wt is None:
+                    s = _fit(decoded[tid], font, x1 - x0 - 2)
+                else:  # keep the weight whole; shorten the token text
+                    tail = " " + _weight(wt)
+                    s = _fit(decoded[tid], font, x1 - x0 - 2 - font.getlength(tail))
+                    s = s + tail if s else _fit(tail.strip(), font, x1 - x0 - 2)
+                if s:
+                    draw.text((x0 + 1 + halo, y0 + k * size), s, font=font, fill=(0, 0, 0, 255),
+                              stroke_width=halo, stroke_fill=(255, 255, 255, 255))
     return out.convert("RGB")
 
 
