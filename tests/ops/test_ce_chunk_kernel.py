@@ -34,12 +34,16 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GRAD_MODES = ("none", "inplace", torch.float32, torch.bfloat16, torch.float16)
 
 
-def reference(x, t, scale, eps, zl, cap, dtype):
-    """Loss, lse, G = scale * dloss/dx (autograd) and the argmax, all in `dtype`."""
+def reference(x, t, scale, eps, zl, cap, dtype, q=None):
+    """Loss, lse, G = scale * dloss/dx (autograd) and the argmax, all in `dtype`. Soft targets:
+    t (m, K) with probabilities q (m, K), y_t = sum_k q_k y[t_k] (autograd adds repeated ids)."""
     xr = x.detach().to(dtype).requires_grad_()
     y = cap * torch.tanh(xr / cap) if cap else xr
     lse = torch.logsumexp(y, dim=-1)
-    y_t = y.gather(1, t.long()[:, None])[:, 0]
+    if q is None:
+        y_t = y.gather(1, t.long()[:, None])[:, 0]
+    else:
+        y_t = (y.gather(1, t.long()) * q.to(dtype)).sum(1)
     loss = (1 - eps) * (lse - y_t) + eps * (lse - y.mean(dim=-1)) + zl * lse**2
     w = scale.to(dtype) if scale is not None else torch.ones_like(loss)
     (g,) = torch.autograd.grad((loss * w).sum(), xr)
@@ -51,10 +55,10 @@ def reference(x, t, scale, eps, zl, cap, dtype):
 G_ULPS = 8
 
 
-def term_magnitude(x, t, scale, eps, zl, cap):
+def term_magnitude(x, t, scale, eps, zl, cap, q=None):
     """Per entry of G, the magnitude of the terms it is computed from (float64): |s| |dy/dx|
     ((1 + 2 z |lse|) p (1 + |y| + |lse|) + (1 - eps) onehot + eps / V), with 1 + tanh^2 for the
-    magnitude of the softcap's 1 - tanh^2."""
+    magnitude of the softcap's 1 - tanh^2; soft targets: onehot = sum_k q_k onehot(t_k)."""
     x = x.detach().cpu().double()
     if cap:
         u = torch.tanh(x / cap)
@@ -63,7 +67,10 @@ def term_magnitude(x, t, scale, eps, zl, cap):
         y, dy = x, torch.ones_like(x)
     lse = torch.logsumexp(y, dim=-1, keepdim=True)
     p = torch.exp(y - lse)
-    one = torch.nn.functional.one_hot(t.cpu().long(), x.shape[1]).double()
+    if q is None:
+        one = torch.nn.functional.one_hot(t.cpu().long(), x.shape[1]).double()
+    else:
+        one = torch.zeros_like(x).scatter_add_(1, t.cpu().long(), q.cpu().double().abs())
     s = scale.cpu().double().abs()[:, None] if scale is not None else 1.0
     return s * dy * ((1 + 2 * zl * lse.abs()) * p * (1 + y.abs() + lse.abs()) + (1 - eps) * one + eps / x.shape[1])
 
@@ -88,21 +95,22 @@ def assert_g_entrywise(name, g, g64, magnitude, dtype):
 
 
 def run_and_check(x, t, scale=None, *, eps=0.0, zl=0.0, cap=None, grad="inplace", block_v=None,
-                  check_correct=True):
+                  check_correct=True, q=None):
     """Run the kernel on a copy of x in the given grad mode and apply the error rule to every
-    output. Returns (loss, lse, correct, G); correct: predicted == t."""
+    output. Returns (loss, lse, correct, G); correct: predicted == t (slot 0 for soft targets q)."""
     x = x.to(DEVICE)
     t = t.to(DEVICE)
     scale = scale.to(DEVICE) if scale is not None else None
+    q = q.to(DEVICE) if q is not None else None
     xk = x.clone()
     grad_out = torch.empty(x.shape, dtype=grad, device=DEVICE) if isinstance(grad, torch.dtype) else None
     loss, lse, pred = ce_chunk(xk, t, scale, label_smoothing=eps, z_loss=zl, softcap=cap,
-                               compute_grad=grad != "none", grad_out=grad_out, block_v=block_v)
+                               compute_grad=grad != "none", grad_out=grad_out, block_v=block_v, target_probs=q)
     assert loss.dtype == lse.dtype == torch.float32 and pred.dtype == torch.int32
-    assert loss.shape == lse.shape == pred.shape == t.shape
-    correct = pred.long() == t
-    l64, lse64, g64, c64 = reference(x, t, scale, eps, zl, cap, torch.float64)
-    l32, lse32, g32, _ = reference(x, t, scale, eps, zl, cap, torch.float32)
+    assert loss.shape == lse.shape == pred.shape == t.shape[:1]
+    correct = pred.long() == (t if q is None else t[:, 0])
+    l64, lse64, g64, c64 = reference(x, t, scale, eps, zl, cap, torch.float64, q)
+    l32, lse32, g32, _ = reference(x, t, scale, eps, zl, cap, torch.float32, q)
     assert_error_rule("loss", loss, l64, l32, torch.float32)
     assert_error_rule("lse", lse, lse64, lse32, torch.float32)
     if check_correct:
@@ -113,7 +121,7 @@ def run_and_check(x, t, scale=None, *, eps=0.0, zl=0.0, cap=None, grad="inplace"
     g = xk if grad == "inplace" else grad_out
     g_dtype = torch.float32 if grad == "inplace" else grad
     assert_error_rule("G", g, g64, g32.to(g_dtype), g_dtype)
-    assert_g_entrywise("G", g, g64, term_magnitude(x, t, scale, eps, zl, cap), g_dtype)
+    assert_g_entrywise("G", g, g64, term_magnitude(x, t, scale, eps, zl, cap, q), g_dtype)
     # Row sums (s * 2 zl lse without softcap: softmax sums to 1, the one-hot and smoothing terms
     # to 1) weigh the V small entries together; they cancel to ~0 without z-loss or softcap, so the
     # floor scales with the sums of |G|.
@@ -217,6 +225,99 @@ def test_large_negative(cap):
     run_and_check(x, t, scale, eps=0.1, zl=0.0 if cap is None else 1e-3, cap=cap, grad="inplace", block_v=128)
 
 
+# ------------------------------------------------------------------ soft targets
+def soft_targets(m, V, K, seed=0):
+    """(t, q) as the backends receive them: (m, K) ids and float32 probabilities summing to 1 per
+    row; ~25 % of slots unused (slot 0's id, q = 0); row 1 repeats an id in two used slots (their
+    probabilities add); the last row (m >= 3) has q = 0 throughout (a row of total weight 0)."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, V, (m, K), generator=g)
+    w = torch.rand(m, K, generator=g) + 0.05
+    unused = torch.rand(m, K, generator=g) < 0.25
+    unused[:, 0] = False
+    if m > 1 and K > 1:
+        t[1, K - 1] = t[1, 0]
+        unused[1, K - 1] = False
+    w[unused] = 0.0
+    t = torch.where(unused, t[:, :1], t)
+    q = (w / w.sum(1, keepdim=True)).float()
+    if m >= 3:
+        q[-1] = 0.0
+    return t, q
+
+
+@pytest.mark.parametrize("K", (1, 3, 16))
+@pytest.mark.parametrize("m,V,block_v", [(1, 7, None), (5, 517, 128), (37, 1000, 128), (6, 130, None)])
+def test_soft_odd_shapes(K, m, V, block_v):
+    # V = 7 with K = 16: most ids repeat; 130 under the tile rule: one tile and a ragged tail
+    x, _, scale = logits(m, V, seed=m * V + K)
+    t, q = soft_targets(m, V, K, seed=K)
+    run_and_check(x, t, scale, eps=0.1, zl=1e-3, cap=4.0, grad=torch.bfloat16, block_v=block_v, q=q,
+                  check_correct=False)
+    run_and_check(x, t, scale, grad="inplace", block_v=block_v, q=q, check_correct=False)
+
+
+@pytest.mark.parametrize("opts", [{}, {"eps": 0.1, "zl": 1e-3, "cap": 4.0}], ids=("plain", "all"))
+@pytest.mark.parametrize("grad", GRAD_MODES, ids=str)
+def test_soft_every_grad_mode(opts, grad):
+    x, _, scale = logits(5, 517, seed=11)
+    t, q = soft_targets(5, 517, 3, seed=11)
+    run_and_check(x, t, scale, **opts, grad=grad, block_v=128, q=q)
+
+
+@OVERFLOW_IN_DISCARDED_LANES
+def test_soft_large_logits():
+    """|y| ~ 1e4: the soft loss is formed from M - y_k, so it stays accurate where lse and
+    sum_k q_k y_k are each rounded to ulp(1e4)."""
+    x, _, scale = logits(5, 517, seed=12)
+    t, q = soft_targets(5, 517, 3, seed=12)
+    run_and_check(x - 1e4, t, scale, eps=0.1, grad="inplace", block_v=128, q=q)
+
+
+@pytest.mark.parametrize("grad", GRAD_MODES, ids=str)
+def test_soft_k1_is_the_hard_kernel_bitwise(grad):
+    x, t, scale = logits(6, 517, seed=13)
+    outs = []
+    for q in (None, torch.ones(6, 1)):
+        xk = x.clone().to(DEVICE)
+        out = torch.empty(x.shape, dtype=grad, device=DEVICE) if isinstance(grad, torch.dtype) else None
+        res = ce_chunk(xk, (t if q is None else t[:, None]).to(DEVICE), scale.to(DEVICE), label_smoothing=0.1,
+                       z_loss=1e-3, softcap=4.0, compute_grad=grad != "none", grad_out=out, block_v=128,
+                       target_probs=q.to(DEVICE) if q is not None else None)
+        outs.append((*res, xk if out is None else out))
+    for name, a, b in zip(("loss", "lse", "predicted", "G"), *outs):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("K", (3, 16))
+@pytest.mark.parametrize("grad", ("inplace", torch.bfloat16), ids=str)
+def test_soft_check_catches_planted_faults(K, grad):
+    """The checks pass the kernel on (t, q), and fail it where it sees q without slots >= 1 (every
+    output but the argmax) or without slot 0 of the repeated id of row 1 (G at that entry)."""
+    x, _, scale = logits(5, 517, seed=14)
+    t, q = soft_targets(5, 517, K, seed=14)
+    opts = {"eps": 0.1, "zl": 1e-3, "cap": 4.0}
+    run_and_check(x, t, scale, **opts, grad=grad, block_v=128, q=q)
+    l64, _, g64, _ = reference(x, t, scale, *opts.values(), torch.float64, q)
+    l32, _, _, _ = reference(x, t, scale, *opts.values(), torch.float32, q)
+    magnitude = term_magnitude(x, t, scale, *opts.values(), q)
+    g_dtype = torch.float32 if grad == "inplace" else grad
+    dropped = q.clone()
+    dropped[:, 1:] = 0.0
+    no_repeat = q.clone()
+    no_repeat[1, 0] = 0.0  # row 1's id in slots 0 and K - 1 gets only slot K - 1's share
+    for fault, q_bad in (("slots >= 1 dropped", dropped), ("repeat not summed", no_repeat)):
+        xk = x.clone().to(DEVICE)
+        out = torch.empty(x.shape, dtype=grad, device=DEVICE) if grad != "inplace" else None
+        loss, _, _ = ce_chunk(xk, t.to(DEVICE), scale.to(DEVICE), label_smoothing=0.1, z_loss=1e-3, softcap=4.0,
+                              grad_out=out, block_v=128, target_probs=q_bad.to(DEVICE))
+        with pytest.raises(AssertionError, match="^G: "):
+            assert_g_entrywise("G", xk if out is None else out, g64, magnitude, g_dtype)
+        if fault == "slots >= 1 dropped":
+            with pytest.raises(AssertionError, match="^loss: "):
+                assert_error_rule("loss", loss.cpu(), l64, l32, torch.float32)
+
+
 def test_argmax_ties_first_index():
     """torch.argmax returns the first maximal index; ties across tiles, lanes and inside a lane."""
     V, bv = 517, 128
@@ -284,6 +385,11 @@ def test_tile_rule():
     ({"grad_out": torch.zeros(2, 8, dtype=torch.float64)}, "grad_out:"),
     ({"grad_out": torch.zeros(2, 8), "compute_grad": False}, "grad_out:"),
     ({"block_v": 100}, "block_v:"),
+    ({"targets": torch.zeros(2, 1, dtype=torch.long), "target_probs": torch.ones(2, 1, dtype=torch.float64)},
+     "target_probs:"),
+    ({"targets": torch.zeros(2, 1, dtype=torch.long), "target_probs": torch.ones(2, 3)}, "target_probs:"),
+    ({"target_probs": torch.ones(2)}, "targets:"),
+    ({"targets": torch.zeros(2, 0, dtype=torch.long), "target_probs": torch.ones(2, 0)}, "targets:"),
 ])
 def test_invalid_arguments(bad, match):
     args = {"x": torch.zeros(2, 8), "targets": torch.zeros(2, dtype=torch.long)}

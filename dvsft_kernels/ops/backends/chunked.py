@@ -23,9 +23,9 @@ from dvsft_kernels.ops.gemm import (
 from dvsft_kernels.ops.options import LCEOptions
 
 
-def lce_chunked(h, weight, bias, targets, scale, options: LCEOptions, grads: Grads):
+def lce_chunked(h, weight, bias, targets, scale, options: LCEOptions, grads: Grads, q=None):
     """`CompactBackend.rows` with the CE pass in one Triton kernel per chunk (argmax included:
-    free in this pass)."""
+    free in this pass). Soft targets: targets (n, K) with probabilities q (n, K)."""
     from dvsft_kernels.ops.kernels.ce_chunk import ce_chunk  # imports triton
 
     grad_h, grad_w, grad_b = grads
@@ -60,6 +60,7 @@ def lce_chunked(h, weight, bias, targets, scale, options: LCEOptions, grads: Gra
             x, targets[s0:s1], scale[s0:s1] if any_grad else None,
             **options.loss_terms(),
             compute_grad=any_grad, grad_out=None if g.data_ptr() == x.data_ptr() else g,
+            target_probs=q[s0:s1] if q is not None else None,
         )
         loss[s0:s1] = l_c
         lse[s0:s1] = lse_c
@@ -82,6 +83,4 @@ class ChunkedBackend(CompactBackend):
     name = "chunked"
 
     def rows(self, h, weight, bias, t, scale, options: LCEOptions, grads: Grads, q=None):
-        if q is not None:
-            raise ValueError(f"target_weights: soft targets are not supported by {self.name!r} yet")
-        return lce_chunked(h, weight, bias, t, scale, options, grads)
+        return lce_chunked(h, weight, bias, t, scale, options, grads, q=q)

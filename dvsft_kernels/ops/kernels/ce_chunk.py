@@ -9,7 +9,9 @@ its target. All math is float32:
     G_ij = s_i [p_ij (1 + 2 zl lse) - (1 - eps) [j == t] - eps / V] (1 - tanh^2(x_ij / softcap))
     pred_i = argmax_j y_j                          (first index on ties, as torch.argmax)
 
-with p = softmax(y) and s_i the row scale (the loss is not scaled). One program per row sweeps
+with p = softmax(y) and s_i the row scale (the loss is not scaled). Soft targets (HAS_Q): row i
+has K ids t_ik with probabilities q_ik; y_t becomes sum_k q_ik y_{t_ik} and [j == t] becomes
+sum_k q_ik [j == t_ik] (repeated ids add up). One program per row sweeps
 the vocabulary twice in tiles of BLOCK_V: sweep 1 keeps, per thread, an online max / sum-exp, the
 first argmax and the sum of y; sweep 2 (COMPUTE_GRAD) re-reads x and writes G, in place over x or
 into a separate buffer in the gradient GEMMs' dtype (the store casts to g_ptr's element type).
@@ -29,7 +31,8 @@ from dvsft_kernels.ops.options import LCEOptions, interpreting
 @triton.jit
 def ce_chunk_kernel(
     x_ptr,  # [M, V] float32 logits, unit stride along V
-    t_ptr,  # [M] int32/int64 targets, all in [0, V)
+    t_ptr,  # [M] int32/int64 targets, all in [0, V); soft: [M, K] contiguous
+    q_ptr,  # soft only: [M, K] contiguous float32 probabilities of t (t_ptr when hard, never read)
     s_ptr,  # [M] float32 row scales (read only if HAS_SCALE)
     g_ptr,  # [M, V] gradient output (x_ptr itself when in place); float32 / bf16 / fp16
     loss_ptr,  # [M] float32
@@ -41,17 +44,21 @@ def ce_chunk_kernel(
     eps,  # label smoothing
     zl,  # z-loss coefficient
     softcap,  # > 0; ignored (pass 1.0) unless HAS_SOFTCAP
+    K,  # soft targets per row (ignored unless HAS_Q)
     HAS_SOFTCAP: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,  # power of two, >= 4 * LANES
     LANES: tl.constexpr,  # threads sharing a tile in sweep 1: 32 * num_warps, or fewer for tiny V
+    HAS_Q: tl.constexpr,  # soft targets (t_ptr, q_ptr [M, K]); False compiles the hard kernel
+    BLOCK_K: tl.constexpr,  # soft: next power of two of K (1 when hard)
 ):
     i_m = tl.program_id(0).to(tl.int64)
     p_x = x_ptr + i_m * stride_xm
-    i_t = tl.load(t_ptr + i_m).to(tl.int32)
     inv_cap = 1.0 / softcap
+    if not HAS_Q:
+        i_t = tl.load(t_ptr + i_m).to(tl.int32)
 
     # Sweep 1 views a tile as [R, LANES, 4]: lane l owns j = v0 + (r * LANES + l) * 4 + c, i.e.
     # R 16-byte vectors, and keeps its own running max m, sum-exp (rescaled when m grows), sum of
@@ -87,6 +94,23 @@ def ce_chunk_kernel(
         if HAS_SMOOTHING:
             b_sy += tl.sum(tl.sum(tl.where(m_j, b_y, 0.0), axis=2), axis=0)
 
+    # The target logits are read here, before the cross-lane reductions below: their barrier
+    # orders these loads before any thread's sweep-2 store, which may overwrite x in place.
+    if HAS_Q:
+        # Soft: a K-element gather (O(K) per row, nothing per element). Slots past K read id 0
+        # with q = 0.
+        o_k = tl.arange(0, BLOCK_K)
+        m_k = o_k < K
+        b_tk = tl.load(t_ptr + i_m * K + o_k, mask=m_k, other=0).to(tl.int32)  # [BK]
+        b_qk = tl.load(q_ptr + i_m * K + o_k, mask=m_k, other=0.0)  # [BK]
+        b_xk = tl.load(p_x + b_tk)  # [BK]
+        if HAS_SOFTCAP:
+            b_yk, b_sech2k = softcap_tanh(b_xk, softcap, inv_cap)
+        else:
+            b_yk = b_xk
+    else:
+        b_xt = tl.load(p_x + i_t)
+
     # Everything below works from the row max M and S = sum_j exp(y_j - M), lse = M + log S:
     # y - M is exact near the max, so the loss and p stay accurate when |y| is large, where lse
     # itself is rounded to ulp(|lse|).
@@ -95,13 +119,19 @@ def ce_chunk_kernel(
     b_logs = tl.log(b_sum)
     b_lse = b_mx + b_logs
     b_argmax = tl.min(tl.where(b_m == b_mx, b_arg, V), axis=0)
-    # y_t from the same formula on the same x, so it equals the y_t seen by the sweep.
-    b_xt = tl.load(p_x + i_t)
-    if HAS_SOFTCAP:
-        b_yt, _ = softcap_tanh(b_xt, softcap, inv_cap)
+    if HAS_Q:
+        # M - sum_k q_k y_k as sum_k q_k (M - y_k) + (1 - Q) M, Q = sum_k q_k: each M - y_k is
+        # exact near the max, and (1 - Q) M is 0 for the rows that sum to 1 (K = 1, q = 1 gives
+        # the hard kernel's loss bit for bit); Q = 0 rows get lse, as the formula says.
+        b_q = tl.sum(b_qk, axis=0)
+        b_loss = (tl.sum(b_qk * (b_mx - b_yk), axis=0) + (1.0 - b_q) * b_mx) + b_logs
     else:
-        b_yt = b_xt
-    b_loss = (b_mx - b_yt) + b_logs
+        # y_t from the same formula on the same x, so it equals the y_t seen by the sweep.
+        if HAS_SOFTCAP:
+            b_yt, _ = softcap_tanh(b_xt, softcap, inv_cap)
+        else:
+            b_yt = b_xt
+        b_loss = (b_mx - b_yt) + b_logs
     if HAS_SMOOTHING:
         b_loss = (1.0 - eps) * b_loss + eps * ((b_mx - tl.sum(b_sy, axis=0) / V) + b_logs)
     b_loss += zl * b_lse * b_lse
@@ -120,6 +150,16 @@ def ce_chunk_kernel(
         b_c = b_s * eps / V
         b_d = b_s * (1.0 - eps)
         p_g = g_ptr + i_m * stride_gm
+        if HAS_Q:
+            # Soft one-hot term: sweep 2 writes G without it, then the K target entries are
+            # rewritten whole (a K x K compare sums repeated ids; their slots store equal values).
+            # A per-element compare against K ids would add 2K instructions per element to a
+            # ~12-instruction sweep; this costs O(K^2) per row and one barrier. The entries are
+            # formed from the gathered y_k, as x may be overwritten by then.
+            b_wk = tl.sum(tl.where(b_tk[:, None] == b_tk[None, :], b_qk[None, :], 0.0), axis=1)  # [BK]
+            b_gk = b_a * tl.exp(b_yk - b_mx) - b_c - b_d * b_wk
+            if HAS_SOFTCAP:
+                b_gk = b_gk * b_sech2k
         o_v = tl.arange(0, BLOCK_V)
         for v0 in range(0, V, BLOCK_V):
             o_j = v0 + o_v
@@ -130,10 +170,14 @@ def ce_chunk_kernel(
             else:
                 b_y = b_x
             b_g = b_a * tl.exp(b_y - b_mx) - b_c
-            b_g = tl.where(o_j == i_t, b_g - b_d, b_g)
+            if not HAS_Q:
+                b_g = tl.where(o_j == i_t, b_g - b_d, b_g)
             if HAS_SOFTCAP:
                 b_g = b_g * b_sech2
             tl.store(p_g + o_j, b_g.to(g_ptr.dtype.element_ty), mask=m_j)
+        if HAS_Q:
+            tl.debug_barrier()  # every thread's sweep-2 stores land before these overwrite them
+            tl.store(p_g + b_tk, b_gk.to(g_ptr.dtype.element_ty), mask=m_k)
 
 
 # ------------------------------------------------------------------ launcher
@@ -174,8 +218,11 @@ def ce_chunk(
     compute_grad: bool = True,
     grad_out: torch.Tensor | None = None,
     block_v: int | None = None,
+    target_probs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row CE of the float32 logits `x` (m, V) against `targets` (m,), and its gradient.
+    Soft targets: `targets` (m, K) with `target_probs` (m, K) float32, the probability of each id
+    (normally summing to 1 per row; repeated ids add up), as `Inputs` in ops/backends/base.py.
 
     Returns (loss, lse, predicted): float32 (m,), float32 (m,), int32 (m,). `loss` is the
     unscaled per-row ce + z_loss * lse**2 (the math is in this module's docstring); `lse` is of
@@ -201,8 +248,21 @@ def ce_chunk(
     device = x.device
     if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
         raise ValueError(f"x: on {device}; ce_chunk needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1")
-    if targets.shape != (m,) or targets.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"targets: expected int32/int64 of shape ({m},), got {targets.dtype} {tuple(targets.shape)}")
+    if target_probs is None:
+        if targets.shape != (m,) or targets.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"targets: expected int32/int64 of shape ({m},), got {targets.dtype} "
+                             f"{tuple(targets.shape)}")
+        K = 1
+    else:
+        if targets.dim() != 2 or targets.shape[0] != m or targets.shape[1] < 1 or \
+                targets.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"targets: with target_probs, expected int32/int64 of shape ({m}, K >= 1), got "
+                             f"{targets.dtype} {tuple(targets.shape)}")
+        K = targets.shape[1]
+        if target_probs.shape != targets.shape or target_probs.dtype != torch.float32:
+            raise ValueError(f"target_probs: expected float32 of shape {tuple(targets.shape)}, got "
+                             f"{target_probs.dtype} {tuple(target_probs.shape)}")
+        _check_device("target_probs", target_probs, device)
     _check_device("targets", targets, device)
     if row_scale is not None:
         if row_scale.shape != (m,) or not row_scale.is_floating_point():
@@ -228,38 +288,45 @@ def ce_chunk(
         return loss, lse, predicted
     g = x if grad_out is None else grad_out
     scale = row_scale.float().contiguous() if row_scale is not None else loss  # dummy when unused
+    t = targets.contiguous()
     ce_chunk_kernel[(m,)](
-        x_ptr=x, t_ptr=targets.contiguous(), s_ptr=scale, g_ptr=g, loss_ptr=loss, lse_ptr=lse, pred_ptr=predicted,
+        x_ptr=x, t_ptr=t, q_ptr=target_probs.contiguous() if target_probs is not None else t,
+        s_ptr=scale, g_ptr=g, loss_ptr=loss, lse_ptr=lse, pred_ptr=predicted,
         V=V, stride_xm=x.stride(0), stride_gm=g.stride(0),
         eps=float(label_smoothing), zl=float(z_loss), softcap=float(softcap) if softcap is not None else 1.0,
+        K=K,
         HAS_SOFTCAP=softcap is not None,
         HAS_SMOOTHING=label_smoothing > 0,
         HAS_SCALE=row_scale is not None and compute_grad,
         COMPUTE_GRAD=compute_grad,
         BLOCK_V=block_v,
         LANES=lanes,
+        HAS_Q=target_probs is not None,
+        BLOCK_K=triton.next_power_of_2(K),
         num_warps=num_warps,
     )
     return loss, lse, predicted
 
 
-def _static_config(name, grad_dtype, has_softcap, block_v, num_warps, compute_grad=True):
+def _static_config(name, grad_dtype, has_softcap, block_v, num_warps, compute_grad=True, block_k=0):
     """One sm_90 compile of `ce_chunk_kernel` for scripts/kernel_report.py. Types follow the
     triton.tools.compile convention: ':16' marks an argument the launcher would specialise as
     16-divisible (aligned pointers, strides and V of real vocabularies); integers below 2^31
-    are passed as i32, as the launcher does."""
+    are passed as i32, as the launcher does. block_k > 0: soft targets, K = block_k."""
     return {
         "name": name,
         "kernel": ce_chunk_kernel,
         "signature": {
-            "x_ptr": "*fp32:16", "t_ptr": "*i64:16", "s_ptr": "*fp32:16", "g_ptr": f"*{grad_dtype}:16",
+            "x_ptr": "*fp32:16", "t_ptr": "*i64:16", "q_ptr": "*fp32:16" if block_k else "*i64:16",
+            "s_ptr": "*fp32:16", "g_ptr": f"*{grad_dtype}:16",
             "loss_ptr": "*fp32:16", "lse_ptr": "*fp32:16", "pred_ptr": "*i32:16",
             "V": "i32:16", "stride_xm": "i32:16", "stride_gm": "i32:16",
-            "eps": "fp32", "zl": "fp32", "softcap": "fp32",
+            "eps": "fp32", "zl": "fp32", "softcap": "fp32", "K": "i32:16" if block_k == 16 else "i32",
         },
         "constexprs": {
             "HAS_SOFTCAP": has_softcap, "HAS_SMOOTHING": True, "HAS_SCALE": True,
             "COMPUTE_GRAD": compute_grad, "BLOCK_V": block_v, "LANES": 32 * num_warps,
+            "HAS_Q": block_k > 0, "BLOCK_K": max(block_k, 1),
         },
         "num_warps": num_warps,
         "num_stages": 1,
@@ -277,4 +344,6 @@ STATIC_CONFIGS = [
     _static_config("ce_chunk/inplace_fp32_softcap", "fp32", True, 2048, 8),
     _static_config("ce_chunk/forward_only_softcap", "fp32", True, 2048, 8, compute_grad=False),
     _static_config("ce_chunk/bf16_grad_softcap_bv1024", "bf16", True, 1024, 4),
+    _static_config("ce_chunk/bf16_grad_softcap_soft_k16", "bf16", True, 2048, 8, block_k=16),
+    _static_config("ce_chunk/inplace_fp32_softcap_soft_k16", "fp32", True, 2048, 8, block_k=16),
 ]
