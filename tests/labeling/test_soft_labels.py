@@ -358,6 +358,38 @@ def test_family_grids_against_a_per_cell_loop(family, spread):
     assert torch.equal(out.ids[:, 0] != IGN, hard != IGN)
 
 
+# "p3q3" -> "p3" + "##q3": two sub-tokens per word, no id shared between words
+PQ_VOCAB = {"[UNK]": 0, **{f"p{i}": 2 * i + 1 for i in range(20)}, **{f"##q{i}": 2 * i + 2 for i in range(20)}}
+PQ = _fast(models.WordPiece(PQ_VOCAB, unk_token="[UNK]", continuing_subword_prefix="##"))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_GRIDS))
+def test_family_grids_aligned_splits_each_words_weight(family):
+    """In aligned mode a word's sub-tokens share out exactly the weight the word has in first mode
+    (nothing truncated: K = 2 x words), spread included."""
+    g = FAMILY_GRIDS[family]()
+    rng = np.random.default_rng(11)
+    words = []
+    for i in range(14):
+        x0, y0 = rng.uniform(0, 160), rng.uniform(0, 95)
+        words.append(OCRWord(f"p{i}q{i}", (x0, y0, x0 + rng.uniform(6, 40), y0 + rng.uniform(4, 25))))
+    kw = {"soft": 28, "spread": 0.3, "min_coverage": 0.2, "add_prefix_space": False}
+    first = label_visual_tokens(words, g, PQ, mode="first", **kw)
+    aligned = label_visual_tokens(words, g, PQ, mode="aligned", **kw)
+
+    def per_word(out):
+        tot = np.zeros((g.num_tokens, 14))
+        for p, (ids, ws) in enumerate(zip(out.ids.tolist(), out.weights.tolist())):
+            for t, x in zip(ids, ws):
+                if t != IGN:
+                    tot[p, (t - 1) // 2] += x  # p_i, q_i -> word i
+        return tot
+
+    np.testing.assert_allclose(per_word(aligned), per_word(first), atol=1e-6)
+    assert set(np.unique(first.ids)) <= {IGN} | {2 * i + 1 for i in range(14)}  # first pieces only
+    assert (aligned.ids % 2 == 0).any()  # some cell does get a second piece
+
+
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("kwargs", "name"),
