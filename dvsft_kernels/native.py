@@ -37,7 +37,9 @@ _lock = threading.Lock()
 _state: dict = {"op": None, "status": "not built yet (builds at the first CPU call or native_available())",
                 "tried": False}
 # test-only planted faults passed to the C++ code (tests/ops/test_native.py): 1 drops the z-loss term of
-# the loss, 2 drops the z-loss factor of the gradient. 0 in normal use.
+# the loss, 2 drops the z-loss factor of the gradient; soft targets: 3 takes slot 0's logit alone (weight
+# 1) as the target logit of the loss, 4 drops the one-hot term of slots 1.. from the gradient. 0 in
+# normal use.
 FAULT = {"code": 0}
 
 
@@ -166,11 +168,13 @@ def native_status() -> str:
     return _state["status"]
 
 
-def ce_chunk(x, targets, row_scale=None, *, label_smoothing=0.0, z_loss=0.0, softcap=None, compute_grad=True,
-             grad_out=None, want_argmax=True):
+def ce_chunk(x, targets, row_scale=None, *, target_probs=None, label_smoothing=0.0, z_loss=0.0, softcap=None,
+             compute_grad=True, grad_out=None, want_argmax=True):
     """The native epilogue with the `ce_chunk` launcher's contract (ops/kernels/ce_chunk.py) on CPU
     float32 logits x (m, V): returns (loss, lse, predicted int64; -1 without `want_argmax`), G written
-    over x or into `grad_out` (float32 / bfloat16 / float16). Raises RuntimeError when unavailable."""
+    over x or into `grad_out` (float32 / bfloat16 / float16). Targets (m,), or soft: (m, K) with
+    `target_probs` (m, K) (y_t and the one-hot term weighted by them; duplicate ids add). Raises
+    RuntimeError when unavailable."""
     op = epilogue()
     if op is None:
         raise RuntimeError(f"native epilogue unavailable: {native_status()}")
@@ -179,6 +183,7 @@ def ce_chunk(x, targets, row_scale=None, *, label_smoothing=0.0, z_loss=0.0, sof
     if grad_out is not None and grad_out.data_ptr() == x.data_ptr() and grad_out.stride() == x.stride():
         grad_out = None
     s = row_scale.float().contiguous() if (row_scale is not None and compute_grad) else None
-    return op(x, targets.long().contiguous(), s, float(label_smoothing), float(z_loss),
+    q = target_probs.float().contiguous() if target_probs is not None else None
+    return op(x, targets.long().contiguous(), q, s, float(label_smoothing), float(z_loss),
               None if softcap is None else float(softcap), bool(compute_grad), grad_out, bool(want_argmax),
               FAULT["code"])

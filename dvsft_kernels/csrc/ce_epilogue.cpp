@@ -5,8 +5,12 @@
 //     y    = softcap * tanh(x / softcap)                     (softcap given)   else y = x
 //     lse  = logsumexp_j y_j
 //     loss = (1 - eps) (lse - y_t) + eps (lse - mean_j y_j) + zl lse^2          (unscaled)
-//     G_ij = s_i [p_ij (1 + 2 zl lse) - (1 - eps) [j == t] - eps / V] dy/dx     (p = softmax(y))
+//     G_ij = s_i [p_ij (1 + 2 zl lse) - (1 - eps) Q_j - eps / V] dy/dx         (p = softmax(y))
 //     pred = first argmax_j y_j                                                 (-1 if not wanted)
+//
+// Hard targets t (m,): y_t = y[t], Q_j = [j == t]. Soft targets t (m, K) with probabilities q (m, K):
+// y_t = sum_k q_k y[t_k], Q_j = sum_k q_k [j == t_k] (duplicate ids add). Hard is soft with K = 1
+// and q = 1, bit for bit (1 * v == v), so both share one code path.
 //
 // One row per task (at::parallel_for). Sweep 1 reads the row once from memory in blocks of
 // kBlock floats (L1-sized): block max, then the block's sum of exp(y - running max) and of y
@@ -24,6 +28,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -39,6 +44,14 @@ struct Params {
   float eps, zl, cap, inv_cap;
   bool has_cap, has_eps;
   int64_t fault;  // test-only planted faults (tests/ops/test_native.py): 0 none
+};
+
+// the K target slots of the rows: ids t (m, K) and probabilities q (m, K), q == nullptr: all 1 (hard)
+struct Targets {
+  const int64_t* t;
+  const float* q;
+  int64_t K;
+  float prob(int64_t r, int64_t k) const { return q ? q[r * K + k] : 1.f; }
 };
 
 inline float hmax(const Vec& v) {
@@ -90,7 +103,7 @@ inline void store_g(out_t* dst, const Vec& g, int64_t n) {
 }
 
 template <typename out_t>
-void run_rows(float* x, int64_t sx, const int64_t* t, const float* s, out_t* g, int64_t sg, float* loss,
+void run_rows(float* x, int64_t sx, const Targets tg, const float* s, out_t* g, int64_t sg, float* loss,
               float* lse_out, int64_t* pred, int64_t m, int64_t V, const Params p, bool grad, bool argmax) {
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
   // in place without softcap: sweep 1 leaves e = exp(y - M_b) over x (M_b: the running max after
@@ -99,13 +112,19 @@ void run_rows(float* x, int64_t sx, const int64_t* t, const float* s, out_t* g, 
   if constexpr (std::is_same_v<out_t, float>) inplace = grad && g == x && sg == sx;
   const bool keep_e = inplace && !p.has_cap;
   const int64_t nblocks = (V + kBlock - 1) / kBlock;
+  const int64_t K = tg.K;
+  // Q_j per id when K > 1 and G is formed from x (not over e): a V-float scratch of which only the
+  // K target entries are ever touched (set, add, read), so duplicates cost O(K), not O(K^2) or O(V)
+  const bool need_q = grad && !keep_e && K > 1;
   at::parallel_for(0, m, grain, [&](int64_t r0, int64_t r1) {
     alignas(64) float ybuf[kBlock];
     std::vector<float> block_max(keep_e ? nblocks : 0);
+    std::vector<float> x_t(K);  // the target logits, read before either sweep overwrites x
+    std::unique_ptr<float[]> qsum(need_q ? new float[V] : nullptr);
     for (int64_t r = r0; r < r1; ++r) {
       float* xr = x + r * sx;
-      const int64_t tr = t[r];
-      const float x_t = xr[tr];
+      const int64_t* tr = tg.t + r * K;
+      for (int64_t k = 0; k < K; ++k) x_t[k] = xr[tr[k]];
       // sweep 1: running max M, S = sum exp(y - M) (double across blocks), sum y
       float M = -kInf;
       double S = 0.0, SY = 0.0;
@@ -163,7 +182,10 @@ void run_rows(float* x, int64_t sx, const int64_t* t, const float* s, out_t* g, 
       const float Sf = static_cast<float>(S);
       const float logS = std::log(Sf);
       const float lse = M + logS;
-      const float y_t = scalar_y(x_t, p);
+      double yq = 0.0;  // sum_k q_k y[t_k]; fault 3 (test-only) weighs slot 0 alone, by 1
+      for (int64_t k = 0; k < (p.fault == 3 ? 1 : K); ++k)
+        yq += static_cast<double>(p.fault == 3 ? 1.f : tg.prob(r, k)) * scalar_y(x_t[k], p);
+      const float y_t = static_cast<float>(yq);
       float l = (M - y_t) + logS;
       if (p.has_eps) l = (1.f - p.eps) * l + p.eps * ((M - static_cast<float>(SY / V)) + logS);
       if (p.fault != 1) l += p.zl * lse * lse;
@@ -193,7 +215,7 @@ void run_rows(float* x, int64_t sx, const int64_t* t, const float* s, out_t* g, 
           for (; j + kW <= n; j += kW) (f * Vec::loadu(eb + j) - vc).store(eb + j);
           if (j < n) (f * Vec::loadu(eb + j, n - j) - vc).store(eb + j, n - j);
         }
-        xr[tr] -= d;
+        for (int64_t k = 0; k < (p.fault == 4 ? 1 : K); ++k) xr[tr[k]] -= d * tg.prob(r, k);  // dups add
         continue;
       }
       const Vec va(a), vM(M);
@@ -204,17 +226,26 @@ void run_rows(float* x, int64_t sx, const int64_t* t, const float* s, out_t* g, 
         if (p.has_cap) gv = gv * sech2(xv, p);
         store_g(gr + j, gv, n);
       }
-      {
-        const Vec xt(x_t);
-        Vec gt = va * (ycap(xt, p) - vM).exp() - vc - Vec(d);
+      // the target entries again from x, with an id's whole one-hot share Q: one rounding to out_t.
+      // Subtracting from a 16-bit G already written would round twice, an error of 2^-9 p where
+      // G ~ s (p - Q) may be near 0 (a confident row)
+      if (need_q) {
+        for (int64_t k = 0; k < K; ++k) qsum[tr[k]] = 0.f;
+        for (int64_t k = 0; k < K; ++k) qsum[tr[k]] += tg.prob(r, k);
+      }
+      for (int64_t k = 0; k < (p.fault == 4 ? 1 : K); ++k) {  // fault 4 (test-only): slot 0 only
+        const float Q = need_q ? qsum[tr[k]] : tg.prob(r, k);  // duplicates write the same value
+        const Vec xt(x_t[k]);
+        Vec gt = va * (ycap(xt, p) - vM).exp() - vc - Vec(d * Q);
         if (p.has_cap) gt = gt * sech2(xt, p);
-        gr[tr] = static_cast<out_t>(first(gt));
+        gr[tr[k]] = static_cast<out_t>(first(gt));
       }
     }
   });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_chunk(at::Tensor x, const at::Tensor& t,
+                                                        const std::optional<at::Tensor>& q,
                                                         const std::optional<at::Tensor>& s, double eps,
                                                         double zl, std::optional<double> softcap,
                                                         bool compute_grad, const std::optional<at::Tensor>& grad_out,
@@ -224,9 +255,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_chunk(at::Tensor x, const at::
   const int64_t m = x.size(0), V = x.size(1);
   TORCH_CHECK(V >= 1, "x: empty vocabulary");
   TORCH_CHECK(V == 1 || x.stride(1) == 1, "x: needs unit stride along V");
-  TORCH_CHECK(t.device().is_cpu() && t.dim() == 1 && t.size(0) == m && t.scalar_type() == at::kLong &&
-                  t.is_contiguous(),
-              "targets: expected a contiguous int64 CPU tensor of shape (m,)");
+  TORCH_CHECK(t.device().is_cpu() && (t.dim() == 1 || t.dim() == 2) && t.size(0) == m &&
+                  t.scalar_type() == at::kLong && t.is_contiguous(),
+              "targets: expected a contiguous int64 CPU tensor of shape (m,) or (m, K)");
+  const int64_t K = t.dim() == 2 ? t.size(1) : 1;
+  TORCH_CHECK(K >= 1, "targets: K = 0 slots");
+  const float* qp = nullptr;
+  if (q.has_value()) {
+    TORCH_CHECK(q->device().is_cpu() && q->sizes() == t.sizes() && q->scalar_type() == at::kFloat &&
+                    q->is_contiguous(),
+                "target_probs: expected a contiguous float32 CPU tensor shaped like targets");
+    qp = q->data_ptr<float>();
+  }
+  TORCH_CHECK(qp || K == 1, "target_probs: required with K > 1 targets per row");
   const float* sp = nullptr;
   if (s.has_value() && compute_grad) {
     TORCH_CHECK(s->device().is_cpu() && s->dim() == 1 && s->size(0) == m && s->scalar_type() == at::kFloat &&
@@ -235,7 +276,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_chunk(at::Tensor x, const at::
     sp = s->data_ptr<float>();
   }
   const int64_t* tp = t.data_ptr<int64_t>();
-  for (int64_t r = 0; r < m; ++r) TORCH_CHECK(tp[r] >= 0 && tp[r] < V, "targets: value outside [0, V)");
+  for (int64_t i = 0; i < m * K; ++i) TORCH_CHECK(tp[i] >= 0 && tp[i] < V, "targets: value outside [0, V)");
+  const Targets tg{tp, qp, K};
   Params p;
   p.eps = static_cast<float>(eps);
   p.zl = static_cast<float>(zl);
@@ -250,7 +292,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_chunk(at::Tensor x, const at::
   if (m == 0) return {loss, lse, pred};
   float* xp = x.data_ptr<float>();
   if (!compute_grad || !grad_out.has_value()) {
-    run_rows<float>(xp, x.stride(0), tp, sp, xp, x.stride(0), loss.data_ptr<float>(), lse.data_ptr<float>(),
+    run_rows<float>(xp, x.stride(0), tg, sp, xp, x.stride(0), loss.data_ptr<float>(), lse.data_ptr<float>(),
                     pred.data_ptr<int64_t>(), m, V, p, compute_grad, want_argmax);
     return {loss, lse, pred};
   }
@@ -260,16 +302,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_chunk(at::Tensor x, const at::
               "grad_out: expected (m, V) with unit stride along V");
   switch (go.scalar_type()) {
     case at::kFloat:
-      run_rows<float>(xp, x.stride(0), tp, sp, go.data_ptr<float>(), go.stride(0), loss.data_ptr<float>(),
+      run_rows<float>(xp, x.stride(0), tg, sp, go.data_ptr<float>(), go.stride(0), loss.data_ptr<float>(),
                       lse.data_ptr<float>(), pred.data_ptr<int64_t>(), m, V, p, true, want_argmax);
       break;
     case at::kBFloat16:
-      run_rows<c10::BFloat16>(xp, x.stride(0), tp, sp, go.data_ptr<c10::BFloat16>(), go.stride(0),
+      run_rows<c10::BFloat16>(xp, x.stride(0), tg, sp, go.data_ptr<c10::BFloat16>(), go.stride(0),
                               loss.data_ptr<float>(), lse.data_ptr<float>(), pred.data_ptr<int64_t>(), m, V, p,
                               true, want_argmax);
       break;
     case at::kHalf:
-      run_rows<c10::Half>(xp, x.stride(0), tp, sp, go.data_ptr<c10::Half>(), go.stride(0), loss.data_ptr<float>(),
+      run_rows<c10::Half>(xp, x.stride(0), tg, sp, go.data_ptr<c10::Half>(), go.stride(0), loss.data_ptr<float>(),
                           lse.data_ptr<float>(), pred.data_ptr<int64_t>(), m, V, p, true, want_argmax);
       break;
     default:
@@ -298,7 +340,7 @@ std::string capability() {
 
 TORCH_LIBRARY(dvsft_native, lib) {
   lib.def(
-      "ce_chunk(Tensor(a!) x, Tensor t, Tensor? s, float eps, float zl, float? softcap, bool compute_grad, "
+      "ce_chunk(Tensor(a!) x, Tensor t, Tensor? q, Tensor? s, float eps, float zl, float? softcap, bool compute_grad, "
       "Tensor(b!)? grad_out, bool want_argmax, int fault) -> (Tensor, Tensor, Tensor)");
   lib.def("capability() -> str");
   lib.impl("ce_chunk", c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(ce_chunk));

@@ -169,6 +169,106 @@ def test_epilogue_forward_only_and_ties():
     assert pred.item() == int(ycap.argmax(1))
 
 
+# ---------------------------------------------------------------- soft targets in the epilogue
+def _soft_reference(x, t, q, s, eps, zl, cap):
+    """Float64 loss, lse and d(sum_i s_i loss_i)/dx with y_t = sum_k q_k y[t_k] (gather + sum: a
+    duplicate id counts once per slot), by autograd."""
+    x = x.double().requires_grad_()
+    y = cap * torch.tanh(x / cap) if cap else x
+    lse = y.logsumexp(1)
+    y_t = (y.gather(1, t) * q.double()).sum(1)
+    loss = (1 - eps) * (lse - y_t) + eps * (lse - y.mean(1)) + zl * lse**2
+    (loss * s.double()).sum().backward()
+    return loss.detach(), lse.detach(), x.grad
+
+
+def _soft_rows(m, K, V, g):
+    """Ids and probabilities summing to 1 per row, with the edge rows: an id in two slots with
+    weight in both (row 1), a row of probability 0 (row 2), unused slots repeating slot 0 with
+    probability 0 (row 3), and K = V + 9 slots over V ids where asked (duplicates everywhere)."""
+    t = torch.randint(0, V, (m, K), generator=g)
+    q = torch.rand(m, K, generator=g) + 0.05
+    if K > 1:
+        t[1, 1] = t[1, 0]
+        t[3, K // 2:] = t[3, 0]
+        q[3, K // 2:] = 0
+    q = q / q.sum(1, keepdim=True)
+    q[2] = 0
+    return t, q
+
+
+def _check_soft_epilogue(K, V, opts, grad_dtype, seed=0):
+    eps, zl, cap = opts
+    g = torch.Generator().manual_seed(seed + 31 * K + V)
+    m = 7
+    x = torch.randn(m, V, generator=g) * 3
+    t, q = _soft_rows(m, K, V, g)
+    if K <= V:  # row 4 confident, p_k ~ q_k at distinct ids: G ~ 0 there, where rounding twice would show
+        t[4] = torch.randperm(V, generator=g)[:K]
+        x[4, t[4]] = 20 + q[4].log()
+    s = torch.rand(m, generator=g) * 2
+    ref_loss, ref_lse, ref_g = _soft_reference(x, t, q, s, eps, zl, cap)
+    xx = x.clone()
+    out = None if grad_dtype is None else torch.full((m, V), 7.0, dtype=grad_dtype)
+    loss, lse, _ = native.ce_chunk(xx, t, s, target_probs=q, label_smoothing=eps, z_loss=zl, softcap=cap,
+                                   grad_out=out)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-6, atol=2e-6 * float(ref_loss.abs().max()))
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=2e-6, atol=2e-6 * float(ref_lse.abs().max()))
+    got = xx if out is None else out
+    atol = {None: 1e-6, torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-3}[grad_dtype]
+    size = max(float(ref_g.abs().max()), float(s.max()))
+    torch.testing.assert_close(got.double(), ref_g, rtol=0, atol=atol * size)
+    # the target entries alone, relative to their own size: a 16-bit G rounded once there
+    # (bfloat16: 2^-9 relative), not corrected after a first rounding (row 4: off by 2^-9 s q_k)
+    tgt = (t[:, :, None] == torch.arange(V)).any(1)
+    gt, rt = got.double()[tgt], ref_g[tgt]
+    rel = {None: 1e-5, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[grad_dtype]
+    torch.testing.assert_close(gt, rt, rtol=rel, atol=4e-6 * size)
+
+
+@pytest.mark.parametrize("K, V", [(1, 1), (1, 1025), (3, 7), (3, 3001), (16, 7), (16, 1025)])
+@pytest.mark.parametrize("opts", [(0.0, 0.0, None), (0.1, 1e-3, 4.0), (0.2, 1e-2, None)])
+@pytest.mark.parametrize("grad_dtype", [None, torch.float32, torch.bfloat16], ids=str)
+def test_epilogue_soft_against_float64(K, V, opts, grad_dtype):
+    """Soft targets (m, K) in all three gradient forms (in place over e, in place from x under
+    softcap, into a separate buffer) against the float64 reference: duplicate ids, zero rows."""
+    _require_native()
+    _check_soft_epilogue(K, V, opts, grad_dtype)
+
+
+@pytest.mark.parametrize("opts", [(0.0, 0.0, None), (0.1, 1e-3, 4.0)])
+@pytest.mark.parametrize("grad_dtype", [None, torch.bfloat16], ids=str)
+def test_epilogue_soft_k1_is_hard_bitwise(opts, grad_dtype):
+    """K = 1 with probability 1 is the hard call bit for bit (loss, lse, argmax, G)."""
+    _require_native()
+    eps, zl, cap = opts
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 2100, generator=g) * 3
+    t = torch.randint(0, 2100, (6,), generator=g)
+    s = torch.rand(6, generator=g)
+    outs = []
+    for soft in (False, True):
+        xx = x.clone()
+        go = None if grad_dtype is None else torch.empty(6, 2100, dtype=grad_dtype)
+        kw = {"target_probs": torch.ones(6, 1)} if soft else {}
+        r = native.ce_chunk(xx, t[:, None] if soft else t, s, label_smoothing=eps, z_loss=zl, softcap=cap,
+                            grad_out=go, **kw)
+        outs.append((*r, xx if go is None else go))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_epilogue_soft_bad_input():
+    _require_native()
+    x = torch.zeros(2, 5)
+    with pytest.raises(RuntimeError, match="target_probs: required"):
+        native.ce_chunk(x.clone(), torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="target_probs: expected"):
+        native.ce_chunk(x.clone(), torch.zeros(2, 3, dtype=torch.long), target_probs=torch.ones(2, 2))
+    with pytest.raises(RuntimeError, match="outside"):
+        native.ce_chunk(x.clone(), torch.tensor([[0, 5], [1, 1]]), target_probs=torch.ones(2, 2) / 2)
+
+
 # ---------------------------------------------------------------- planted faults bite
 @pytest.mark.parametrize("fault", [1, 2])
 def test_planted_faults_are_caught(monkeypatch, fault):
@@ -179,6 +279,19 @@ def test_planted_faults_are_caught(monkeypatch, fault):
     case = make_case(options={"z_loss": 1e-2}, reduction="sum", seed=3)
     with pytest.raises(AssertionError, match="loss" if fault == 1 else "hidden|weight"):
         check_against_spec(case, torch.float32, torch_impl(chunk_rows=16))
+
+
+@pytest.mark.parametrize("fault", [3, 4])
+@pytest.mark.parametrize("opts, grad_dtype", [((0.0, 0.0, None), None), ((0.1, 1e-3, 4.0), torch.bfloat16)],
+                         ids=["over-e", "from-x"])
+def test_planted_soft_faults_are_caught(monkeypatch, fault, opts, grad_dtype):
+    """Soft-target faults (native.FAULT): 3 takes slot 0's logit alone, weight 1, as the target logit
+    of the loss; 4 drops the one-hot term of slots 1.. from G. The epilogue check must fail on each,
+    in both gradient forms."""
+    _require_native()
+    monkeypatch.setitem(native.FAULT, "code", fault)
+    with pytest.raises(AssertionError):
+        _check_soft_epilogue(3, 1025, opts, grad_dtype)
 
 
 # ---------------------------------------------------------------- fallback and build

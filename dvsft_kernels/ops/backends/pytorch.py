@@ -61,8 +61,8 @@ def lce_torch(h, weight, bias, targets, scale, options: LCEOptions, grads: Grads
     if n == 0:
         return loss, lse, pred, dh, dW, db
     epilogue = native.epilogue() if dev.type == "cpu" else None
-    if epilogue is not None and q is None:
-        return _lce_native(epilogue, h, W, b, targets, scale, options, grads, (loss, lse, pred, dh, dW, db))
+    if epilogue is not None:
+        return _lce_native(epilogue, h, W, b, targets, q, scale, options, grads, (loss, lse, pred, dh, dW, db))
 
     m_max = options.chunk_rows or chunk_rows_for(n, V, dev)
     buf = chunk_buffer(0, m_max, V, dev)
@@ -158,9 +158,9 @@ def lce_torch(h, weight, bias, targets, scale, options: LCEOptions, grads: Grads
     return loss, lse, pred, dh, dW, db
 
 
-def _lce_native(epilogue, h, W, b, targets, scale, options: LCEOptions, grads: Grads, outputs):
+def _lce_native(epilogue, h, W, b, targets, q, scale, options: LCEOptions, grads: Grads, outputs):
     """`lce_torch` with the native CPU epilogue between the same GEMMs: G is formed in full in
-    the logits buffer, so no fold and no second buffer."""
+    the logits buffer, so no fold and no second buffer. Soft targets: targets (n, K), q (n, K)."""
     loss, lse, pred, dh, dW, db = outputs
     n = h.shape[0]
     V = W.shape[0]
@@ -170,6 +170,7 @@ def _lce_native(epilogue, h, W, b, targets, scale, options: LCEOptions, grads: G
     m_max = options.chunk_rows or chunk_rows_for(n, V, h.device)
     buf = chunk_buffer(0, m_max, V, h.device)
     t_all = targets.long()
+    q_all = q.float() if q is not None else None
     s_all = scale.float() if any_grad else None
     for s0 in range(0, n, m_max):
         s1 = min(n, s0 + m_max)
@@ -180,7 +181,8 @@ def _lce_native(epilogue, h, W, b, targets, scale, options: LCEOptions, grads: G
             torch.addmm(b, hc, W.T, out=x)
         else:
             mm_f32(hc, W.T, out=x)
-        lc, lsec, pc = epilogue(x, t_all[s0:s1].contiguous(), None if s_all is None else s_all[s0:s1].contiguous(),
+        lc, lsec, pc = epilogue(x, t_all[s0:s1].contiguous(), None if q_all is None else q_all[s0:s1].contiguous(),
+                                None if s_all is None else s_all[s0:s1].contiguous(),
                                 eps, zl, softcap, any_grad, None, options.return_stats, native.FAULT["code"])
         loss[s0:s1] = lc
         lse[s0:s1] = lsec
