@@ -20,6 +20,8 @@ Suites (each run once, shared between suites that contain it):
     shift   read:    vision shift none vs same (hidden[t-1] predicts visual token t's word)
     mode    subword: every word two tokens; SFT, DV-SFT `first`, DV-SFT `aligned` labels
     dense   dense:   12 words of 13 px glyphs on four lines; SFT vs DV-SFT
+    soft    read + subword: hard labels vs soft labels (K = 4 ids per cell, weighted by coverage)
+                     vs soft + spread 0.3 (a word's neighbouring cells get it at 0.3 weight)
 
     python examples/dvsft_vs_sft.py            # every suite, 3 seeds, 600 steps (14.5 min on 2 cores)
     python examples/dvsft_vs_sft.py --quick    # main suite, 2 seeds, 400 steps (~1.2 min)
@@ -65,9 +67,12 @@ class Arm:
     vision_weight: float = 1.0
     vision_shift: str = "none"  # "none" | "same"
     mode: str = "first"  # labeling mode: "first" | "aligned"
+    soft: int = 0  # > 0: soft vision labels, this many weighted ids per visual token
+    spread: float = 0.0  # with soft: neighbouring cells of a word get it at this fraction
 
     def key(self) -> str:
-        return f"{self.task}-w{self.vision_weight:g}-{self.vision_shift}-{self.mode}"
+        soft = (f"-soft{self.soft}" if self.soft else "") + (f"-spread{self.spread:g}" if self.spread else "")
+        return f"{self.task}-w{self.vision_weight:g}-{self.vision_shift}-{self.mode}{soft}"
 
 
 SFT = Arm("SFT", vision_weight=0.0)
@@ -88,6 +93,17 @@ SUITES: dict[str, tuple[str, list[Arm]]] = {
             Arm("SFT", task="subword", vision_weight=0.0),
             Arm("DV-SFT first", task="subword"),
             Arm("DV-SFT aligned", task="subword", mode="aligned"),
+        ],
+    ),
+    "soft": (
+        "soft vision labels (coverage-weighted ids per cell) and spread",
+        [
+            DVSFT,
+            Arm("soft K=4", soft=4),
+            Arm("soft K=4 + spread 0.3", soft=4, spread=0.3),
+            Arm("aligned", task="subword", mode="aligned"),
+            Arm("aligned soft K=4", task="subword", mode="aligned", soft=4),
+            Arm("aligned soft K=4 + spread 0.3", task="subword", mode="aligned", soft=4, spread=0.3),
         ],
     ),
     "dense": (
@@ -222,7 +238,11 @@ def train_one(spec: RunSpec) -> dict:
     model = tiny.build_model(processor)
     train = pages(spec.arm.task, spec.train_pages, spec.seed)
     collator = DVSFTCollator(processor, mode=spec.arm.mode, min_coverage=0.25)
+    # every arm is scored against the same hard labels; soft arms train on soft ones
     held = HeldOut(processor, collator, pages(spec.arm.task, spec.eval_pages, HELD_OUT_SEED))
+    if spec.arm.soft:
+        collator = DVSFTCollator(processor, mode=spec.arm.mode, min_coverage=0.25, soft=spec.arm.soft,
+                                 spread=spec.arm.spread)
     shift = spec.arm.vision_shift == "same"
     curve = []
 

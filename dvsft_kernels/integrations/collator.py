@@ -79,6 +79,9 @@ class DVSFTCollator:
         processor: the model's processor (image processor + tokenizer + chat template).
         train_on: ``"assistant"`` (every assistant turn) or ``"last"`` (the final assistant turn only).
         mode, min_coverage, label_kwargs: labeling options (see ``label_visual_tokens``).
+        soft, spread: soft vision labels (``label_visual_tokens(..., soft=K, spread=...)``): the
+            batch then holds ``vision_labels`` (B, T, K) and ``vision_label_weights`` (B, T, K),
+            which ``DVLoss`` / ``attach`` / ``DVSFTTrainer`` take as they are.
         image_token_id: the model's ``config.image_token_id`` if it differs from the processor's.
         max_length: refuse batches longer than this (truncation would cut image runs).
         processor_kwargs: extra keyword arguments for the processor call.
@@ -111,6 +114,8 @@ class DVSFTCollator:
         max_length: int | None = None,
         processor_kwargs: Mapping[str, Any] | None = None,
         label_kwargs: Mapping[str, Any] | None = None,
+        soft: int | None = None,
+        spread: float = 0.0,
         ocr=None,
         ocr_kwargs: Mapping[str, Any] | None = None,
         strict: bool = False,
@@ -132,7 +137,11 @@ class DVSFTCollator:
         self.train_on, self.ignore_index, self.max_length = train_on, int(ignore_index), max_length
         self.image_token_id = image_token_id
         self.processor_kwargs = dict(processor_kwargs or {})
-        self.label_kwargs = {"mode": mode, "min_coverage": min_coverage, **dict(label_kwargs or {})}
+        from dvsft_kernels.labeling.assign import check_soft_options
+
+        check_soft_options(soft, spread)
+        soft_kwargs = {"soft": soft, "spread": spread} if soft is not None else {}
+        self.label_kwargs = {"mode": mode, "min_coverage": min_coverage, **soft_kwargs, **dict(label_kwargs or {})}
 
     @staticmethod
     def _check_ocr(ocr, ocr_kwargs):
@@ -297,7 +306,7 @@ class DVSFTCollator:
     # ---- batch ---------------------------------------------------------------------------------------
 
     def __call__(self, samples: Sequence[Mapping]) -> dict[str, torch.Tensor]:
-        from dvsft_kernels.labeling import build_vision_labels_from_processor
+        from dvsft_kernels.labeling import SoftLabels, build_vision_labels_from_processor
 
         if not samples:
             raise ValueError("samples: empty batch")
@@ -358,7 +367,10 @@ class DVSFTCollator:
                 ignore_index=self.ignore_index,
                 **self.label_kwargs,
             )
-            batch["vision_labels"] = vision.to(input_ids.device)
+            if isinstance(vision, SoftLabels):  # (ids, weights), each (B, T, K)
+                batch["vision_labels"], batch["vision_label_weights"] = vision.to(input_ids.device)
+            else:
+                batch["vision_labels"] = vision.to(input_ids.device)
         return dict(batch)
 
     def _labels(self, out, spans, any_image: bool) -> torch.Tensor:
