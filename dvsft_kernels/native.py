@@ -1,11 +1,22 @@
-"""The native CPU epilogue (dvsft_kernels/csrc/ce_epilogue.cpp): built on first use, never at import.
+"""The native CPU epilogue (dvsft_kernels/csrc/ce_epilogue.cpp): loaded on first use, never at import.
 
-`lce_torch` (ops/backends/pytorch.py) asks `epilogue()` for the op on its first CPU call; the first
-ask compiles the C++ source with `torch.utils.cpp_extension.load` (ninja and a C++ compiler needed;
-~6 s on 2 cores) into a cache directory, loads it and registers `torch.ops.dvsft_native.ce_chunk`.
-Later processes find the build there and only load it. Any failure (no compiler, no ninja, a
-compile error, a load error) is remembered, in the process and in the cache directory, and the
-PyTorch path runs as before. `native_available()` / `native_status()` say which happened.
+`lce_torch` (ops/backends/pytorch.py) asks `epilogue()` for the op on its first CPU call, which
+registers `torch.ops.dvsft_native.ce_chunk` from the first of:
+
+1. the ahead-of-time build beside this file (`ce_epilogue_prebuilt<ext suffix>`), which setup.py
+   makes when it can import the installed torch (`pip install --no-build-isolation -e .`, or
+   `python setup.py build_ext`; DVSFT_BUILD_NATIVE=0 skips it). Its record (`ce_epilogue_prebuilt.json`)
+   must match this Python, this torch (version and C++ ABI), this source and, for a -march=native
+   build, this CPU's instruction set, checked before loading: a library of another torch is never
+   loaded (a namespace, once registered, cannot be replaced in the process);
+2. the cache directory below, where a first-use build of an earlier process lives;
+3. a compile now with `torch.utils.cpp_extension.load` (ninja and a C++ compiler needed; ~6 s on
+   2 cores) into the cache directory.
+
+A prebuilt module that does not fit or fails to load is skipped, with its reason kept in the status.
+Any build failure (no compiler, no ninja, a compile error, a load error) is remembered, in the
+process and in the cache directory, and the PyTorch path runs as before. `native_available()` /
+`native_status()` say which happened.
 
 Cache directory: $DVSFT_NATIVE_DIR, else $TORCH_EXTENSIONS_DIR/dvsft_kernels, else
 ~/.cache/dvsft_kernels/native; one subdirectory per (python, torch, source, compiler flags, CPU
@@ -14,8 +25,9 @@ a file beside them: parallel pytest-xdist workers wait for the one that compiles
 and a process killed mid-build leaves no lock behind (cpp_extension's own lock file, which a killed
 process would leave, is removed under the flock before building).
 
-Switches: DVSFT_NATIVE=0 turns the native path off (nothing is built); DVSFT_NATIVE_REBUILD=1
-ignores a remembered failure. Flags: `-O3 -march=native -fopenmp` with ATen's AVX-512 (or AVX2)
+Switches: DVSFT_NATIVE=0 turns the native path off (nothing is built or loaded); DVSFT_NATIVE_REBUILD=1
+ignores a remembered failure; at install, DVSFT_BUILD_NATIVE=0 skips the ahead-of-time build and =1
+makes its failure an error (setup.py). Flags: `-O3 -march=native -fopenmp` with ATen's AVX-512 (or AVX2)
 vector code when the compiler's native target has it, else `-O3 -fopenmp` with ATen's generic
 vectors, else `-O3` alone (one thread per chunk).
 """
@@ -23,6 +35,8 @@ vectors, else `-O3` alone (one thread per chunk).
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
+import json
 import os
 import subprocess
 import sys
@@ -32,6 +46,9 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "ce_epilogue.cpp"
+# the ahead-of-time build (setup.py): the module dvsft_kernels.<PREBUILT_NAME>, its record beside it
+PREBUILT_NAME = "ce_epilogue_prebuilt"
+PREBUILT_DIR = Path(__file__).parent
 
 _lock = threading.Lock()
 _state: dict = {"op": None, "status": "not built yet (builds at the first CPU call or native_available())",
@@ -81,6 +98,51 @@ def variants() -> tuple[list[tuple[str, list[str]]], str]:
     out.append(("default", ["-O3", *omp]))
     out.append(("serial", ["-O3"]))
     return out, hashlib.sha256(macros.encode()).hexdigest()[:10]
+
+
+def cpu_isa(cpu: str) -> str:
+    """What a -march=native build depends on, without a compiler where possible: the instruction-set
+    flags of /proc/cpuinfo (hashed), else `cpu`, the hash of the compiler's native macros."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = " ".join(sorted(line.split(":", 1)[1].split()))
+                return "cpuinfo-" + hashlib.sha256(flags.encode()).hexdigest()[:10]
+    except OSError:
+        pass
+    return cpu
+
+
+def build_record(tag: str, flags: list[str], cpu: str) -> dict:
+    """What a build is for: setup.py writes it beside the prebuilt module, `epilogue()` compares it
+    with the running process before loading that module."""
+    return {"python": f"py{sys.version_info[0]}{sys.version_info[1]}", "torch": torch.__version__,
+            "cxx11_abi": bool(torch.compiled_with_cxx11_abi()),
+            "source": hashlib.sha256(SOURCE.read_bytes()).hexdigest() if SOURCE.exists() else None,
+            "tag": tag, "flags": list(flags), "cpu": cpu_isa(cpu) if "-march=native" in flags else None}
+
+
+def prebuilt_path() -> Path:
+    return PREBUILT_DIR / (PREBUILT_NAME + importlib.machinery.EXTENSION_SUFFIXES[0])
+
+
+def _load_prebuilt(cpu: str):
+    """(op, status) from the ahead-of-time build, or (None, why not; '' when there is none)."""
+    so, rec_path = prebuilt_path(), PREBUILT_DIR / f"{PREBUILT_NAME}.json"
+    if not so.exists():
+        return None, ""
+    try:
+        rec = json.loads(rec_path.read_text())
+        here = build_record(rec["tag"], rec["flags"], cpu)
+        for key in ("python", "torch", "cxx11_abi", "source", "cpu"):
+            if key == "source" and here["source"] is None:
+                continue  # the source is not installed: nothing to call stale
+            if rec.get(key) != here[key]:
+                return None, f"prebuilt {so.name} skipped: built for {key} {rec.get(key)!r}, running {here[key]!r}"
+        torch.ops.load_library(str(so))
+        return torch.ops.dvsft_native.ce_chunk, f"{rec['tag']} prebuilt, {so}"
+    except Exception as e:  # noqa: BLE001 - an unusable prebuilt module means "build it instead"
+        return None, f"prebuilt {so.name} skipped: {type(e).__name__}: {_short(str(e))}"
 
 
 def _build_dir(tag: str, flags: list[str], cpu: str) -> Path:
@@ -136,6 +198,13 @@ def epilogue():
         errors = []
         try:
             vs, cpu = variants()
+            op, why = _load_prebuilt(cpu)
+            if op is not None:
+                _state.update(op=op, status=f"available ({torch.ops.dvsft_native.capability()}, {why})")
+                _state["tried"] = True
+                return op
+            if why:
+                errors.append(why)
             if not SOURCE.exists():
                 raise FileNotFoundError(f"{SOURCE}: the C++ source is missing from this install")
             for tag, flags in vs:
@@ -144,13 +213,14 @@ def epilogue():
                 except Exception as e:  # noqa: BLE001 - any failure means "try the next, else no native path"
                     errors.append(f"{tag}: {type(e).__name__}: {_short(str(e))}")
                     continue
+                note = f"; {why}" if why else ""  # why the prebuilt module was skipped
                 _state.update(op=op, status=f"available ({torch.ops.dvsft_native.capability()}, "
-                                            f"{_build_dir(tag, flags, cpu)})")
+                                            f"{_build_dir(tag, flags, cpu)}{note})")
                 break
             else:
                 _state["status"] = "build failed: " + " | ".join(errors)
         except Exception as e:  # noqa: BLE001 - never let the probe break the op
-            _state["status"] = f"build failed: {type(e).__name__}: {e}"
+            _state["status"] = f"build failed: {' | '.join([*errors, f'{type(e).__name__}: {e}'])}"
         _state["tried"] = True
         return _state["op"]
 

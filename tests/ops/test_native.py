@@ -6,9 +6,14 @@ skips the "native" cases with native_status()'s reason."""
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import shutil
 import subprocess
 import sys
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -350,3 +355,120 @@ def test_import_does_not_build():
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"
 
+
+
+# ---------------------------------------------------------------- ahead-of-time build (setup.py)
+REPO = Path(__file__).resolve().parents[2]
+# a fresh process (a namespace registers once per process) that looks for the prebuilt module in
+# argv[1], with an empty cache (argv[2]) and, with argv[3] == "nocompile", no compiler
+PROBE = """
+import sys
+from pathlib import Path
+import torch, torch.utils.cpp_extension as cpp
+from dvsft_kernels import native
+if sys.argv[3] == "nocompile":
+    def no_compile(*a, **k):
+        raise RuntimeError("no compiler (simulated)")
+    cpp.load = no_compile
+native.PREBUILT_DIR = Path(sys.argv[1])
+print(native.native_status())
+if native.native_available():
+    x = torch.tensor([[1.0, 2.0, 0.5]])
+    print(float(native.ce_chunk(x, torch.tensor([0]), compute_grad=False)[0]))
+"""
+
+
+def _probe(prebuilt_dir, cache, compile_ok=True):
+    env = {**os.environ, "DVSFT_NATIVE": "1", "DVSFT_NATIVE_DIR": str(cache)}
+    env.pop("DVSFT_NATIVE_REBUILD", None)
+    r = subprocess.run([sys.executable, "-c", PROBE, str(prebuilt_dir), str(cache),
+                        "compile" if compile_ok else "nocompile"],
+                       check=False, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout.splitlines()
+
+
+@pytest.fixture(scope="module")
+def prebuilt(tmp_path_factory):
+    """setup.py's ahead-of-time build, as pip would run it without build isolation (no pip here):
+    `setup.py build_ext` into a temporary build/lib; DVSFT_BUILD_NATIVE=1 makes a failure loud."""
+    _require_native()  # a machine that cannot compile at all has nothing to test here
+    out = tmp_path_factory.mktemp("aot")
+    env = {**os.environ, "DVSFT_BUILD_NATIVE": "1"}
+    r = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(out / "lib"),
+                        "--build-temp", str(out / "tmp")], check=False, capture_output=True, text=True,
+                       timeout=900, env=env, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = out / "lib" / "dvsft_kernels"
+    assert (d / f"{native.PREBUILT_NAME}.json").exists()
+    return d
+
+
+def _copy_prebuilt(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        shutil.copy(f, dst / f.name)
+    return dst
+
+
+LOSS_1205 = math.log(math.exp(1) + math.exp(2) + math.exp(0.5)) - 1.0  # the probe's row, target 0
+
+
+@pytest.mark.slow
+def test_prebuilt_is_preferred(prebuilt, tmp_path):
+    """With the setup.py build present, an empty cache and no compiler, the op loads the prebuilt
+    module (the status names it) and computes the loss."""
+    status, loss = _probe(prebuilt, tmp_path / "cache", compile_ok=False)
+    assert status.startswith("available (") and "prebuilt" in status and str(prebuilt) in status, status
+    assert abs(float(loss) - LOSS_1205) < 1e-6 * LOSS_1205
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir()), "compiled anyway"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["not-a-library", "other-torch", "stale-source", "no-record"])
+def test_unusable_prebuilt_falls_back_with_reason(prebuilt, tmp_path, damage):
+    """A prebuilt module that is broken, built for another torch or from another source, or has no
+    record is skipped before or at loading: the cache / first-use build serves, and the status says
+    why the prebuilt one was not used. Without a compiler as well: the PyTorch path, and both reasons."""
+    d = _copy_prebuilt(prebuilt, tmp_path / "pkg")
+    rec_path = d / f"{native.PREBUILT_NAME}.json"
+    rec = json.loads(rec_path.read_text())
+    so = next(d.glob(f"{native.PREBUILT_NAME}*.so"))
+    if damage == "not-a-library":
+        so.write_bytes(b"\x7fELF not really")
+    elif damage == "other-torch":
+        rec["torch"] = "0.0.1"
+    elif damage == "stale-source":
+        rec["source"] = "0" * 64
+    if damage == "no-record":
+        rec_path.unlink()
+    else:
+        rec_path.write_text(json.dumps(rec))
+    reason = {"not-a-library": "OSError", "other-torch": "built for torch '0.0.1'",
+              "stale-source": "built for source", "no-record": "FileNotFoundError"}[damage]
+    # the default cache: the session's first-use build is there (no compile)
+    status, loss = _probe(d, native.cache_root())
+    assert status.startswith("available (") and "prebuilt" in status and reason in status, status
+    assert "skipped" in status
+    assert abs(float(loss) - LOSS_1205) < 1e-6 * LOSS_1205
+    (status,) = _probe(d, tmp_path / "cache", compile_ok=False)
+    assert status.startswith("build failed") and reason in status and "no compiler (simulated)" in status, status
+
+
+def test_setup_without_torch_skips_the_build(tmp_path):
+    """setup.py where torch cannot be imported (pip's build isolation): no extension, no error; with
+    DVSFT_BUILD_NATIVE=1 a clear error instead. Simulated: a `torch` package that fails to import."""
+    fake = tmp_path / "fake"
+    (fake / "torch").mkdir(parents=True)
+    (fake / "torch" / "__init__.py").write_text("raise ImportError('no torch in this build environment')\n")
+    code = ("import runpy, sys, setuptools; captured = {}; "
+            "setuptools.setup = lambda **kw: captured.update(kw); "
+            "runpy.run_path('setup.py', run_name='__main__'); print(sorted(captured))")
+    for mode, ok in (("auto", True), ("0", True), ("1", False)):
+        env = {**os.environ, "PYTHONPATH": str(fake), "DVSFT_BUILD_NATIVE": mode}
+        r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
+                           timeout=120, env=env, cwd=REPO)
+        if ok:
+            assert r.returncode == 0 and r.stdout.strip() == "[]", (mode, r.stdout, r.stderr[-2000:])
+        else:
+            assert r.returncode != 0 and "DVSFT_BUILD_NATIVE=1" in r.stderr, (mode, r.stderr[-2000:])
