@@ -11,9 +11,14 @@ import pytest
 import torch
 
 from dvsft_kernels import linear_cross_entropy
+from dvsft_kernels.ops import function as function_mod
+from dvsft_kernels.ops.backends import Inputs
+from dvsft_kernels.ops.backends import auto as auto_backend
 from dvsft_kernels.ops.backends import fused as fused_backend
+from dvsft_kernels.ops.custom_op import lce_custom_op
 from dvsft_kernels.ops.kernels import fused_config, lce_fused_bwd, lce_fused_fwd
 from dvsft_kernels.ops.naive import naive_linear_cross_entropy
+from dvsft_kernels.ops.options import LCEOptions
 from tests.ops.cases import lce_stats
 
 from ..memory import AllocationRecorder
@@ -643,3 +648,201 @@ def test_cuda_aligned_tiles_match_spec(deterministic, monkeypatch):
     for dtype in (torch.bfloat16, torch.float32):
         check_against_spec(case, dtype, lambda *a, **k: lce_stats(
             *a, **k, impl="fused", **extra).loss)
+
+
+# ---------------------------------------------------------------- soft targets (beyond test_soft_targets.py)
+def _soft_inputs(n=45, V=300, D=40, K=4, seed=9):
+    """Soft targets through the front end's normalisation (`function.soft_targets`): float64 master
+    inputs with a bias, K slots per row spread over the whole vocabulary (so over every split and
+    chunk), ~20 % of slots unused, some rows unlabeled, one row repeating an id."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, D, generator=g, dtype=torch.float64)
+    w = torch.randn(V, D, generator=g, dtype=torch.float64) * (3.0 / D**0.5)
+    b = torch.randn(V, generator=g, dtype=torch.float64) * 0.5
+    t = torch.randint(0, V, (n, K), generator=g)
+    c = torch.rand(n, K, generator=g, dtype=torch.float64).float().double()  # exact in float32
+    t[torch.rand(n, K, generator=g) < 0.2] = -100
+    t[torch.rand(n, generator=g) < 0.15] = -100
+    t[3] = torch.tensor([7, 7, V - 1, 0])[:K]
+    return h, w, b, t, c
+
+
+def _soft_kernel_args(t, c, V):
+    """(slot-0 targets, ids (N, K), probabilities (N, K)) as fused.kernel_targets hands them over."""
+    ts, q, _ = function_mod.soft_targets(t, c, -100)
+    x = Inputs(torch.empty(t.shape[0], 1), torch.empty(V, 1), None, ts.to(DEVICE), None, None, q.to(DEVICE))
+    flat_t, qq = fused_backend.kernel_targets(x)
+    return x.row_targets(), flat_t, qq
+
+
+@MASKED_LANES
+@pytest.mark.parametrize("s_min, target, bv", [(1, 1, 16), (4, 64, 32), (8, 1, 64)])
+def test_soft_split_choices_agree(s_min, target, bv):
+    """The soft target logit sum_k q_k y_{t_k} is formed in split 0 only, whatever the split of
+    each t_k: one split of many tiles, many splits of one tile and in between against the float64
+    spec; a probability 10 % off (planted) fails the same comparison."""
+    h, w, b, t, c = _soft_inputs()
+    V = w.shape[0]
+    opts = {"label_smoothing": 0.1, "softcap": 5.0, "z_loss": 1e-3}
+    ref_loss, ref_lse, _ = naive_linear_cross_entropy(h, w, t, b, reduction="none", target_weights=c,
+                                                      return_stats=True, **opts)
+    total = c.where(t != -100, 0.0).sum(-1)  # the spec's row loss carries the row's total weight
+    ref_loss = torch.where(total > 0, ref_loss / total.clamp_min(1e-30), ref_loss)
+    labeled = (t != -100).any(-1) & (total > 0)
+    cfg = dataclasses.replace(fused_config.INTERPRETER_CONFIG, fwd=fused_config.Tiles(BM=16, BV=bv, BK=16), s_min=s_min,
+                              s_max=8, target_programs=target)
+    row_t, flat_t, q = _soft_kernel_args(t, c, V)
+    idx, count = fused_backend.build_index(row_t, -100)
+    hf, wf, bf = (x.float().to(DEVICE) for x in (h, w, b))
+
+    def run_fwd(q):
+        return lce_fused_fwd.fused_forward(hf, wf, bf, flat_t, idx, count, target_probs=q, config=cfg, **opts)
+
+    loss, lse, _, _ = run_fwd(q)
+    torch.testing.assert_close(loss.cpu().double()[labeled], ref_loss[labeled], rtol=0, atol=2e-5)
+    torch.testing.assert_close(lse.cpu().double()[labeled], ref_lse[labeled], rtol=0, atol=2e-5)
+    bad = q.clone()
+    bad[:, 1] *= 1.1
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(run_fwd(bad)[0].cpu().double()[labeled], ref_loss[labeled], rtol=0, atol=2e-5)
+
+
+@MASKED_LANES
+@pytest.mark.parametrize("backward", ["atomic", "staged", "staged_torch_gemm", "staged_compact_h"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_soft_no_host_synchronising_ops(reduction, backward, monkeypatch):
+    """Soft targets through every backward design: no op of the fused forward + backward waits on
+    the device, the index built from slot 0 included. The front end's one validation read of
+    target_weights (skipped under capture and compile, function._check_soft_targets) is skipped
+    here as under capture; without that the same log reports it (the check sees this path)."""
+    options = {"atomic": {}, "staged": {"backward": "staged"},
+               "staged_torch_gemm": {"backward": "staged", "stage_gemm": "torch"},
+               "staged_compact_h": {"backward": "staged", "stage_compact_h": True}}
+    use_config(monkeypatch, **options[backward])
+    h0, w0, b0, t, c = _soft_inputs(n=33, V=131, D=24)
+    h = h0.float().to(DEVICE).requires_grad_()
+    w = w0.float().to(DEVICE).requires_grad_()
+    b = b0.float().to(DEVICE).requires_grad_()
+    tw = torch.rand(33, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    kw = {"reduction": reduction, "softcap": 3.0, "label_smoothing": 0.1, "num_items": torch.tensor(20, device=DEVICE),
+          "token_weights": tw, "target_weights": c.float().to(DEVICE), "impl": "fused"}
+    if reduction == "none":
+        kw.pop("num_items")
+    log = OpLog()
+    with log:
+        linear_cross_entropy(h, w, t.to(DEVICE), b, **kw).sum().backward()
+    assert set(log.host_syncs()) <= {"aten._local_scalar_dense", "aten.is_nonzero"} and log.host_syncs(), \
+        log.host_syncs()  # the front end's validation only
+    monkeypatch.setattr(function_mod, "no_host_sync_allowed", lambda: True)
+    log = OpLog()
+    with log:
+        linear_cross_entropy(h, w, t.to(DEVICE), b, **kw).sum().backward()
+    assert not log.host_syncs(), log.host_syncs()
+
+
+@MASKED_LANES
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "staged"])
+def test_soft_target_out_of_range_is_nan_without_a_host_sync(deterministic):
+    """A soft slot outside [0, V) makes its row a NaN row without gradient, whatever the slot's
+    weight (0 included) and position; the other rows match the spec."""
+    h0, w0, _, t, c = _soft_inputs(n=12, V=97, D=16, K=3, seed=4)
+    t[:, 0] = torch.arange(12)  # every row labeled
+    V = w0.shape[0]
+    t[2, 1], c[2, 1] = V, 0.7  # a used slot
+    t[5, 2], c[5, 2] = -3, 0.0  # a slot of weight 0
+    t[8, 0] = V + 5  # the top slot
+    c[8, 0] = 2.0
+    bad = torch.zeros(12, dtype=torch.bool)
+    bad[[2, 5, 8]] = True
+    h = h0.float().to(DEVICE).requires_grad_()
+    w = w0.float().to(DEVICE).requires_grad_()
+    out = lce_stats(h, w, t.to(DEVICE), target_weights=c.float().to(DEVICE), reduction="none", impl="fused",
+                    deterministic=deterministic)
+    assert out.loss.cpu()[bad].isnan().all() and out.lse.cpu()[bad].isnan().all()
+    good_t = t.clone()
+    good_t[bad] = -100
+    ref = naive_linear_cross_entropy(h0, w0, good_t, reduction="none", target_weights=c)
+    torch.testing.assert_close(out.loss.cpu()[~bad].double(), ref[~bad], rtol=1e-5, atol=1e-5)
+    out.loss.nan_to_num(0.0).sum().backward()
+    assert torch.count_nonzero(h.grad[bad]) == 0 and torch.isfinite(h.grad).all()
+    assert torch.count_nonzero(h.grad[~bad]) > 0
+    # dW gets nothing from the bad rows: the spec's gradient without them
+    hh, ww = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+    naive_linear_cross_entropy(hh, ww, good_t, reduction="none", target_weights=c).sum().backward()
+    torch.testing.assert_close(w.grad.cpu().double(), ww.grad, rtol=1e-4, atol=1e-5)
+
+
+def _soft_filter_case(kind):
+    """_filter_case's rows with K = 3 soft targets: peaked, the ids among the 10 boosted entries
+    (the mass of a row sits in one tile); uniform, ids anywhere."""
+    h, w, b, t, s = _filter_case(kind)
+    g = torch.Generator().manual_seed(5)
+    hi = 10 if kind == "peaked" else w.shape[0]
+    tk = torch.randint(0, hi, (t.shape[0], 3), generator=g)
+    c = torch.rand(t.shape[0], 3, generator=g)
+    ts, q, _ = function_mod.soft_targets(tk, c, -100)
+    return h, w, b, ts, q, s
+
+
+@MASKED_LANES
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("kind", ["peaked", "uniform"])
+def test_soft_filtering_error_within_bound(kind, deterministic):
+    """grad_filter with soft targets: the tile criterion sees the whole G (the K one-hot terms
+    included), so the documented bound holds as for hard targets (test_filtering_error_within_bound)."""
+    h, w, b, ts, q, s = (x.to(DEVICE) for x in _soft_filter_case(kind))
+    idx, count = fused_backend.build_index(ts[:, 0], -100)
+    _, _, _, stat = lce_fused_fwd.fused_forward(h, w, b, ts, idx, count, target_probs=q)
+    kw = {"grad_h": True, "grad_w": True, "grad_b": True, "deterministic": deterministic, "target_probs": q}
+    dh0, dw0, db0 = lce_fused_bwd.fused_backward(h, w, b, ts, idx, count, stat, s, **kw)
+    dh1, dw1, db1 = lce_fused_bwd.fused_backward(h, w, b, ts, idx, count, stat, s, grad_filter=True, **kw)
+    tau = fused_config.FILTER_TAU[torch.bfloat16]
+    n_vt = -(-w.shape[0] // fused_config.default_config(h.device, torch.bfloat16).bwd.BV)
+    slack = 1e-6
+    err_h = (dh1 - dh0).abs().max(dim=1).values.cpu()
+    assert (err_h <= tau * s.abs().cpu() * w.float().abs().max().cpu() + slack).all()
+    assert (dw1 - dw0).abs().max().cpu() <= tau / n_vt * h.float().abs().max().cpu() * s.abs().sum().cpu() + slack
+    assert (db1 - db0).abs().max().cpu() <= tau / n_vt * s.abs().sum().cpu() + slack
+    if kind == "peaked":
+        assert err_h.max() > 0, "peaked logits: the filter should have skipped tiles"
+    elif deterministic or DEVICE == "cpu":
+        assert torch.equal(dh1, dh0) and torch.equal(dw1, dw0) and torch.equal(db1, db0)
+
+
+@MASKED_LANES
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_soft_staged_designs_match_spec(reduction, monkeypatch):
+    """The staged backward's options that test_soft_targets.py does not run: cuBLAS gradient GEMMs
+    over G by position, and the slot-ordered copy of h; soft cases against the float64 spec."""
+    from .test_soft_targets import soft_case
+
+    case = to_device(soft_case(options=OPTION_SETS["all"], reduction=reduction), DEVICE)
+    for fields in ({"stage_gemm": "torch"}, {"stage_compact_h": True}):
+        use_config(monkeypatch, **fields)
+        check_against_spec(case, torch.float32, fused_fn(deterministic=True))
+
+
+@MASKED_LANES
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_soft_auto_custom_op_under_capture(reduction, monkeypatch):
+    """impl="auto" in the custom op while a CUDA graph is captured (mocked) runs the fused kernels
+    with soft targets: the probabilities travel as an input of the op, forward and backward op."""
+    from .test_soft_targets import soft_case
+
+    monkeypatch.setattr(auto_backend, "capturing", lambda: True)
+    ran = []
+    real = auto_backend.fused_backward_core
+    monkeypatch.setattr(auto_backend, "fused_backward_core", lambda *a, **k: ran.append(1) or real(*a, **k))
+    case = to_device(soft_case(K=3, options={"bias": True, "softcap": 4.0, "token_weights": True},
+                               reduction=reduction), DEVICE)
+
+    def via_auto(h, w, t, b, token_weights=None, target_weights=None, num_items=None, **kwargs):
+        ts, q, total = function_mod.soft_targets(t, target_weights, kwargs["ignore_index"])
+        x = Inputs(h, w, b, ts, token_weights * total, num_items, q)
+        options = LCEOptions(**kwargs, impl="auto")
+        return torch.compile(lambda x: lce_custom_op(x, options, "auto").out, fullgraph=True,
+                             backend="aot_eager")(x)
+
+    case.kwargs["target_weights"] = case.kwargs["target_weights"].float().to(DEVICE)
+    check_against_spec(case, torch.float32, via_auto)
+    assert ran, "the fused backward did not run"

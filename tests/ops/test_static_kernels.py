@@ -60,3 +60,24 @@ def test_matmul_kernels_use_hgmma(report):
         pytest.skip("no configuration is flagged matmul yet")
     slow = [r["name"] for r in report if r["matmul"] and r["hgmma"] == 0]
     assert not slow, f"matmul kernels without HGMMA (not on the Hopper tensor-core path): {slow}"
+
+
+# The fused kernels that read targets, compiled with K = 16 soft targets (SOFT_K; lce_fused_*.py
+# STATIC_CONFIGS): each is its hard configuration's name + "_soft16", so test_no_spills and
+# test_no_local_memory cover them.
+SOFT_VARIANTS = [
+    "lce_fused_fwd/bf16_softcap", "lce_fused_fwd/bf16_bias_smoothing_softcap", "lce_fused_fwd/fp32_softcap",
+    "lce_fused_fwd/combine_s256", "lce_fused_bwd/atomic_bf16", "lce_fused_bwd/atomic_bf16_softcap_filter",
+    "lce_fused_bwd/atomic_fp32_softcap", "lce_fused_bwd/stage_g_bf16_softcap_filter",
+    "lce_fused_bwd/stage_g_fp32_softcap_filter", "lce_fused_bwd/stage_g_bf16_by_position",
+]
+
+
+def test_fused_soft_variants_are_listed_and_keep_the_mma_path(report):
+    """Soft targets add per-row loops outside the tile GEMMs: every soft variant compiles, with the
+    same warpgroup MMAs (HGMMA count) as its hard configuration."""
+    by_name = {r["name"]: r for r in report}
+    missing = [n for n in SOFT_VARIANTS if n not in by_name or n + "_soft16" not in by_name]
+    assert not missing, f"not in the report: {missing}"
+    differ = [n for n in SOFT_VARIANTS if by_name[n + "_soft16"]["hgmma"] != by_name[n]["hgmma"]]
+    assert not differ, f"soft variants off the hard kernels' MMA path: {differ}"

@@ -19,15 +19,19 @@ only, dW (V, D)): the index and per-row statistics, O(N), the forward partials, 
 in flight), and, staged only, the G buffer (max(FusedConfig.stage_bytes, N x stage_min_cols x 2 B):
 64 MiB on CUDA up to N = 16384, then 4 KiB per position).
 
+Soft targets (`Inputs.target_probs`): the index is built from slot 0, the kernels read the (N, K)
+ids and probabilities by position (kernels/README.md, "Soft targets (fused)").
+
 Differences from the compacting implementations, both so that nothing waits on the device:
-- a target outside [0, V) (and not ignore_index) is not a ValueError: that row's loss and lse are
-  NaN and it gets no gradient;
+- a target outside [0, V) (and not ignore_index; soft: in any slot) is not a ValueError: that row's
+  loss and lse are NaN and it gets no gradient;
 - the gradients are accumulated with float32 atomics, in any order, unless `deterministic` (default:
   `torch.are_deterministic_algorithms_enabled()`) selects the staged backward, see kernels/README.md.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from typing import NamedTuple
 
@@ -70,11 +74,21 @@ class FusedSaved(NamedTuple):
     h2: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor | None
-    flat_t: torch.Tensor
+    flat_t: torch.Tensor  # (N,) by position; soft targets: (N, K)
     idx: torch.Tensor
     count: torch.Tensor
     stat: torch.Tensor
     scale: torch.Tensor | None  # per-position gradient scale; None: 1 ("sum" / "none" unweighted)
+    q: torch.Tensor | None = None  # soft targets: (N, K) float32 probabilities
+
+
+def kernel_targets(x: Inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(targets, probabilities) as the kernels read them: (N,) and None for hard targets, else
+    (N, K) contiguous int64 ids and float32 probabilities."""
+    if x.target_probs is None:
+        return x.targets.reshape(-1).contiguous(), None
+    K = x.targets.shape[-1]
+    return x.targets.reshape(-1, K).contiguous(), x.target_probs.reshape(-1, K).float().contiguous()
 
 
 def has_scale(options: LCEOptions, token_weights) -> bool:
@@ -86,33 +100,32 @@ def fused_forward_core(x: Inputs, options: LCEOptions, grads: Grads) -> tuple[Fo
     from dvsft_kernels.ops.kernels import fused_config
     from dvsft_kernels.ops.kernels.lce_fused_fwd import fused_forward
 
-    if x.target_probs is not None:
-        raise ValueError("target_weights: soft targets are not supported by 'fused' yet")
-    hidden, weight, bias, targets, token_weights, num_items, _ = x
+    hidden, weight, bias, _, token_weights, num_items, _ = x
     D = hidden.shape[-1]
     h2 = hidden.reshape(-1, D)
-    flat_t = targets.reshape(-1).contiguous()
+    flat_t, q = kernel_targets(x)
+    N = h2.shape[0]
     dev = hidden.device  # select_backend checked that it can run the kernels
     if any(grads):
         check_deterministic(options.wants_deterministic(), dev)  # at the call, not first in the backward
-    idx, count = build_index(flat_t, options.ignore_index)
+    idx, count = build_index(x.row_targets(), options.ignore_index)  # soft: slot 0 says labeled
     row_loss, lse, pred, stat = fused_forward(
-        h2, weight, bias, flat_t, idx, count, **options.loss_terms(),
+        h2, weight, bias, flat_t, idx, count, **options.loss_terms(), target_probs=q,
         config=fused_config.default_config(dev, weight.dtype))
     tw = token_weights.reshape(-1).float() if token_weights is not None else None
     if options.reduction == "mean":
         inv = safe_reciprocal(mean_denominator(count, num_items, dev))
-        scale = tw * inv if tw is not None else inv.expand(flat_t.numel())
+        scale = tw * inv if tw is not None else inv.expand(N)
     else:
         scale = tw
+    shape = x.row_shape()
     if options.reduction == "none":
         out = row_loss * tw if tw is not None else row_loss.clone()
-        out = out.reshape(targets.shape)
+        out = out.reshape(shape)
     else:
         out = (row_loss * scale).sum() if scale is not None else row_loss.sum()
-    shape = targets.shape
     fwd = Forward(out, row_loss.reshape(shape), lse.reshape(shape), pred.long().reshape(shape))
-    return fwd, FusedSaved(h2, weight, bias, flat_t, idx, count, stat, scale)
+    return fwd, FusedSaved(h2, weight, bias, flat_t, idx, count, stat, scale, q)
 
 
 def fused_backward_core(saved: FusedSaved, g, options: LCEOptions, grads: Grads, meta: Meta, *,
@@ -129,14 +142,14 @@ def fused_backward_core(saved: FusedSaved, g, options: LCEOptions, grads: Grads,
         g = g.reshape(-1)
         scale = g * scale if scale is not None else g
     else:
-        scale = scale * g if scale is not None else g.expand(saved.flat_t.numel())
+        scale = scale * g if scale is not None else g.expand(saved.h2.shape[0])
     det = options.wants_deterministic()
     check_deterministic(det, saved.h2.device)
     dh, dW, db = fused_backward(
         saved.h2, saved.weight, saved.bias, saved.flat_t, saved.idx, saved.count, saved.stat, scale,
         **options.loss_terms(),
         grad_h=grads.hidden, grad_w=grads.weight, grad_b=grads.bias, deterministic=det,
-        grad_filter=options.grad_filter, config=fused_config.default_config(saved.h2.device, saved.weight.dtype),
+        grad_filter=options.grad_filter, target_probs=saved.q, config=fused_config.default_config(saved.h2.device, saved.weight.dtype),
     )
     if not cast:
         return dh, dW, db
@@ -165,7 +178,7 @@ class FusedBackend(Backend):
         return fwd, (s.idx.clone(), s.count, s.stat, scale)
 
     def fake_aux(self, x: Inputs, options: LCEOptions, grads: Grads):
-        ref, N = x.hidden, x.targets.numel()
+        ref, N = x.hidden, math.prod(x.row_shape())
         return (ref.new_empty(N, dtype=torch.int32), ref.new_empty(1, dtype=torch.int32),
                 ref.new_empty(2, N, dtype=torch.float32),
                 ref.new_empty(N, dtype=torch.float32) if has_scale(options, x.token_weights) else empty_aux(ref))
@@ -173,6 +186,7 @@ class FusedBackend(Backend):
     def op_backward(self, x: Inputs, aux, g, options: LCEOptions, grads: Grads):
         idx, count, stat, scale = aux
         D = x.hidden.shape[-1]
-        saved = FusedSaved(x.hidden.reshape(-1, D), x.weight, x.bias, x.targets.reshape(-1).contiguous(), idx, count,
-                           stat, scale if has_scale(options, x.token_weights) else None)
+        flat_t, q = kernel_targets(x)
+        saved = FusedSaved(x.hidden.reshape(-1, D), x.weight, x.bias, flat_t, idx, count,
+                           stat, scale if has_scale(options, x.token_weights) else None, q)
         return self.backward(saved, g, options, grads, Meta.of(x))

@@ -20,6 +20,11 @@ Two designs (README.md beside this file):
   output tile. No atomics, every sum in a fixed order: bitwise repeatable. Also 8 n D V FLOPs; the
   bytes are G written once and read twice plus one float32 read-modify-write of dh per chunk.
 
+Soft targets (SOFT_K = K > 0, t and q (N, K) by position): the one-hot term is
+(1 - eps) sum_k q_ik [j == t_ik] (duplicate ids add), and a row with any slot outside [0, V) gets
+no gradient. It is applied in the tile, per slot, only where some row of the tile has that slot's
+target in the tile's columns (`_soft_onehot`): G then holds the whole gradient in both designs.
+
 FILTER skips the products of a tile in which every row's gradient mass sum_j |G_ij| is at most
 TAU |s_i| / n_vt (n_vt = vocabulary tiles): the skipped mass of a row is at most TAU |s_i| in all,
 so |dh_i error| <= TAU |s_i| max|W| and |dW_j error| <= (TAU / n_vt) max|h| sum_i |s_i|.
@@ -40,16 +45,22 @@ from dvsft_kernels.ops.kernels.fused_config import (
     dot_options,
     strides,
 )
+from dvsft_kernels.ops.kernels.lce_fused_fwd import slots_in_range, soft_slots
 
 
 @triton.jit
-def _rows(o_j, count, idx_ptr, t_ptr, stat_ptr, s_ptr, N, V):
-    """Per-row inputs of a slot tile: position (int64), target, M, log S, scale (0 where the slot
-    is past count or the target is out of range), and the mask of rows that contribute."""
+def _rows(o_j, count, idx_ptr, t_ptr, stat_ptr, s_ptr, N, V, SOFT_K: tl.constexpr):
+    """Per-row inputs of a slot tile: position (int64), target (soft: unused, 0), M, log S, scale
+    (0 where the slot is past count or a target is out of range), and the mask of rows that
+    contribute."""
     m_j = o_j < count
     o_pos = tl.load(idx_ptr + o_j, mask=m_j, other=0).to(tl.int64)
-    b_t = target32(tl.load(t_ptr + o_pos, mask=m_j, other=0), V)
-    m_r = m_j & (b_t >= 0)
+    if SOFT_K > 0:
+        b_t = tl.zeros_like(o_j)
+        m_r = m_j & slots_in_range(t_ptr, o_pos, m_j, V, SOFT_K)
+    else:
+        b_t = target32(tl.load(t_ptr + o_pos, mask=m_j, other=0), V)
+        m_r = m_j & (b_t >= 0)
     b_mx = tl.load(stat_ptr + o_j, mask=m_r, other=0.0)
     b_logs = tl.load(stat_ptr + N + o_j, mask=m_r, other=0.0)
     b_s = tl.load(s_ptr + o_pos, mask=m_r, other=0.0)
@@ -57,10 +68,34 @@ def _rows(o_j, count, idx_ptr, t_ptr, stat_ptr, s_ptr, N, V):
 
 
 @triton.jit
+def _soft_onehot(b_g, b_c, t_ptr, q_ptr, o_pos, m_r, o_v, v_lo, V, SOFT_K: tl.constexpr, BV: tl.constexpr):
+    """b_g - b_c q_k at (row, t_k) for every slot k, the tile's columns being v_lo + [0, BV).
+
+    Why in the tile and not as a separate gather / scatter of O(K D) per row: the staged design's
+    sums are deterministic because each G element is formed whole before its fixed-order GEMMs; a
+    separate scatter of the one-hot term into dW and db would collide on shared target ids and need
+    atomics or a sort, and under softcap it needs dy/dz at every t_k (K more dot products). Here a
+    slot costs a [BM] load and compare per tile, and a [BM, BV] select only in the tiles that hold
+    a target of that slot for some row of the tile (at most BM of the n_vt tiles; unused slots,
+    probability 0, never): per row O(K V / BV + K BM) next to the tile's O(V D)."""
+    for k in range(SOFT_K):
+        o_tk = o_pos * SOFT_K + k
+        b_q = tl.load(q_ptr + o_tk, mask=m_r, other=0.0)
+        b_t = target32(tl.load(t_ptr + o_tk, mask=m_r, other=0), V)
+        m_hit = m_r & (b_q != 0.0) & (b_t >= v_lo) & (b_t < v_lo + BV)
+        if tl.max(m_hit.to(tl.int32), axis=0) > 0:
+            b_t = tl.where(m_hit, b_t, -1)
+            b_g = tl.where(o_v[None, :] == b_t[:, None], b_g - (b_c * b_q)[:, None], b_g)
+    return b_g
+
+
+@triton.jit
 def _grad_tile(b_z, o_v, m_v, m_r, b_t, b_mx, b_logs, b_s, V, eps, zl, softcap, inv_cap,
-               HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
+               t_ptr, q_ptr, o_pos, v_lo,
+               HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, SOFT_K: tl.constexpr, BV: tl.constexpr):
     """G (float32 [BM, BV]) from the logit tile; exactly 0 outside valid rows and columns (a
-    padded row's logits are its bias, whose exp may overflow)."""
+    padded row's logits are its bias, whose exp may overflow). Soft targets (SOFT_K > 0): the
+    one-hot term from t_ptr / q_ptr at the rows' positions o_pos, the tile's columns v_lo + [0, BV)."""
     if HAS_SOFTCAP:
         # keep tanh only (y = softcap t, dy/dz = 1 - t^2): one float32 tile fewer in registers than
         # ce_chunk's sech^2 form; 1 - t^2 is exact to 2^-24 absolute, all G needs
@@ -72,7 +107,10 @@ def _grad_tile(b_z, o_v, m_v, m_r, b_t, b_mx, b_logs, b_s, V, eps, zl, softcap, 
     b_g = b_a[:, None] * tl.exp((b_y - b_mx[:, None]) - b_logs[:, None])
     if HAS_SMOOTHING:
         b_g -= (b_s * (eps / V))[:, None]
-    b_g = tl.where(o_v[None, :] == b_t[:, None], b_g - (b_s * (1.0 - eps))[:, None], b_g)
+    if SOFT_K > 0:
+        b_g = _soft_onehot(b_g, b_s * (1.0 - eps), t_ptr, q_ptr, o_pos, m_r, o_v, v_lo, V, SOFT_K, BV)
+    else:
+        b_g = tl.where(o_v[None, :] == b_t[:, None], b_g - (b_s * (1.0 - eps))[:, None], b_g)
     if HAS_SOFTCAP:
         b_g *= 1.0 - b_th * b_th
     return tl.where(m_r[:, None] & m_v[None, :], b_g, 0.0)
@@ -99,7 +137,7 @@ def _gemm_operand(b_g, w_ptr, DOT_F32: tl.constexpr):
 
 @triton.jit
 def lce_bwd_kernel(
-    h_ptr, w_ptr, b_ptr, t_ptr, idx_ptr, cnt_ptr,
+    h_ptr, w_ptr, b_ptr, t_ptr, q_ptr, idx_ptr, cnt_ptr,  # t, q: as the forward's
     stat_ptr,  # [2, N] float32 by slot: M, log S (the forward combine's)
     s_ptr,  # [N] float32 gradient scale by position
     dh_ptr,  # [N, D] float32 by position, zeroed (COMPUTE_DH)
@@ -112,6 +150,7 @@ def lce_bwd_kernel(
     COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, FILTER: tl.constexpr,
     BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, GROUP: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_D: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    SOFT_K: tl.constexpr,  # 0: hard targets; K > 0: t_ptr, q_ptr [N, K]
 ):
     pid = tl.program_id(0)
     count = tl.load(cnt_ptr)
@@ -122,13 +161,13 @@ def lce_bwd_kernel(
         return
     i_r, i_v = grouped(pid, n_rt, n_vt, GROUP)
     o_j = i_r * BM + tl.arange(0, BM)
-    m_j, m_r, o_pos, b_t, b_mx, b_logs, b_s = _rows(o_j, count, idx_ptr, t_ptr, stat_ptr, s_ptr, N, V)
+    m_j, m_r, o_pos, b_t, b_mx, b_logs, b_s = _rows(o_j, count, idx_ptr, t_ptr, stat_ptr, s_ptr, N, V, SOFT_K)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     b_z = logit_tile(h_ptr, w_ptr, b_ptr, o_pos, m_j, o_v, m_v, D, stride_hn, stride_hd, stride_wv, stride_wd,
                       HAS_BIAS, BM, BV, BK, EVEN_K, DOT_F32, PRECISION)
     b_g = _grad_tile(b_z, o_v, m_v, m_r, b_t, b_mx, b_logs, b_s, V, eps, zl, softcap, 1.0 / softcap,
-                     HAS_SOFTCAP, HAS_SMOOTHING)  # [BM, BV]
+                     t_ptr, q_ptr, o_pos, i_v * BV, HAS_SOFTCAP, HAS_SMOOTHING, SOFT_K, BV)  # [BM, BV]
     if _keep_tile(b_g, b_s, n_vt, TAU, FILTER) > 0:
         if COMPUTE_DB:
             tl.atomic_add(db_ptr + o_v, tl.sum(b_g, axis=0), mask=m_v, sem="relaxed")
@@ -169,7 +208,7 @@ def lce_bwd_kernel(
 # ------------------------------------------------------------------ staged (deterministic) backward
 @triton.jit
 def lce_stage_g_kernel(
-    h_ptr, w_ptr, b_ptr, t_ptr, idx_ptr, cnt_ptr, stat_ptr, s_ptr,
+    h_ptr, w_ptr, b_ptr, t_ptr, q_ptr, idx_ptr, cnt_ptr, stat_ptr, s_ptr,
     g_ptr,  # [N, VC] staging buffer in the GEMM operand dtype: G of vocabulary v0 + [0, VC) by slot
     # (BY_POSITION: by position, rows of unlabeled positions left as they are, zero)
     pdb_ptr,  # [N / BM, VC] float32 column sums of G per row tile (COMPUTE_DB)
@@ -182,6 +221,7 @@ def lce_stage_g_kernel(
     COMPUTE_DB: tl.constexpr, FILTER: tl.constexpr, BY_POSITION: tl.constexpr,
     BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    SOFT_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     count = tl.load(cnt_ptr)
@@ -191,14 +231,14 @@ def lce_stage_g_kernel(
         return
     i_r, i_c = grouped(pid, n_rt, n_ct, GROUP)
     o_j = i_r * BM + tl.arange(0, BM)
-    m_j, m_r, o_pos, b_t, b_mx, b_logs, b_s = _rows(o_j, count, idx_ptr, t_ptr, stat_ptr, s_ptr, N, V)
+    m_j, m_r, o_pos, b_t, b_mx, b_logs, b_s = _rows(o_j, count, idx_ptr, t_ptr, stat_ptr, s_ptr, N, V, SOFT_K)
     o_c = i_c * BV + tl.arange(0, BV)  # column in the chunk
     o_v = v0 + o_c
     m_v = o_v < V
     b_z = logit_tile(h_ptr, w_ptr, b_ptr, o_pos, m_j, o_v, m_v, D, stride_hn, stride_hd, stride_wv, stride_wd,
                       HAS_BIAS, BM, BV, BK, EVEN_K, DOT_F32, PRECISION)
     b_g = _grad_tile(b_z, o_v, m_v, m_r, b_t, b_mx, b_logs, b_s, V, eps, zl, softcap, 1.0 / softcap,
-                     HAS_SOFTCAP, HAS_SMOOTHING)  # [BM, BV], 0 past V
+                     t_ptr, q_ptr, o_pos, v0 + i_c * BV, HAS_SOFTCAP, HAS_SMOOTHING, SOFT_K, BV)  # [BM, BV], 0 past V
     if FILTER:  # chunks start on tile boundaries: the atomic kernel's tiles and criterion
         b_g = b_g * _keep_tile(b_g, b_s, tl.cdiv(V, BV), TAU, FILTER).to(tl.float32)
     if COMPUTE_DB:  # from float32 G, as the atomic kernel adds it
@@ -312,10 +352,11 @@ def lce_stage_dh_kernel(
 # ------------------------------------------------------------------ launchers
 def fused_backward(h2, weight, bias, flat_t, idx, count, stat, scale, *, label_smoothing=0.0, z_loss=0.0,
                    softcap=None, grad_h=True, grad_w=True, grad_b=False, deterministic=False, grad_filter=False,
-                   config: FusedConfig | None = None):
+                   target_probs=None, config: FusedConfig | None = None):
     """dh (N, D) float32 by position (zero where unlabeled), dW (V, D), db (V,) (None where not
     requested) for the row gradient scales `scale` (N,) float32 by position. dW and db are float32
-    from the atomic backward, in the weight's / bias's dtype from the staged one."""
+    from the atomic backward, in the weight's / bias's dtype from the staged one. Soft targets:
+    flat_t and target_probs (N, K), as `lce_fused_fwd.fused_forward` takes them."""
     N, D = h2.shape
     V = weight.shape[0]
     dev = h2.device
@@ -333,7 +374,9 @@ def fused_backward(h2, weight, bias, flat_t, idx, count, stat, scale, *, label_s
     dummy = stat
     s_hn, s_hd, s_wv, s_wd = strides(h2, weight)
     # arguments every backward kernel reads
+    soft_k = soft_slots(flat_t, target_probs, N)
     rows = {"h_ptr": h2, "w_ptr": weight, "b_ptr": bias if bias is not None else dummy, "t_ptr": flat_t,
+            "q_ptr": target_probs if soft_k else dummy, "SOFT_K": soft_k,
             "idx_ptr": idx, "cnt_ptr": count, "stat_ptr": stat, "s_ptr": scale.float().contiguous(),
             "N": N, "V": V, "D": D, "stride_hn": s_hn, "stride_hd": s_hd, "stride_wv": s_wv, "stride_wd": s_wd,
             "eps": float(label_smoothing), "zl": float(z_loss),
@@ -408,7 +451,8 @@ def _staged_backward(rows, cfg: FusedConfig, dh, grad_w, grad_b):
     return dh, dW, db
 
 _PTR_SIG = {
-    "t_ptr": "*i64:16", "idx_ptr": "*i32:16", "cnt_ptr": "*i32:16", "stat_ptr": "*fp32:16", "s_ptr": "*fp32:16",
+    "t_ptr": "*i64:16", "q_ptr": "*fp32:16", "idx_ptr": "*i32:16", "cnt_ptr": "*i32:16", "stat_ptr": "*fp32:16",
+    "s_ptr": "*fp32:16",
     "N": "i32:16", "V": "i32:16", "D": "i32:16", "stride_hn": "i32:16", "stride_wv": "i32:16",
     "eps": "fp32", "zl": "fp32", "softcap": "fp32", "TAU": "fp32", "v0": "i32", "VC": "i32:16",
     "pdb_ptr": "*fp32:16",
@@ -429,6 +473,7 @@ def _static_bwd(name, kernel, tiles, dtype, has_softcap, flt=False, **switches):
         "stride_hd": 1, "stride_wd": 1,
         "HAS_BIAS": True, "HAS_SOFTCAP": has_softcap, "HAS_SMOOTHING": True, "FILTER": flt,
         "EVEN_K": True, "EVEN_D": True, "DOT_F32": False, "PRECISION": "tf32x3" if dtype == "fp32" else "tf32",
+        "SOFT_K": 0,
         **{k: t[k] for k in ("BM", "BV", "BK", "BD", "GROUP")},
         **switches,
     }
@@ -467,4 +512,17 @@ STATIC_CONFIGS = [
     # G by position for torch.mm gradient GEMMs (FusedConfig.stage_gemm="torch")
     _static_bwd("lce_fused_bwd/stage_g_bf16_by_position", lce_stage_g_kernel, BWD_TILES[_H], "bf16", True,
                 COMPUTE_DB=False, BY_POSITION=True),
+] + [
+    # soft targets (K = 16): the kernels that form G, at their widest epilogues
+    _static_bwd("lce_fused_bwd/atomic_bf16_soft16", lce_bwd_kernel, BWD_TILES[_H], "bf16", False, SOFT_K=16, **_ALL),
+    _static_bwd("lce_fused_bwd/atomic_bf16_softcap_filter_soft16", lce_bwd_kernel, BWD_TILES[_H], "bf16", True, True,
+                SOFT_K=16, **_ALL),
+    _static_bwd("lce_fused_bwd/atomic_fp32_softcap_soft16", lce_bwd_kernel, BWD_TILES[_F], "fp32", True, SOFT_K=16,
+                **_ALL),
+    _static_bwd("lce_fused_bwd/stage_g_bf16_softcap_filter_soft16", lce_stage_g_kernel, BWD_TILES[_H], "bf16", True,
+                True, COMPUTE_DB=True, BY_POSITION=False, SOFT_K=16),
+    _static_bwd("lce_fused_bwd/stage_g_fp32_softcap_filter_soft16", lce_stage_g_kernel, BWD_TILES[_F], "fp32", True,
+                True, COMPUTE_DB=True, BY_POSITION=False, SOFT_K=16),
+    _static_bwd("lce_fused_bwd/stage_g_bf16_by_position_soft16", lce_stage_g_kernel, BWD_TILES[_H], "bf16", True,
+                COMPUTE_DB=False, BY_POSITION=True, SOFT_K=16),
 ]

@@ -14,6 +14,10 @@ M = max m, S = sum se exp(m - M), lse = M + log S,
     loss = (1 - eps) (M - yt + log S) + eps (M - sy / V + log S) + zl lse^2,
     pred = first argmax (the combine kernel writes it by position).
 
+Soft targets (SOFT_K = K > 0; t and q (N, K) by position, `Inputs` in ops/backends/base.py): yt =
+sum_k q_k y_{t_k}, K more dot products h . W[t_k] in split 0 (O(K D) per row; slots of
+probability 0 are not loaded), and a row with any slot outside [0, V) is a NaN row.
+
 No host synchronisation: count (labeled rows) is read on the device; the grid is sized for the
 static upper bound and programs past the real work return at once. The number of vocabulary splits
 S is chosen on the device from count (`_num_splits`), so a few rows still fill the GPU. Design,
@@ -73,11 +77,44 @@ def _target_logit(h_ptr, w_ptr, b_ptr, o_pos, m_rows, b_t, D, stride_hn, stride_
 
 
 @triton.jit
+def soft_target_logit(h_ptr, w_ptr, b_ptr, t_ptr, q_ptr, o_pos, m_rows, V, D,
+                      stride_hn, stride_hd, stride_wv, stride_wd, softcap, inv_cap,
+                      HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SOFT_K: tl.constexpr,
+                      BM: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
+    """sum_k q_k y_{t_k} per row ([BM] float32): one target dot product per slot, the softcap
+    applied to each (y is not linear in z). Slots of probability 0 (unused) load nothing; with K = 1
+    and q = 1 this is the hard y_t bit for bit."""
+    b_yt = tl.zeros([BM], dtype=tl.float32)
+    for k in range(SOFT_K):
+        o_tk = o_pos * SOFT_K + k
+        b_q = tl.load(q_ptr + o_tk, mask=m_rows, other=0.0)
+        b_t = target32(tl.load(t_ptr + o_tk, mask=m_rows, other=0), V)
+        b_z = _target_logit(h_ptr, w_ptr, b_ptr, o_pos, m_rows & (b_q != 0.0), b_t, D, stride_hn, stride_hd,
+                            stride_wv, stride_wd, HAS_BIAS, BM, BK, EVEN_K)
+        if HAS_SOFTCAP:
+            b_z, _ = softcap_tanh(b_z, softcap, inv_cap)
+        b_yt += b_q * b_z
+    return b_yt
+
+
+@triton.jit
+def slots_in_range(t_ptr, o_pos, m_rows, V, SOFT_K: tl.constexpr):
+    """Per row: every one of its SOFT_K target slots (t_ptr [N, K] by position) lies in [0, V).
+    Rows failing this are NaN rows without gradient (a host-side check would synchronise)."""
+    b_ok = o_pos >= 0  # all true: o_pos is a position
+    for k in range(SOFT_K):
+        b_t = target32(tl.load(t_ptr + o_pos * SOFT_K + k, mask=m_rows, other=0), V)
+        b_ok = b_ok & (b_t >= 0)
+    return b_ok
+
+
+@triton.jit
 def lce_fwd_kernel(
     h_ptr,  # [N, D] hidden states (all positions; labeled rows gathered through idx)
     w_ptr,  # [V, D] weight
     b_ptr,  # [V] bias (read only if HAS_BIAS)
-    t_ptr,  # [N] int targets, by position
+    t_ptr,  # [N] int targets, by position; soft: [N, K]
+    q_ptr,  # soft: [N, K] float32 target probabilities by position (read only if SOFT_K > 0)
     idx_ptr,  # [N] int32: slot -> position; slots >= count are never read
     cnt_ptr,  # [1] int32: count of labeled rows
     pm_ptr, pse_ptr, psy_ptr,  # [P] float32 partials, entry slot * S + split
@@ -91,6 +128,7 @@ def lce_fwd_kernel(
     BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
     S_MIN: tl.constexpr, S_MAX: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    SOFT_K: tl.constexpr,  # 0: hard targets; K > 0: K soft targets per row (t_ptr, q_ptr [N, K])
 ):
     pid = tl.program_id(0)
     count = tl.load(cnt_ptr)
@@ -106,7 +144,8 @@ def lce_fwd_kernel(
     o_j = i_r * BM + tl.arange(0, BM)
     m_j = o_j < count
     o_pos = tl.load(idx_ptr + o_j, mask=m_j, other=0).to(tl.int64)
-    b_t = target32(tl.load(t_ptr + o_pos, mask=m_j, other=0), V)
+    if SOFT_K == 0:
+        b_t = target32(tl.load(t_ptr + o_pos, mask=m_j, other=0), V)
     inv_cap = 1.0 / softcap
 
     b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
@@ -116,10 +155,15 @@ def lce_fwd_kernel(
     if i_s == 0:
         # y_t as its own dot product (BM x D, next to BM x V x D of the tiles): picking it out of
         # every tile costs ~90 registers of target compares in the loop (README.md)
-        b_zt = _target_logit(h_ptr, w_ptr, b_ptr, o_pos, m_j, b_t, D, stride_hn, stride_hd, stride_wv, stride_wd,
-                             HAS_BIAS, BM, BK, EVEN_K)
-        if HAS_SOFTCAP:
-            b_zt, _ = softcap_tanh(b_zt, softcap, inv_cap)
+        if SOFT_K > 0:
+            b_zt = soft_target_logit(h_ptr, w_ptr, b_ptr, t_ptr, q_ptr, o_pos, m_j, V, D, stride_hn, stride_hd,
+                                     stride_wv, stride_wd, softcap, inv_cap, HAS_BIAS, HAS_SOFTCAP, SOFT_K, BM, BK,
+                                     EVEN_K)
+        else:
+            b_zt = _target_logit(h_ptr, w_ptr, b_ptr, o_pos, m_j, b_t, D, stride_hn, stride_hd, stride_wv,
+                                 stride_wd, HAS_BIAS, BM, BK, EVEN_K)
+            if HAS_SOFTCAP:
+                b_zt, _ = softcap_tanh(b_zt, softcap, inv_cap)
         tl.store(yt_ptr + o_j, b_zt, mask=m_j)
     for vt in range(vt0, vt1):
         o_v = vt * BV + tl.arange(0, BV)
@@ -161,10 +205,11 @@ def lce_fwd_combine_kernel(
     HAS_SMOOTHING: tl.constexpr,
     BM: tl.constexpr, BV: tl.constexpr, S_MIN: tl.constexpr, S_MAX: tl.constexpr,  # the forward's
     BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,  # BLOCK_S: power of two >= S_MAX
+    SOFT_K: tl.constexpr,  # the forward's: t_ptr [N, K] when > 0
 ):
     """Merge each row's S partials; loss, lse and the first argmax at the row's position. A target outside
-    [0, V) (not checked on the host: that would synchronise) gives NaN loss and lse; the backward
-    gives that row a zero gradient."""
+    [0, V) (not checked on the host: that would synchronise; soft: any slot) gives NaN loss and lse;
+    the backward gives that row a zero gradient."""
     pid = tl.program_id(0)
     count = tl.load(cnt_ptr)
     if pid * BLOCK_R >= count:
@@ -191,8 +236,11 @@ def lce_fwd_combine_kernel(
     b_loss += zl * b_lse * b_lse
 
     o_pos = tl.load(idx_ptr + o_j, mask=m_j, other=0).to(tl.int64)
-    b_t = target32(tl.load(t_ptr + o_pos, mask=m_j, other=0), V)
-    bad = b_t < 0
+    if SOFT_K > 0:
+        bad = ~slots_in_range(t_ptr, o_pos, m_j, V, SOFT_K)
+    else:
+        b_t = target32(tl.load(t_ptr + o_pos, mask=m_j, other=0), V)
+        bad = b_t < 0
     tl.store(stat_ptr + o_j, b_mx, mask=m_j)
     tl.store(stat_ptr + N + o_j, b_logs, mask=m_j)
     tl.store(loss_ptr + o_pos, tl.where(bad, float("nan"), b_loss), mask=m_j)
@@ -202,10 +250,11 @@ def lce_fwd_combine_kernel(
 
 # ------------------------------------------------------------------ launcher
 def fused_forward(h2, weight, bias, flat_t, idx, count, *, label_smoothing=0.0, z_loss=0.0, softcap=None,
-                  config: FusedConfig | None = None):
+                  target_probs=None, config: FusedConfig | None = None):
     """Per-position row_loss (float32, 0 where unlabeled), lse, predicted (int32 first argmax, -1
     where unlabeled), and the per-slot statistics (2, N) float32 [row max; log sum-exp - max] the
-    backward reads."""
+    backward reads. Soft targets: flat_t (N, K) int and target_probs (N, K) float32, both
+    contiguous (`idx` built from slot 0)."""
     N, D = h2.shape
     V = weight.shape[0]
     dev = h2.device
@@ -229,15 +278,17 @@ def fused_forward(h2, weight, bias, flat_t, idx, count, *, label_smoothing=0.0, 
     parg = torch.empty(entries, dtype=torch.int32, device=dev)
     b = bias if bias is not None else pm  # dummy pointer when unused
     s_hn, s_hd, s_wv, s_wd = strides(h2, weight)
+    soft_k = soft_slots(flat_t, target_probs, N)
 
     lce_fwd_kernel[(grid,)](
-        h_ptr=h2, w_ptr=weight, b_ptr=b, t_ptr=flat_t, idx_ptr=idx, cnt_ptr=count,
+        h_ptr=h2, w_ptr=weight, b_ptr=b, t_ptr=flat_t, q_ptr=target_probs if soft_k else pm, idx_ptr=idx,
+        cnt_ptr=count,
         pm_ptr=pm, pse_ptr=pse, psy_ptr=psy, parg_ptr=parg, yt_ptr=yt,
         V=V, D=D, stride_hn=s_hn, stride_hd=s_hd, stride_wv=s_wv, stride_wd=s_wd,
         softcap=float(softcap) if softcap is not None else 1.0, TARGET=target,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=has_smoothing,
         BM=t.BM, BV=t.BV, BK=t.BK, GROUP=t.GROUP, S_MIN=cfg.s_min, S_MAX=cfg.s_max,
-        EVEN_K=D % t.BK == 0, DOT_F32=dot_f32, PRECISION=precision,
+        EVEN_K=D % t.BK == 0, DOT_F32=dot_f32, PRECISION=precision, SOFT_K=soft_k,
         num_warps=t.num_warps, num_stages=t.num_stages,
     )
     block_r = max(1, min(128, 2048 // block_s))
@@ -246,14 +297,27 @@ def fused_forward(h2, weight, bias, flat_t, idx, count, *, label_smoothing=0.0, 
         stat_ptr=stat, loss_ptr=row_loss, lse_ptr=lse, pred_ptr=predicted,
         N=N, V=V, TARGET=target, eps=float(label_smoothing), zl=float(z_loss),
         HAS_SMOOTHING=has_smoothing, BM=t.BM, BV=t.BV, S_MIN=cfg.s_min, S_MAX=cfg.s_max,
-        BLOCK_R=block_r, BLOCK_S=block_s, num_warps=4,
+        BLOCK_R=block_r, BLOCK_S=block_s, SOFT_K=soft_k, num_warps=4,
     )
     return row_loss, lse, predicted, stat
 
-def _static_fwd(name, dtype, has_softcap, has_smoothing=True, tiles=None, has_bias=True):
+
+def soft_slots(flat_t, target_probs, N: int) -> int:
+    """SOFT_K of a launch: 0 for hard targets (flat_t (N,)), else K, with flat_t and target_probs
+    (N, K) contiguous (the kernels index slot k of position p at p * K + k)."""
+    if target_probs is None:
+        return 0
+    K = flat_t.shape[-1]
+    if flat_t.shape != (N, K) or target_probs.shape != (N, K) or target_probs.dtype != torch.float32 \
+            or not (flat_t.is_contiguous() and target_probs.is_contiguous()):
+        raise ValueError(f"soft targets: expected contiguous targets (N, K) and float32 target_probs (N, K), N = {N}, "
+                         f"got {tuple(flat_t.shape)} and {tuple(target_probs.shape)} {target_probs.dtype}")
+    return K
+
+def _static_fwd(name, dtype, has_softcap, has_smoothing=True, tiles=None, has_bias=True, soft_k=0):
     """One sm_90 compile of `lce_fwd_kernel` for scripts/kernel_report.py, typed as the launcher
     specialises a real call: aligned pointers, 16-divisible V, D and row strides (':16'), unit
-    inner strides (constexpr 1); the tiles fused_config.py picks for these switches."""
+    inner strides (constexpr 1); the tiles fused_config.py picks for these switches; soft_k: SOFT_K."""
     key = "fp32" if dtype == "fp32" else ("half_epilogue" if has_bias or has_smoothing else "half")
     t = dict(FWD_TILES[key], **(tiles or {}))
     prec = "tf32x3" if dtype == "fp32" else "tf32"
@@ -262,7 +326,7 @@ def _static_fwd(name, dtype, has_softcap, has_smoothing=True, tiles=None, has_bi
         "kernel": lce_fwd_kernel,
         "signature": {
             "h_ptr": f"*{dtype}:16", "w_ptr": f"*{dtype}:16", "b_ptr": f"*{dtype}:16", "t_ptr": "*i64:16",
-            "idx_ptr": "*i32:16", "cnt_ptr": "*i32:16", "pm_ptr": "*fp32:16", "pse_ptr": "*fp32:16",
+            "q_ptr": "*fp32:16", "idx_ptr": "*i32:16", "cnt_ptr": "*i32:16", "pm_ptr": "*fp32:16", "pse_ptr": "*fp32:16",
             "psy_ptr": "*fp32:16", "parg_ptr": "*i32:16", "yt_ptr": "*fp32:16",
             "V": "i32:16", "D": "i32:16", "stride_hn": "i32:16", "stride_wv": "i32:16",
             "softcap": "fp32", "TARGET": "i32",
@@ -271,7 +335,7 @@ def _static_fwd(name, dtype, has_softcap, has_smoothing=True, tiles=None, has_bi
             "stride_hd": 1, "stride_wd": 1,
             "HAS_BIAS": has_bias, "HAS_SOFTCAP": has_softcap, "HAS_SMOOTHING": has_smoothing,
             "BM": t["BM"], "BV": t["BV"], "BK": t["BK"], "GROUP": t["GROUP"], "S_MIN": 16, "S_MAX": 256,
-            "EVEN_K": True, "DOT_F32": False, "PRECISION": prec,
+            "EVEN_K": True, "DOT_F32": False, "PRECISION": prec, "SOFT_K": soft_k,
         },
         "num_warps": t["num_warps"],
         "num_stages": t["num_stages"],
@@ -279,7 +343,7 @@ def _static_fwd(name, dtype, has_softcap, has_smoothing=True, tiles=None, has_bi
     }
 
 
-def _static_combine(name, block_s=256):
+def _static_combine(name, block_s=256, soft_k=0):
     return {
         "name": name,
         "kernel": lce_fwd_combine_kernel,
@@ -292,7 +356,7 @@ def _static_combine(name, block_s=256):
         "constexprs": {
             "HAS_SMOOTHING": True, "BM": FWD_TILES["half"]["BM"], "BV": FWD_TILES["half"]["BV"], "S_MIN": 16,
             "S_MAX": 256,
-            "BLOCK_R": max(1, 2048 // block_s), "BLOCK_S": block_s,
+            "BLOCK_R": max(1, 2048 // block_s), "BLOCK_S": block_s, "SOFT_K": soft_k,
         },
         "num_warps": 4,
         "num_stages": 1,
@@ -310,4 +374,10 @@ STATIC_CONFIGS = [
     _static_fwd("lce_fused_fwd/fp16_bias_smoothing_softcap", "fp16", True),
     _static_fwd("lce_fused_fwd/fp32_softcap", "fp32", True),
     _static_combine("lce_fused_fwd/combine_s256"),
+] + [
+    # soft targets (K = 16): the same tiles; the K target dot products run before the tile loop
+    _static_fwd("lce_fused_fwd/bf16_softcap_soft16", "bf16", True, has_smoothing=False, has_bias=False, soft_k=16),
+    _static_fwd("lce_fused_fwd/bf16_bias_smoothing_softcap_soft16", "bf16", True, soft_k=16),
+    _static_fwd("lce_fused_fwd/fp32_softcap_soft16", "fp32", True, soft_k=16),
+    _static_combine("lce_fused_fwd/combine_s256_soft16", soft_k=16),
 ]
