@@ -68,6 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vision-weight", type=float, default=1.0, help="weight of the vision-token loss")
     p.add_argument("--label-mode", choices=("first", "aligned"), default="first",
                    help="which token of a word labels its visual tokens (see label_visual_tokens)")
+    p.add_argument("--soft", type=int, default=None,
+                   help="soft vision labels: K coverage-weighted ids per visual token (docs/labeling.md)")
+    p.add_argument("--spread", type=float, default=0.0,
+                   help="with --soft: a word's labeled neighbouring cells also get it at this weight")
     p.add_argument("--trainer", choices=("hf", "trl"), default="hf",
                    help="hf: DVSFTTrainer; trl: TRL's SFTTrainer through patch_trainer")
     p.add_argument("--lr", type=float, default=1e-5)
@@ -393,7 +397,8 @@ def main(argv=None):
         "ddp_backend": "gloo" if device == "cpu" and world > 1 else None,  # CPU processes: gloo
     }
     image_token_id = getattr(model.config, "image_token_id", None)
-    collator = DVSFTCollator(processor, mode=args.label_mode, image_token_id=image_token_id)
+    collator = DVSFTCollator(processor, mode=args.label_mode, image_token_id=image_token_id, soft=args.soft,
+                             spread=args.spread)
     loss = DVLoss(vision_weight=args.vision_weight)
     collator = RecordCollator(collator, ocr=args.ocr)
     if args.trainer == "trl":

@@ -381,3 +381,24 @@ def test_torchrun_two_processes(checkpoints, data, tmp_path):
     lm = [k for k in before if k.startswith("model.language_model.layers.")]
     assert vision and not changed(before, after, vision)
     assert len(changed(before, after, lm)) == len(lm)
+
+
+def test_soft_labels_flag_trains_on_soft_vision_labels(checkpoints, data, tmp_path, monkeypatch):
+    """--soft 3 --spread 0.2: the collator's batches carry (B, T, 3) vision labels with weights, and
+    the run trains on both streams."""
+    from dvsft_kernels.integrations import DVSFTCollator
+
+    shapes = []
+    real = DVSFTCollator.__call__
+
+    def spy(self, records):
+        batch = real(self, records)
+        shapes.append((tuple(batch["vision_labels"].shape), tuple(batch["vision_label_weights"].shape)))
+        return batch
+
+    monkeypatch.setattr(DVSFTCollator, "__call__", spy)
+    trainer = run(checkpoints["qwen2_5_vl"], data / "data.jsonl", tmp_path / "out", "--max-steps", 2,
+                  "--soft", 3, "--spread", 0.2)
+    assert shapes and all(v[-1] == 3 and v == w for v, w in shapes), shapes
+    rows = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(rows) == 2 and all(h["vision_tokens"] > 0 and h["text_tokens"] > 0 for h in rows), rows
