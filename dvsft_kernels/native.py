@@ -241,8 +241,9 @@ def native_status() -> str:
 def ce_chunk(x, targets, row_scale=None, *, target_probs=None, label_smoothing=0.0, z_loss=0.0, softcap=None,
              compute_grad=True, grad_out=None, want_argmax=True):
     """The native epilogue with the `ce_chunk` launcher's contract (ops/kernels/ce_chunk.py) on CPU
-    float32 logits x (m, V): returns (loss, lse, predicted int64; -1 without `want_argmax`), G written
-    over x or into `grad_out` (float32 / bfloat16 / float16). Targets (m,), or soft: (m, K) with
+    logits x (m, V), float32 or bfloat16 / float16 (read as float32, the same math): returns (loss,
+    lse, predicted int64; -1 without `want_argmax`), G written over x (in x's dtype) or into
+    `grad_out` (float32 / bfloat16 / float16). Targets (m,), or soft: (m, K) with
     `target_probs` (m, K) (y_t and the one-hot term weighted by them; duplicate ids add). Raises
     RuntimeError when unavailable."""
     op = epilogue()

@@ -1,6 +1,6 @@
-// Native CPU epilogue of the "torch" implementation: cross-entropy over one chunk of float32
-// logits and its logit gradient, the contract of the Triton `ce_chunk` launcher
-// (dvsft_kernels/ops/kernels/ce_chunk.py) on CPU. Per row i of x (m, V), all math float32:
+// Native CPU epilogue of the "torch" implementation: cross-entropy over one chunk of logits
+// (float32, or bfloat16 / float16 as a 16-bit GEMM wrote them) and its logit gradient, the
+// contract of the Triton `ce_chunk` launcher (dvsft_kernels/ops/kernels/ce_chunk.py) on CPU. Per row i of x (m, V), all math float32:
 //
 //     y    = softcap * tanh(x / softcap)                     (softcap given)   else y = x
 //     lse  = logsumexp_j y_j
@@ -15,10 +15,13 @@
 // One row per task (at::parallel_for). Sweep 1 reads the row once from memory in blocks of
 // kBlock floats (L1-sized): block max, then the block's sum of exp(y - running max) and of y
 // (summed per block in float32 lanes, across blocks in double). Sweep 2 (gradient) re-reads the
-// row, now in L2, and writes G in place over x or into a bfloat16 / float16 buffer. Built on first
-// use by dvsft_kernels/native.py; csrc/README.md has the build and the figures.
+// row, now in L2, and writes G in place over x or into a bfloat16 / float16 buffer. 16-bit logits are
+// widened to float32 a block at a time (into the L1 block buffer) before either sweep reads them, and
+// G is formed in float32 and narrowed once per element, so the math is the float32 path's. Built on
+// first use by dvsft_kernels/native.py; csrc/README.md has the build and the figures.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
@@ -91,25 +94,36 @@ inline float first(const Vec& v) {
 
 inline float scalar_y(float x, const Params& p) { return first(ycap(Vec(x), p)); }
 
+// n 16-bit values widened to float32 into dst, a vector at a time
+template <typename in_t>
+inline void to_float(const in_t* src, float* dst, int64_t n) {
+  int64_t j = 0;
+  for (; j + kW <= n; j += kW) {
+    Vec v;
+    at::vec::load_to_float<in_t>(src + j, v);
+    v.store(dst + j);
+  }
+  for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+}
+
+// n float32 values into a row of out_t (16-bit: ATen's vectorised round-to-nearest-even)
 template <typename out_t>
-inline void store_g(out_t* dst, const Vec& g, int64_t n) {
+inline void from_float(const float* src, out_t* dst, int64_t n) {
   if constexpr (std::is_same_v<out_t, float>) {
-    g.store(dst, n);
+    std::copy(src, src + n, dst);
   } else {
-    alignas(64) float buf[kW];
-    g.store(buf);
-    for (int64_t k = 0; k < n; ++k) dst[k] = static_cast<out_t>(buf[k]);
+    at::vec::convert(src, dst, n);
   }
 }
 
-template <typename out_t>
-void run_rows(float* x, int64_t sx, const Targets tg, const float* s, out_t* g, int64_t sg, float* loss,
+template <typename in_t, typename out_t>
+void run_rows(in_t* x, int64_t sx, const Targets tg, const float* s, out_t* g, int64_t sg, float* loss,
               float* lse_out, int64_t* pred, int64_t m, int64_t V, const Params p, bool grad, bool argmax) {
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
   // in place without softcap: sweep 1 leaves e = exp(y - M_b) over x (M_b: the running max after
   // block b) and sweep 2 only rescales it, one exp per element in all
   bool inplace = false;
-  if constexpr (std::is_same_v<out_t, float>) inplace = grad && g == x && sg == sx;
+  if constexpr (std::is_same_v<out_t, float> && std::is_same_v<in_t, float>) inplace = grad && g == x && sg == sx;
   const bool keep_e = inplace && !p.has_cap;
   const int64_t nblocks = (V + kBlock - 1) / kBlock;
   const int64_t K = tg.K;
@@ -118,24 +132,34 @@ void run_rows(float* x, int64_t sx, const Targets tg, const float* s, out_t* g, 
   const bool need_q = grad && !keep_e && K > 1;
   at::parallel_for(0, m, grain, [&](int64_t r0, int64_t r1) {
     alignas(64) float ybuf[kBlock];
+    alignas(64) float gbuf[kBlock];  // G of one block before narrowing to a 16-bit out_t
     std::vector<float> block_max(keep_e ? nblocks : 0);
     std::vector<float> x_t(K);  // the target logits, read before either sweep overwrites x
     std::unique_ptr<float[]> qsum(need_q ? new float[V] : nullptr);
     for (int64_t r = r0; r < r1; ++r) {
-      float* xr = x + r * sx;
+      in_t* xr = x + r * sx;
+      float* xf = nullptr;  // the row as float32 in place: float32 logits only
+      if constexpr (std::is_same_v<in_t, float>) xf = xr;
       const int64_t* tr = tg.t + r * K;
-      for (int64_t k = 0; k < K; ++k) x_t[k] = xr[tr[k]];
+      for (int64_t k = 0; k < K; ++k) x_t[k] = static_cast<float>(xr[tr[k]]);
       // sweep 1: running max M, S = sum exp(y - M) (double across blocks), sum y
       float M = -kInf;
       double S = 0.0, SY = 0.0;
       int64_t arg = 0;
       for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
         const int64_t n = std::min(kBlock, V - b0);
-        float* yb = xr + b0;
-        if (p.has_cap) {  // y once per block, reused by the sweeps below
-          for (int64_t j = 0; j < n; j += kW) {
-            const int64_t c = std::min(kW, n - j);
-            ycap(Vec::loadu(xr + b0 + j, c), p).store(ybuf + j, c);
+        float* yb = xf ? xf + b0 : nullptr;
+        if (!xf || p.has_cap) {  // float32 y once per block, reused by the sweeps below
+          const float* xb = yb;
+          if constexpr (!std::is_same_v<in_t, float>) {
+            to_float(xr + b0, ybuf, n);
+            xb = ybuf;
+          }
+          if (p.has_cap) {
+            for (int64_t j = 0; j < n; j += kW) {
+              const int64_t c = std::min(kW, n - j);
+              ycap(Vec::loadu(xb + j, c), p).store(ybuf + j, c);
+            }
           }
           yb = ybuf;
         }
@@ -201,11 +225,11 @@ void run_rows(float* x, int64_t sx, const Targets tg, const float* s, out_t* g, 
       const float d = sc * (1.f - p.eps);
       const Vec vc(c);
       out_t* gr = g + r * sg;
-      if (keep_e) {  // G = (a exp(M_b - M)) e - c over e
+      if (keep_e) {  // G = (a exp(M_b - M)) e - c over e (float32 x only)
         for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
           const int64_t n = std::min(kBlock, V - b0);
           const float mb = block_max[b0 / kBlock];
-          float* eb = xr + b0;
+          float* eb = xf + b0;
           if (mb == -kInf) {  // a block of -inf logits before the first finite one: e was not written
             std::fill(eb, eb + n, -c);
             continue;
@@ -215,16 +239,31 @@ void run_rows(float* x, int64_t sx, const Targets tg, const float* s, out_t* g, 
           for (; j + kW <= n; j += kW) (f * Vec::loadu(eb + j) - vc).store(eb + j);
           if (j < n) (f * Vec::loadu(eb + j, n - j) - vc).store(eb + j, n - j);
         }
-        for (int64_t k = 0; k < (p.fault == 4 ? 1 : K); ++k) xr[tr[k]] -= d * tg.prob(r, k);  // dups add
+        for (int64_t k = 0; k < (p.fault == 4 ? 1 : K); ++k) xf[tr[k]] -= d * tg.prob(r, k);  // dups add
         continue;
       }
+      // from x, a block at a time: a 16-bit x is widened into ybuf first, so G may overwrite it
+      // (out_t == in_t, in place); a 16-bit G is formed in gbuf and narrowed once
       const Vec va(a), vM(M);
-      for (int64_t j = 0; j < V; j += kW) {
-        const int64_t n = std::min(kW, V - j);
-        const Vec xv = n == kW ? Vec::loadu(xr + j) : Vec::loadu(xr + j, n);
-        Vec gv = va * (ycap(xv, p) - vM).exp() - vc;
-        if (p.has_cap) gv = gv * sech2(xv, p);
-        store_g(gr + j, gv, n);
+      for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
+        const int64_t nb = std::min(kBlock, V - b0);
+        const float* xb = ybuf;
+        if constexpr (std::is_same_v<in_t, float>) {
+          xb = xr + b0;
+        } else {
+          to_float(xr + b0, ybuf, nb);
+        }
+        float* gb = gbuf;
+        if constexpr (std::is_same_v<out_t, float>) gb = gr + b0;
+        for (int64_t j = 0; j < nb; j += kW) {
+          const int64_t n = std::min(kW, nb - j);
+          const Vec xv = n == kW ? Vec::loadu(xb + j) : Vec::loadu(xb + j, n);
+          Vec gv = va * (ycap(xv, p) - vM).exp() - vc;
+          if (p.has_cap) gv = gv * sech2(xv, p);
+          if (n == kW) gv.store(gb + j);
+          else gv.store(gb + j, n);
+        }
+        if constexpr (!std::is_same_v<out_t, float>) from_float(gbuf, gr + b0, nb);
       }
       // the target entries again from x, with an id's whole one-hot share Q: one rounding to out_t.
       // Subtracting from a 16-bit G already written would round twice, an error of 2^-9 p where
@@ -250,8 +289,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_chunk(at::Tensor x, const at::
                                                         double zl, std::optional<double> softcap,
                                                         bool compute_grad, const std::optional<at::Tensor>& grad_out,
                                                         bool want_argmax, int64_t fault) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kFloat,
-              "x: expected a 2-D float32 CPU tensor");
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
+                   x.scalar_type() == at::kHalf),
+              "x: expected a 2-D float32, bfloat16 or float16 CPU tensor");
   const int64_t m = x.size(0), V = x.size(1);
   TORCH_CHECK(V >= 1, "x: empty vocabulary");
   TORCH_CHECK(V == 1 || x.stride(1) == 1, "x: needs unit stride along V");
@@ -286,36 +327,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_chunk(at::Tensor x, const at::
   p.inv_cap = 1.f / p.cap;
   p.has_eps = eps > 0;
   p.fault = fault;
-  auto fopt = x.options();
+  auto fopt = x.options().dtype(at::kFloat);
   at::Tensor loss = at::empty({m}, fopt), lse = at::empty({m}, fopt);
   at::Tensor pred = at::empty({m}, fopt.dtype(at::kLong));
   if (m == 0) return {loss, lse, pred};
-  float* xp = x.data_ptr<float>();
-  if (!compute_grad || !grad_out.has_value()) {
-    run_rows<float>(xp, x.stride(0), tg, sp, xp, x.stride(0), loss.data_ptr<float>(), lse.data_ptr<float>(),
-                    pred.data_ptr<int64_t>(), m, V, p, compute_grad, want_argmax);
-    return {loss, lse, pred};
-  }
-  const at::Tensor& go = *grad_out;
+  // G over x (its own dtype) unless grad_out is given
+  at::Tensor go = (compute_grad && grad_out.has_value()) ? *grad_out : x;
   TORCH_CHECK(go.device().is_cpu() && go.dim() == 2 && go.size(0) == m && go.size(1) == V &&
                   (V == 1 || go.stride(1) == 1),
               "grad_out: expected (m, V) with unit stride along V");
-  switch (go.scalar_type()) {
+  auto run = [&](auto* xp, auto* gp) {
+    run_rows(xp, x.stride(0), tg, sp, gp, go.stride(0), loss.data_ptr<float>(), lse.data_ptr<float>(),
+             pred.data_ptr<int64_t>(), m, V, p, compute_grad, want_argmax);
+  };
+  auto with_out = [&](auto* xp) {
+    switch (go.scalar_type()) {
+      case at::kFloat:
+        return run(xp, go.data_ptr<float>());
+      case at::kBFloat16:
+        return run(xp, go.data_ptr<c10::BFloat16>());
+      case at::kHalf:
+        return run(xp, go.data_ptr<c10::Half>());
+      default:
+        TORCH_CHECK(false, "grad_out: expected float32, bfloat16 or float16");
+    }
+  };
+  switch (x.scalar_type()) {
     case at::kFloat:
-      run_rows<float>(xp, x.stride(0), tg, sp, go.data_ptr<float>(), go.stride(0), loss.data_ptr<float>(),
-                      lse.data_ptr<float>(), pred.data_ptr<int64_t>(), m, V, p, true, want_argmax);
+      with_out(x.data_ptr<float>());
       break;
     case at::kBFloat16:
-      run_rows<c10::BFloat16>(xp, x.stride(0), tg, sp, go.data_ptr<c10::BFloat16>(), go.stride(0),
-                              loss.data_ptr<float>(), lse.data_ptr<float>(), pred.data_ptr<int64_t>(), m, V, p,
-                              true, want_argmax);
-      break;
-    case at::kHalf:
-      run_rows<c10::Half>(xp, x.stride(0), tg, sp, go.data_ptr<c10::Half>(), go.stride(0), loss.data_ptr<float>(),
-                          lse.data_ptr<float>(), pred.data_ptr<int64_t>(), m, V, p, true, want_argmax);
+      with_out(x.data_ptr<c10::BFloat16>());
       break;
     default:
-      TORCH_CHECK(false, "grad_out: expected float32, bfloat16 or float16");
+      with_out(x.data_ptr<c10::Half>());
   }
   return {loss, lse, pred};
 }

@@ -41,23 +41,29 @@ def workspace_buffer(slot: int) -> torch.Tensor | None:
     return getattr(_workspace, f"buf{slot}", None)
 
 
-def chunk_buffer(slot: int, m: int, V: int, device: torch.device) -> torch.Tensor:
+def chunk_buffer(slot: int, m: int, V: int, device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An (m, V) buffer of `dtype`; on CPU a view of the float32 storage kept for `slot`, so a
+    16-bit chunk reuses (half of) the buffer a float32 call left."""
     if device.type != "cpu" or os.environ.get("DVSFT_CPU_WORKSPACE", "1") == "0":
-        return torch.empty(m, V, dtype=torch.float32, device=device)
+        return torch.empty(m, V, dtype=dtype, device=device)
     key = f"buf{slot}"
+    n32 = -(-m * V * dtype.itemsize // 4)  # float32 elements holding m V of dtype
     flat = getattr(_workspace, key, None)
-    if flat is None or flat.numel() < m * V:
+    if flat is None or flat.numel() < n32:
         setattr(_workspace, key, None)  # drop the old one before allocating the new one
-        flat = torch.empty(m * V, dtype=torch.float32)
+        flat = torch.empty(n32, dtype=torch.float32)
         setattr(_workspace, key, flat)
-    return flat[: m * V].view(m, V)
+    return flat[:n32].view(dtype)[: m * V].view(m, V)
 
 
-def chunk_rows_for(n: int, V: int, device: torch.device, budget_bytes: int | None = None) -> int:
-    """Rows per chunk so that one float32 (rows, V) logits buffer fits `budget_bytes`."""
+def chunk_rows_for(n: int, V: int, device: torch.device, budget_bytes: int | None = None,
+                   itemsize: int = 4) -> int:
+    """Rows per chunk so that one (rows, V) logits buffer of `itemsize`-byte elements (float32
+    unless told) fits `budget_bytes`."""
     if budget_bytes is None:
         budget_bytes = CUDA_CHUNK_BYTES if device.type == "cuda" else CPU_CHUNK_BYTES
-    rows = max(1, budget_bytes // (4 * V))
+    rows = max(1, budget_bytes // (itemsize * V))
     return int(max(1, min(n, rows)))
 
 
@@ -114,6 +120,28 @@ def chunk_logits(h: torch.Tensor, s0: int, s1: int, W: torch.Tensor, b: torch.Te
     if b is not None:
         x.add_(b)
     return hc, x
+
+
+# Whether a CPU GEMM in a 16-bit dtype beats float32, so that the native path runs its GEMMs in the
+# input dtype (ops/backends/pytorch.py): oneDNN's own probe of the instruction set (AVX-512 BF16 / AMX
+# for bfloat16, AVX-512 FP16 / AMX-FP16 for float16). Without it the 16-bit kernels fall back to slow
+# code: (1024, 512) x (512, 32000) on 2 AVX-512 BF16 cores without FP16: bfloat16 69 ms, float32
+# 257 ms, float16 847 ms. Filled on first use; tests may set entries.
+CPU_HALF_GEMM: dict[torch.dtype, bool] = {}
+
+
+def cpu_half_gemm(dtype: torch.dtype) -> bool:
+    """True when CPU GEMMs in `dtype` (bfloat16 / float16) run at the native 16-bit rate."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if dtype not in CPU_HALF_GEMM:
+        probe = "_is_mkldnn_bf16_supported" if dtype == torch.bfloat16 else "_is_mkldnn_fp16_supported"
+        try:
+            ok = bool(getattr(torch.ops.mkldnn, probe)())
+        except (AttributeError, RuntimeError):
+            ok = False
+        CPU_HALF_GEMM[dtype] = ok and torch.backends.mkldnn.is_available()
+    return CPU_HALF_GEMM[dtype]
 
 
 def compute_weight(weight: torch.Tensor) -> torch.Tensor:

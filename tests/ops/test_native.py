@@ -96,6 +96,80 @@ def test_stats_native_equal_plain(monkeypatch):
     torch.testing.assert_close(outs["1"].loss, outs["0"].loss)
 
 
+# ---------------------------------------------------------------- 16-bit GEMMs on CPU
+def _soft(case, K=3, seed=0):
+    """The case with K weighted targets per position (some slots unused, one id in two slots)."""
+    g = torch.Generator().manual_seed(seed)
+    lead, V = case.targets.shape, case.weight.shape[0]
+    t = torch.randint(0, V, (*lead, K), generator=g)
+    t[torch.rand(*lead, K, generator=g) < 0.25] = case.kwargs["ignore_index"]
+    t.view(-1, K)[0, 1] = t.view(-1, K)[0, 0] = 3
+    case.targets = t
+    case.kwargs["target_weights"] = torch.rand(*lead, K, generator=g).float().double()
+    return case
+
+
+def _half_spy(monkeypatch, dtype):
+    """Forces the 16-bit-GEMM path for `dtype` (as on a CPU whose oneDNN has fast `dtype` GEMMs) and
+    records the dtypes of the logits chunks the epilogue is given."""
+    from dvsft_kernels.ops import gemm
+
+    monkeypatch.setenv("DVSFT_NATIVE", "1")
+    _require_native()
+    monkeypatch.setitem(gemm.CPU_HALF_GEMM, dtype, True)
+    real, seen = native.epilogue(), []
+
+    def spy(x, *a):
+        seen.append(x.dtype)
+        return real(x, *a)
+
+    monkeypatch.setitem(native._state, "op", spy)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("options, soft", [("plain", False), ("all", False), ("bias", True), ("all", True)],
+                         ids=["plain", "all", "bias-soft", "all-soft"])
+def test_half_gemms_on_cpu_against_spec(monkeypatch, dtype, reduction, options, soft):
+    """16-bit inputs with the native epilogue: the GEMMs, the logits chunk and G run in the input
+    dtype (the epilogue sees 16-bit chunks), and the result meets the error rule at an odd shape over
+    many chunks (12 of 7 rows: dW accumulates 12 rounded chunk products). bfloat16 is the path this
+    CPU takes by itself when oneDNN reports its bf16 GEMMs; float16 is forced (slow here, same code)."""
+    from dvsft_kernels.ops.gemm import cpu_half_gemm
+
+    if dtype == torch.bfloat16 and not cpu_half_gemm(dtype):
+        pytest.skip("no fast bfloat16 GEMMs on this CPU (oneDNN)")
+    seen = _half_spy(monkeypatch, dtype)
+    case = make_case(lead=(3, 37), D=45, V=1531, options=OPTION_SETS[options], ignore_frac=0.25,
+                     reduction=reduction, seed=zlib.crc32(f"half/{options}/{soft}".encode()) % 1000)
+    if soft:
+        case = _soft(case)
+    check_against_spec(case, dtype, torch_impl(chunk_rows=7))
+    assert seen and set(seen) == {dtype}, f"the epilogue saw {set(seen)}, not {dtype} chunks"
+
+
+def test_half_gemms_float32_untouched(monkeypatch):
+    """float32 inputs keep float32 chunks whatever the 16-bit probe says."""
+    seen = _half_spy(monkeypatch, torch.bfloat16)
+    check_against_spec(make_case(seed=4), torch.float32, torch_impl(chunk_rows=16))
+    assert set(seen) == {torch.float32}
+
+
+@pytest.mark.parametrize("fault", [1, 2, 4])
+def test_half_gemm_planted_faults_are_caught(monkeypatch, fault):
+    """The error rule still bites on the 16-bit path: the z-loss term of the loss (1) or of G (2),
+    a soft target's one-hot term in G (4) dropped, in bfloat16 over several chunks, each fails."""
+    seen = _half_spy(monkeypatch, torch.bfloat16)
+    monkeypatch.setitem(native.FAULT, "code", fault)
+    case = make_case(lead=(2, 29), D=33, V=1031, options={"z_loss": 2e-2}, reduction="sum", seed=5)
+    if fault == 4:
+        case = _soft(case)
+    with pytest.raises(AssertionError, match="loss" if fault == 1 else "hidden|weight"):
+        check_against_spec(case, torch.bfloat16, torch_impl(chunk_rows=9))
+    assert set(seen) == {torch.bfloat16}
+
+
 # ---------------------------------------------------------------- the epilogue itself
 def _reference(x, t, s, eps, zl, cap):
     x = x.double().requires_grad_()
@@ -135,6 +209,33 @@ def test_epilogue_against_float64(V, opts, grad_dtype):
     # G's entries are differences of terms up to s (softmax and one-hot): the scale of their rounding
     size = max(float(ref_g.abs().max()), float(s.max()))
     torch.testing.assert_close(got.double(), ref_g, rtol=0, atol=atol * size)
+
+
+@pytest.mark.parametrize("V, K", [(1, 1), (7, 1), (1025, 1), (3001, 1), (1025, 3)])
+@pytest.mark.parametrize("opts", [(0.0, 0.0, None), (0.1, 1e-3, 4.0)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_epilogue_half_logits_equal_float32(V, K, opts, dtype):
+    """16-bit logits are read as their float32 values: loss, lse, argmax and G (over x, in x's dtype,
+    or into a float32 buffer) equal the float32 call on the widened logits bit for bit."""
+    _require_native()
+    eps, zl, cap = opts
+    g = torch.Generator().manual_seed(V + K)
+    x = (torch.randn(8, V, generator=g) * 3).to(dtype)
+    t = torch.randint(0, V, (8, K) if K > 1 else (8,), generator=g)
+    q = torch.rand(8, K, generator=g) if K > 1 else None
+    s = torch.rand(8, generator=g)
+    kw = {"target_probs": q, "label_smoothing": eps, "z_loss": zl, "softcap": cap}
+    want_g = torch.empty(8, V, dtype=dtype)
+    want = native.ce_chunk(x.float(), t, s, grad_out=want_g, **kw)
+    over = x.clone()
+    got = native.ce_chunk(over, t, s, **kw)
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)
+    assert torch.equal(over, want_g), "G over 16-bit x"
+    want_f, got_f = torch.empty(8, V), torch.empty(8, V)
+    native.ce_chunk(x.float(), t, s, grad_out=want_f, **kw)
+    native.ce_chunk(x.clone(), t, s, grad_out=got_f, **kw)
+    assert torch.equal(got_f, want_f), "float32 G from 16-bit x"
 
 
 def test_epilogue_forward_only_and_ties():
