@@ -22,6 +22,10 @@ sum-exp, target logit, first argmax, smoothing sum) and writes the full G over i
 smoothing term and dy/dx under softcap), so the GEMMs take G as is: dh = G W, dW += G^T h,
 db += sum_rows G. No second buffer is needed under softcap. bfloat16 (float16) inputs on a CPU with
 fast GEMMs in that dtype run those GEMMs, the logits chunk and G in the input dtype (`_lce_native`).
+
+Soft targets (t (n, K) with probabilities q, ops/backends/base.py `Inputs`): the target logit is
+sum_k q_k y[t_k] (a (m, K) gather) and the one-hot term sum_k q_k onehot(t_k) (a scatter-add of K
+entries per row, repeated ids adding up), in the fold, the explicit G and the native epilogue alike.
 """
 
 from __future__ import annotations
