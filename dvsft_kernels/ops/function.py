@@ -16,7 +16,13 @@ import torch
 from dvsft_kernels.ops.backends import Backend, Grads, Inputs, Meta, select_backend
 from dvsft_kernels.ops.backends.vocab_parallel import refusing_on_error
 from dvsft_kernels.ops.custom_op import lce_custom_op
-from dvsft_kernels.ops.options import FLOAT_DTYPES, LCEOptions, check_num_items, no_host_sync_allowed, safe_reciprocal
+from dvsft_kernels.ops.options import (
+    FLOAT_DTYPES,
+    LCEOptions,
+    check_num_items,
+    no_host_sync_allowed,
+    safe_reciprocal,
+)
 
 
 @dataclass
