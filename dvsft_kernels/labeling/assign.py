@@ -32,6 +32,7 @@ import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import chain
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -471,24 +472,14 @@ def label_visual_tokens(
         warea = (a1 - a0) * (b1 - b0)
         tok_l, cov_l, w_l, xc_l = [], [], [], []
         for offset, stride, xb, yb in _geometry(grid):
-            X0, X1, Y0, Y1 = xb[:, 0], xb[:, 1], yb[:, 0], yb[:, 1]
-            touched = _touched_cells(a0, b0, a1, b1, X0, X1, Y0, Y1)
-            if touched is None:
+            hit = _covered_cells(a0, b0, a1, b1, xb, yb, min_coverage)
+            if hit is None:
                 continue
-            wi, r, c = touched
-            cx0, cx1, cy0, cy1 = X0[c], X1[c], Y0[r], Y1[r]
-            ox = np.minimum(cx1, a1[wi]) - np.maximum(cx0, a0[wi])
-            oy = np.minimum(cy1, b1[wi]) - np.maximum(cy0, b0[wi])
-            area = (cx1 - cx0) * (cy1 - cy0)
-            cov = np.where(area > 0, ox * oy / np.where(area > 0, area, 1.0), 0.0)
-            sel = cov >= min_coverage - _COVERAGE_SLACK
-            if not sel.any():
-                continue
-            tok_l.append(offset + r[sel] * stride + c[sel])
-            cov_l.append(cov[sel])
-            w_l.append(wi[sel])
+            tok_l.append(offset + hit.r * stride + hit.c)
+            cov_l.append(hit.cov)
+            w_l.append(hit.wi)
             if mode == "aligned":
-                xc_l.append(0.5 * (cx0[sel] + cx1[sel]))
+                xc_l.append(0.5 * (hit.cx0 + hit.cx1))
         if tok_l:
             tok, cov, wi = np.concatenate(tok_l), np.concatenate(cov_l), np.concatenate(w_l)
             order = np.lexsort((wi, warea[wi], -cov, tok))
@@ -523,6 +514,36 @@ def check_soft_options(soft, spread) -> None:
         raise ValueError(f"spread must be a number in [0, 1), got {spread!r}")
     if spread and soft is None:
         raise ValueError(f"spread={spread!r} needs soft labels (soft=K): hard labels have one id per token")
+
+
+class _Covered(NamedTuple):
+    """The (word, cell) pairs of one view whose coverage reaches min_coverage, and their geometry."""
+
+    wi: np.ndarray
+    r: np.ndarray
+    c: np.ndarray
+    cov: np.ndarray  # the word's share of the cell's area
+    cx0: np.ndarray
+    cx1: np.ndarray
+    oy: np.ndarray  # vertical overlap of word and cell
+    area: np.ndarray  # the cell's area
+
+
+def _covered_cells(a0, b0, a1, b1, xb, yb, min_coverage) -> _Covered | None:
+    X0, X1, Y0, Y1 = xb[:, 0], xb[:, 1], yb[:, 0], yb[:, 1]
+    touched = _touched_cells(a0, b0, a1, b1, X0, X1, Y0, Y1)
+    if touched is None:
+        return None
+    wi, r, c = touched
+    cx0, cx1, cy0, cy1 = X0[c], X1[c], Y0[r], Y1[r]
+    ox = np.minimum(cx1, a1[wi]) - np.maximum(cx0, a0[wi])
+    oy = np.minimum(cy1, b1[wi]) - np.maximum(cy0, b0[wi])
+    area = (cx1 - cx0) * (cy1 - cy0)
+    cov = np.where(area > 0, ox * oy / np.where(area > 0, area, 1.0), 0.0)
+    sel = cov >= min_coverage - _COVERAGE_SLACK
+    if not sel.any():
+        return None
+    return _Covered(wi[sel], r[sel], c[sel], cov[sel], cx0[sel], cx1[sel], oy[sel], area[sel])
 
 
 def _piece_intervals(rbox, toks: _Tokens, keep, mode, *, nchar, full, lead):
@@ -577,28 +598,18 @@ def _soft_assign(grid, cbox, rbox, toks: _Tokens, keep, mode, min_coverage, spre
     )
     tok_l, wi_l, lo_l, hi_l, scale_l = [], [], [], [], []
     for offset, stride, xb, yb in _geometry(grid):
-        X0, X1, Y0, Y1 = xb[:, 0], xb[:, 1], yb[:, 0], yb[:, 1]
-        touched = _touched_cells(a0, b0, a1, b1, X0, X1, Y0, Y1)
-        if touched is None:
+        hit = _covered_cells(a0, b0, a1, b1, xb, yb, min_coverage)
+        if hit is None:
             continue
-        wi, r, c = touched
-        cx0, cx1, cy0, cy1 = X0[c], X1[c], Y0[r], Y1[r]
-        ox = np.minimum(cx1, a1[wi]) - np.maximum(cx0, a0[wi])
-        oy = np.minimum(cy1, b1[wi]) - np.maximum(cy0, b0[wi])
-        area = (cx1 - cx0) * (cy1 - cy0)
-        cov = np.where(area > 0, ox * oy / np.where(area > 0, area, 1.0), 0.0)
-        sel = cov >= min_coverage - _COVERAGE_SLACK
-        if not sel.any():
-            continue
-        wi, r, c = wi[sel], r[sel], c[sel]
+        wi, r, c = hit.wi, hit.r, hit.c
         # a piece's share is scale * (its x-overlap with [lo, hi]); summed over pieces: the coverage
         tok_l.append(offset + r * stride + c)
         wi_l.append(wi)
-        lo_l.append(np.maximum(cx0[sel], a0[wi]))
-        hi_l.append(np.minimum(cx1[sel], a1[wi]))
-        scale_l.append(oy[sel] / area[sel])
+        lo_l.append(np.maximum(hit.cx0, a0[wi]))
+        hi_l.append(np.minimum(hit.cx1, a1[wi]))
+        scale_l.append(hit.oy / hit.area)
         if spread:
-            rows, cols = Y0.size, X0.size
+            rows, cols = yb.shape[0], xb.shape[0]
             cell = r * cols + c
             labeled = np.zeros(rows * cols, bool)
             labeled[cell] = True
@@ -616,9 +627,10 @@ def _soft_assign(grid, cbox, rbox, toks: _Tokens, keep, mode, min_coverage, spre
                 sr, sc = scell // cols, scell % cols
                 tok_l.append(offset + sr * stride + sc)
                 wi_l.append(swi)
-                lo_l.append(X0[sc])
-                hi_l.append(X1[sc])
-                scale_l.append(spread / (X1[sc] - X0[sc]))
+                x0, x1 = xb[sc, 0], xb[sc, 1]
+                lo_l.append(x0)
+                hi_l.append(x1)
+                scale_l.append(spread / (x1 - x0))
     empty = np.zeros(0, np.int64)
     if not tok_l:
         return empty, empty, empty, np.zeros(0, np.float32), 0
