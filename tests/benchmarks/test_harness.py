@@ -473,3 +473,14 @@ def test_soft_provider_passes_k_targets_and_weights(monkeypatch):
     assert torch.allclose(tw[..., 0], torch.tensor(0.5)) and torch.allclose(tw.sum(-1), torch.tensor(1.0))
     with pytest.raises(KeyError):
         providers.get("dvsft_torch+k0")
+
+
+def test_soft_cost_script_times_every_arm(capsys):
+    """benchmarks/soft_cost.py at a tiny size: one table row per (N, fraction), every arm timed."""
+    from benchmarks import soft_cost
+
+    soft_cost.main(["--n", "16", "--d", "8", "--v", "50", "--repeats", "1", "--ks", "1", "16", "--fractions", "1", "0.5"])
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| 16 |")]
+    assert len(rows) == 2
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert len(cells) == 7 and all(float(c) > 0 for c in cells[2:])  # hard, K=1, K=16, two ratios
