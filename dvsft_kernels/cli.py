@@ -326,10 +326,16 @@ def _label_one(image_path: Path, ocr_path: Path | None, geometry: _Geometry, tok
     except ValueError as e:
         raise UsageError(f"IMAGE {str(image_path)!r}: {e}") from None
     prefix = {"auto": None, "yes": True, "no": False}[args.prefix_space]
+    soft = getattr(args, "soft", None)
+    soft_kw = {"soft": soft, "spread": args.spread} if soft else {}
     labels, report = label_visual_tokens(words, grid, tokenizer, mode=args.mode,
                                          min_coverage=args.min_coverage, ignore_index=args.ignore_index,
                                          min_score=args.min_score or None, add_prefix_space=prefix,
-                                         return_report=True)
+                                         return_report=True, **soft_kw)
+    drawn = labels
+    if soft:  # "labels" keeps one id per token (the highest-weight one); "soft" holds all K
+        soft_ids, soft_w = labels.ids.tolist(), [[round(v, 6) for v in r] for r in labels.weights.tolist()]
+        labels = labels.ids[:, 0]
     labels_l = [int(t) for t in labels.tolist()]
     boxes = grid.token_boxes().tolist()
     tokens, texts = {}, {}
@@ -338,6 +344,10 @@ def _label_one(image_path: Path, ocr_path: Path | None, geometry: _Geometry, tok
             if t not in texts:
                 texts[t] = _decode(tokenizer, t)
             tokens[str(i)] = {"id": t, "text": texts[t], "box": [round(v, 2) for v in boxes[i]]}
+            if soft:
+                tokens[str(i)]["targets"] = [
+                    {"id": j, "text": _decode(tokenizer, j), "weight": wt}
+                    for j, wt in zip(soft_ids[i], soft_w[i]) if j != args.ignore_index]
     summary = {"visual_tokens": grid.num_tokens, "cells": report.num_cells, "labeled_tokens": len(tokens),
                "labeled_fraction": report.labeled_fraction, "words": report.num_words,
                "words_used": report.words_used, "words_dropped": dict(report.dropped)}
@@ -349,12 +359,14 @@ def _label_one(image_path: Path, ocr_path: Path | None, geometry: _Geometry, tok
     record.update({"mode": args.mode, "min_coverage": args.min_coverage, "min_score": args.min_score,
                    "ignore_index": args.ignore_index, "grid": _grid_info(grid), "summary": summary,
                    "tokens": tokens, "labels": labels_l})
+    if soft:
+        record["soft"] = {"k": soft, "spread": args.spread, "ids": soft_ids, "weights": soft_w}
     # the overlay first: an image counts as done (resume) when all its outputs exist, and the JSON
     # is the last one renamed into place
     if out_png is not None:
         from dvsft_kernels.labeling.overlay import draw_overlay
 
-        pic = draw_overlay(image, grid, labels, words=words, tokenizer=tokenizer,
+        pic = draw_overlay(image, grid, drawn, words=words, tokenizer=tokenizer,
                            ignore_index=args.ignore_index, scale=args.overlay_scale)
         _write_atomic(out_png, lambda p: pic.save(p, format="PNG"))
     if out_json is not None:
@@ -393,6 +405,10 @@ def _add_label_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-coverage", type=float, default=0.25,
                    help="least share of a cell a word must cover to label it (default 0.25)")
     p.add_argument("--min-score", type=float, default=0.0, help="drop OCR words below this confidence (0-1)")
+    p.add_argument("--soft", type=int, default=None, metavar="K",
+                   help="soft labels: K coverage-weighted ids per visual token (JSON 'soft', overlay: top 2)")
+    p.add_argument("--spread", type=float, default=0.0, metavar="S",
+                   help="with --soft: a word's labeled neighbouring cells also get it at weight S, in [0, 1)")
     p.add_argument("--format", default="auto",
                    help="OCR format: auto, tesseract, hocr, paddleocr, doctr, json")
     p.add_argument("--page", type=int, default=None, help="page of a multi-page OCR file (0-based)")
@@ -521,6 +537,12 @@ def _run_label(args) -> int:
         raise UsageError(f"--page must be >= 0, got {args.page}")
     if args.jobs < 1:
         raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.soft is not None and args.soft < 1:
+        raise UsageError(f"--soft must be >= 1, got {args.soft}")
+    if not 0.0 <= args.spread < 1.0:
+        raise UsageError(f"--spread must be in [0, 1), got {args.spread}")
+    if args.spread and args.soft is None:
+        raise UsageError("--spread needs --soft K (hard labels have one id per token)")
     if args.max_pixels is not None and args.max_pixels < 0:
         raise UsageError(f"--max-pixels must be >= 0 (0: no limit), got {args.max_pixels}")
     pairs, dir_mode = _pairs(args)
