@@ -101,21 +101,13 @@ def test_torch_soft_k_range(mode, K, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("options", ["plain", "all"])
-def test_chunked_soft_matches_spec(options, reduction, dtype):
+@pytest.mark.parametrize("impl, extra", [("chunked", {"chunk_rows": 16}),
+                                         ("fused", {"deterministic": False}), ("fused", {"deterministic": True})],
+                         ids=["chunked", "fused-atomic", "fused-staged"])
+def test_triton_soft_matches_spec(impl, extra, options, reduction, dtype):
+    # chunked: 37 rows in chunks of 16; fused: both backward designs
     case = to_device(soft_case(options=OPTION_SETS[options], reduction=reduction), DEVICE)
-    check_against_spec(case, dtype, _impl_fn("chunked", chunk_rows=16))
-
-
-@pytest.mark.interpreter
-@pytest.mark.skipif(not _TRITON, reason="needs CUDA or TRITON_INTERPRET=1")
-@MASKED_LANES
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("options", ["plain", "all"])
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "staged"])
-def test_fused_soft_matches_spec(deterministic, options, reduction, dtype):
-    case = to_device(soft_case(options=OPTION_SETS[options], reduction=reduction), DEVICE)
-    check_against_spec(case, dtype, _impl_fn("fused", deterministic=deterministic))
+    check_against_spec(case, dtype, _impl_fn(impl, **extra))
 
 
 def _impls():
