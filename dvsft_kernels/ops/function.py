@@ -101,7 +101,7 @@ def _check_soft_targets(targets, target_weights, lead: tuple, device) -> None:
     # one host sync, skipped where none is allowed (CUDA graph capture, torch.compile tracing)
     if not no_host_sync_allowed() and target_weights.numel():
         tw = target_weights.detach()
-        if not bool(torch.isfinite(tw).all()) or bool((tw < 0).any()):
+        if not bool((torch.isfinite(tw) & (tw >= 0)).all()):
             raise ValueError("target_weights: expected finite values >= 0")
 
 

@@ -100,7 +100,7 @@ def fused_forward_core(x: Inputs, options: LCEOptions, grads: Grads) -> tuple[Fo
     from dvsft_kernels.ops.kernels import fused_config
     from dvsft_kernels.ops.kernels.lce_fused_fwd import fused_forward
 
-    hidden, weight, bias, _, token_weights, num_items, _ = x
+    hidden, weight, bias, token_weights, num_items = x.hidden, x.weight, x.bias, x.token_weights, x.num_items
     D = hidden.shape[-1]
     h2 = hidden.reshape(-1, D)
     flat_t, q = kernel_targets(x)

@@ -65,14 +65,13 @@ def lce_torch(h, weight, bias, targets, scale, options: LCEOptions, grads: Grads
     if n == 0:
         return loss, lse, pred, dh, dW, db
     epilogue = native.epilogue() if dev.type == "cpu" else None
+    # with the native epilogue on a CPU with fast 16-bit GEMMs: the GEMMs in the input dtype, no
+    # float32 weight copy
+    half = epilogue is not None and cpu_half_gemm(weight.dtype)
+    W = weight if half else compute_weight(weight)
+    b = bias if (half or bias is None) else bias.float()
     if epilogue is not None:
-        if cpu_half_gemm(weight.dtype):  # the GEMMs in the input dtype, no float32 weight copy
-            return _lce_native(epilogue, h, weight, bias, targets, q, scale, options, grads,
-                               (loss, lse, pred, dh, dW, db))
-        return _lce_native(epilogue, h, compute_weight(weight), bias.float() if bias is not None else None,
-                           targets, q, scale, options, grads, (loss, lse, pred, dh, dW, db))
-    W = compute_weight(weight)
-    b = bias.float() if bias is not None else None
+        return _lce_native(epilogue, h, W, b, targets, q, scale, options, grads, (loss, lse, pred, dh, dW, db))
 
     m_max = options.chunk_rows or chunk_rows_for(n, V, dev)
     buf = chunk_buffer(0, m_max, V, dev)
